@@ -1,0 +1,374 @@
+"""Latency-objective autoscaling: the pure decision.
+
+``decide(snapshot, state, cfg, now) -> (Decision, PolicyState)`` is a pure function of a
+metrics snapshot of the fleet, the policy's own state and the config.  No Ray, no clock,
+no I/O: ``autoscale.ray_policy`` is the thin adapter Ray Serve calls.
+
+How it decides (``ratio`` = fleet P99 / objective, the worse of TTFT and, if set, E2E):
+
+* **too few samples** (fleet samples < ``min_samples``): no latency decision; both
+  sustained-condition timers restart.  Exception: a fleet with *no* traffic at all (no
+  samples, nothing in flight or queued) counts as "well under the objective", so an idle
+  fleet still shrinks to ``min_replicas`` (``scale_down_when_idle``).
+* **ratio > 1** (objective breached): once the breach has lasted ``upscale_delay_s`` and
+  ``upscale_cooldown_s`` has passed since the last scale-up, and no earlier scale-up is still
+  starting, go to ``ceil(replicas * ratio / target_ratio)`` — proportional to the excess and
+  to the fleet that carries today's load — at least +1, at most ``+max_step_up``.
+* **ratio < downscale_headroom** (well under): once that has lasted ``downscale_delay_s``
+  and ``downscale_cooldown_s`` has passed since the last scale action, remove up to
+  ``max_step_down`` replicas — but only as many as keep the *predicted* ratio
+  (load per remaining replica, see below) at or under ``target_ratio``.
+* **in between**: hysteresis band; hold and restart both timers, so steady load that
+  wanders around never moves the fleet.
+* bounds always win: a target outside [min, max] is clamped at once.
+
+Fleet P99 (``fleet_p99="max"``, the default) is the maximum of the replica P99s, taken
+over replicas with at least ``min_replica_samples`` samples.  Justification: we only get a
+P99 scalar per replica, not its distribution, so the exact P99 of the merged samples is
+unknown; it is bounded above by the largest replica P99, so the max never hides an SLO
+breach (a hot replica is one users feel) and makes the scale-down test conservative.
+Behind a load-balancing router replicas see similar traffic, so max ~= merged P99; the
+per-replica sample floor keeps one replica's handful of requests from driving the fleet.
+``fleet_p99="weighted"`` uses the sample-weighted mean of replica P99s instead (closer to
+the merged P99 when replicas differ, but can under-report a hot replica).
+
+Predicted load after a scale-down: the fleet's request rate is unchanged, so load per
+replica grows by ``current / n`` and P99 is predicted to grow in proportion
+(``ratio * current / n``).  Linear is pessimistic at low utilisation (flat latency) and
+optimistic near saturation (latency grows faster than load) — hence the downscale also needs
+the measured P99 sustained under ``downscale_headroom`` and the predicted one under
+``target_ratio``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Direction = Literal["up", "down", "hold"]
+
+
+# --------------------------------------------------------------------------- config
+class LatencyPolicyConfig(BaseModel):
+    """Latency objective and the knobs of the scaling policy (``policy_kwargs``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    p99_ttft_ms: float = Field(gt=0, description="Objective: fleet P99 time-to-first-token (ms).")
+    p99_e2e_ms: Optional[float] = Field(
+        default=None, gt=0, description="Optional second objective: fleet P99 end-to-end (ms)."
+    )
+    min_replicas: Optional[int] = Field(
+        default=None, ge=0,
+        description="Lower bound. None: use Ray's autoscaling_config.min_replicas only "
+        "(the stricter of the two applies when both are set).",
+    )
+    max_replicas: Optional[int] = Field(
+        default=None, ge=1,
+        description="Upper bound. None: use Ray's autoscaling_config.max_replicas only.",
+    )
+    upscale_delay_s: float = Field(
+        default=10.0, ge=0, description="The breach must last this long before scaling up."
+    )
+    downscale_delay_s: float = Field(
+        default=120.0, ge=0,
+        description="P99 must stay under downscale_headroom x objective this long before scaling down.",
+    )
+    downscale_headroom: float = Field(
+        default=0.6, gt=0, lt=1,
+        description="'Well under' the objective: P99 / objective below this allows a scale-down.",
+    )
+    target_ratio: float = Field(
+        default=0.8, gt=0, le=1,
+        description="Aim of every action: predicted P99 / objective after scaling "
+        "(up-scaling sizes the fleet for it; down-scaling must not predict above it).",
+    )
+    min_samples: int = Field(
+        default=20, ge=1, description="Fewer fleet samples in the window: no latency decision."
+    )
+    min_replica_samples: int = Field(
+        default=5, ge=1, description="A replica's P99 counts only with at least this many samples."
+    )
+    upscale_cooldown_s: float = Field(
+        default=30.0, ge=0,
+        description="Min time between two scale-ups; set >= the replica window (window_s) "
+        "plus replica start time, so slow samples still in the window don't trigger a second step.",
+    )
+    downscale_cooldown_s: float = Field(
+        default=60.0, ge=0, description="Min time after any scale action before a scale-down."
+    )
+    max_step_up: int = Field(default=4, ge=1, description="Most replicas added in one decision.")
+    max_step_down: int = Field(default=1, ge=1, description="Most replicas removed in one decision.")
+    fleet_p99: Literal["max", "weighted"] = "max"
+    scale_down_when_idle: bool = Field(
+        default=True, description="A fleet with no traffic at all counts as well under the objective."
+    )
+    stats_max_age_s: float = Field(
+        default=60.0, gt=0,
+        description="(adapter) replica stats older than this are ignored as stale.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "LatencyPolicyConfig":
+        if (
+            self.min_replicas is not None
+            and self.max_replicas is not None
+            and self.min_replicas > self.max_replicas
+        ):
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})"
+            )
+        if self.downscale_headroom > self.target_ratio:
+            raise ValueError(
+                f"downscale_headroom ({self.downscale_headroom}) must be <= target_ratio "
+                f"({self.target_ratio}), or a scale-down could land above the scale-up aim"
+            )
+        return self
+
+
+# ------------------------------------------------------------------ snapshot / state
+@dataclass(frozen=True)
+class ReplicaStats:
+    """One replica's ``LatencyWindow.snapshot()`` as the policy sees it."""
+
+    replica_id: str
+    p99_ttft_ms: float = 0.0
+    p99_e2e_ms: float = 0.0
+    request_rate: float = 0.0
+    in_flight: float = 0.0
+    samples: float = 0.0
+
+    @classmethod
+    def from_snapshot(cls, replica_id: str, snap: Dict[str, float]) -> "ReplicaStats":
+        def num(key: str) -> float:
+            v = snap.get(key, 0.0)
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                return 0.0
+            return v if math.isfinite(v) and v >= 0 else 0.0
+
+        return cls(
+            replica_id=str(replica_id),
+            p99_ttft_ms=num("p99_ttft_ms"),
+            p99_e2e_ms=num("p99_e2e_ms"),
+            request_rate=num("request_rate"),
+            in_flight=num("in_flight"),
+            samples=num("samples"),
+        )
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """What the policy knows about the fleet at one instant.
+
+    ``current_replicas``: replicas running now (they produced ``replicas``' stats).
+    ``target_replicas``: the count already asked for (> current while replicas start);
+    decisions are made relative to it.  ``min_replicas``/``max_replicas``: the platform's
+    bounds (Ray's capacity-adjusted ones), intersected with the config's.
+    ``ongoing_requests``: requests queued/running as the platform counts them (None: unknown).
+    """
+
+    replicas: Sequence[ReplicaStats]
+    current_replicas: int
+    target_replicas: Optional[int] = None
+    min_replicas: Optional[int] = None
+    max_replicas: Optional[int] = None
+    ongoing_requests: Optional[float] = None
+
+
+class PolicyState(BaseModel):
+    """The policy's memory between calls; JSON-able (kept in Ray's ``policy_state``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    breach_since: Optional[float] = None  # start of the current uninterrupted breach
+    low_since: Optional[float] = None  # start of the current uninterrupted "well under"
+    last_scale_up_at: Optional[float] = None
+    last_scale_down_at: Optional[float] = None
+    last_reason: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, d: Optional[Dict[str, Any]]) -> "PolicyState":
+        if not d:
+            return cls()
+        try:
+            return cls.model_validate(d)
+        except Exception:  # corrupted / older layout: start fresh rather than crash Serve
+            return cls()
+
+
+@dataclass(frozen=True)
+class Decision:
+    target_replicas: int
+    direction: Direction
+    reason: str
+    inputs: Dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "target_replicas": self.target_replicas,
+            "direction": self.direction,
+            "reason": self.reason,
+            **self.inputs,
+        }
+
+
+# ------------------------------------------------------------------------- helpers
+@dataclass(frozen=True)
+class FleetStats:
+    p99_ttft_ms: float
+    p99_e2e_ms: float
+    samples: float
+    request_rate: float
+    in_flight: float
+    ratio: float
+    counted_replicas: int
+
+
+def fleet_stats(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> FleetStats:
+    """Fleet P99s (see module docstring), totals, and the pressure ratio."""
+    reps = list(snapshot.replicas)
+    samples = sum(r.samples for r in reps)
+    rate = sum(r.request_rate for r in reps)
+    in_flight = sum(r.in_flight for r in reps)
+    counted = [r for r in reps if r.samples >= cfg.min_replica_samples and r.samples > 0]
+    if not counted:
+        ttft = e2e = 0.0
+    elif cfg.fleet_p99 == "max":
+        ttft = max(r.p99_ttft_ms for r in counted)
+        e2e = max(r.p99_e2e_ms for r in counted)
+    else:
+        w = sum(r.samples for r in counted)
+        ttft = sum(r.p99_ttft_ms * r.samples for r in counted) / w
+        e2e = sum(r.p99_e2e_ms * r.samples for r in counted) / w
+    ratio = ttft / cfg.p99_ttft_ms
+    if cfg.p99_e2e_ms is not None:
+        ratio = max(ratio, e2e / cfg.p99_e2e_ms)
+    return FleetStats(ttft, e2e, samples, rate, in_flight, ratio, len(counted))
+
+
+def bounds(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> Tuple[int, int]:
+    """[lo, hi]: the stricter of the config's and the platform's bounds."""
+    los = [b for b in (cfg.min_replicas, snapshot.min_replicas) if b is not None]
+    his = [b for b in (cfg.max_replicas, snapshot.max_replicas) if b is not None]
+    lo = max(los) if los else 1
+    hi = min(his) if his else max(lo, snapshot.current_replicas, snapshot.target_replicas or 0)
+    return lo, max(lo, hi)
+
+
+def _elapsed(now: float, since: Optional[float]) -> float:
+    return 0.0 if since is None else max(0.0, now - since)
+
+
+# ------------------------------------------------------------------------ decision
+def decide(
+    snapshot: FleetSnapshot,
+    state: PolicyState,
+    cfg: LatencyPolicyConfig,
+    now: float,
+) -> Tuple[Decision, PolicyState]:
+    """One autoscaling decision. Pure: same inputs, same outputs."""
+    current = max(0, int(snapshot.current_replicas))
+    base = current if snapshot.target_replicas is None else max(0, int(snapshot.target_replicas))
+    lo, hi = bounds(snapshot, cfg)
+    fs = fleet_stats(snapshot, cfg)
+    idle = (
+        fs.samples == 0
+        and fs.in_flight == 0
+        and not (snapshot.ongoing_requests or 0) > 0
+        and cfg.scale_down_when_idle
+    )
+    enough = fs.samples >= cfg.min_samples
+    inputs: Dict[str, Any] = {
+        "current_replicas": current,
+        "prior_target_replicas": base,
+        "min_replicas": lo,
+        "max_replicas": hi,
+        "fleet_p99_ttft_ms": round(fs.p99_ttft_ms, 3),
+        "fleet_p99_e2e_ms": round(fs.p99_e2e_ms, 3),
+        "objective_p99_ttft_ms": cfg.p99_ttft_ms,
+        "objective_p99_e2e_ms": cfg.p99_e2e_ms,
+        "ratio": round(fs.ratio, 4),
+        "samples": fs.samples,
+        "counted_replicas": fs.counted_replicas,
+        "request_rate": round(fs.request_rate, 3),
+        "in_flight": fs.in_flight,
+        "ongoing_requests": snapshot.ongoing_requests,
+        "idle": idle,
+    }
+
+    def out(target: int, direction: Direction, reason: str, **st: Any):
+        new_state = state.model_copy(update={**st, "last_reason": reason})
+        return Decision(target, direction, reason, inputs), new_state
+
+    # 1. Bounds win immediately (e.g. min/max just changed).
+    if base < lo:
+        return out(lo, "up", "below_min", breach_since=None, low_since=None, last_scale_up_at=now)
+    if base > hi:
+        return out(hi, "down", "above_max", breach_since=None, low_since=None, last_scale_down_at=now)
+
+    # 2. Too few samples: no latency evidence either way (unless the fleet is idle).
+    if not enough and not idle:
+        return out(base, "hold", "insufficient_samples", breach_since=None, low_since=None)
+
+    ratio = 0.0 if (idle and not enough) else fs.ratio
+
+    # 3. Breach: scale up.
+    if ratio > 1.0:
+        breach_since = state.breach_since if state.breach_since is not None else now
+        inputs["breach_for_s"] = round(_elapsed(now, breach_since), 3)
+        if current < base:
+            return out(base, "hold", "scale_up_pending", breach_since=breach_since, low_since=None)
+        if now - breach_since < cfg.upscale_delay_s:
+            return out(base, "hold", "breach_waiting_delay", breach_since=breach_since, low_since=None)
+        if state.last_scale_up_at is not None and now - state.last_scale_up_at < cfg.upscale_cooldown_s:
+            return out(base, "hold", "upscale_cooldown", breach_since=breach_since, low_since=None)
+        if base >= hi:
+            return out(base, "hold", "at_max", breach_since=breach_since, low_since=None)
+        want = math.ceil(max(base, 1) * ratio / cfg.target_ratio)
+        target = max(base + 1, min(want, base + cfg.max_step_up, hi))
+        target = min(target, hi)
+        inputs["proportional_target"] = want
+        return out(target, "up", "p99_above_objective",
+                   breach_since=None, low_since=None, last_scale_up_at=now)
+
+    # 4. Well under: maybe scale down.
+    if ratio < cfg.downscale_headroom:
+        low_since = state.low_since if state.low_since is not None else now
+        inputs["low_for_s"] = round(_elapsed(now, low_since), 3)
+        if now - low_since < cfg.downscale_delay_s:
+            return out(base, "hold", "low_waiting_delay", breach_since=None, low_since=low_since)
+        last_action = max(
+            (t for t in (state.last_scale_up_at, state.last_scale_down_at) if t is not None),
+            default=None,
+        )
+        if last_action is not None and now - last_action < cfg.downscale_cooldown_s:
+            return out(base, "hold", "downscale_cooldown", breach_since=None, low_since=low_since)
+        if base <= lo:
+            return out(base, "hold", "at_min", breach_since=None, low_since=low_since)
+        # Load per remaining replica grows by serving/n; P99 predicted to grow with it.
+        serving = max(current, 1)
+        target = base
+        predicted = ratio
+        for n in range(max(lo, base - cfg.max_step_down), base):
+            p = ratio * serving / n if n > 0 else (0.0 if idle else math.inf)
+            if p <= cfg.target_ratio:
+                target, predicted = n, p
+                break
+        inputs["predicted_ratio_after"] = round(predicted, 4) if math.isfinite(predicted) else None
+        if fs.request_rate > 0 and target > 0:
+            inputs["load_per_replica_now"] = round(fs.request_rate / serving, 3)
+            inputs["load_per_replica_after"] = round(fs.request_rate / target, 3)
+        if target >= base:
+            return out(base, "hold", "downscale_would_breach", breach_since=None, low_since=low_since)
+        return out(target, "down", "idle" if (idle and not enough) else "p99_well_under_objective",
+                   breach_since=None, low_since=None, last_scale_down_at=now)
+
+    # 5. Hysteresis band: nothing sustained, nothing to do.
+    return out(base, "hold", "within_band", breach_since=None, low_since=None)

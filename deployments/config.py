@@ -1,0 +1,143 @@
+"""Serving settings: one pydantic model tree for engine + Ray Serve.
+
+``serve_config.yaml``'s ``applications[].args`` is the user-facing form of :class:`AppConfig`;
+``deployments.app:build_app`` validates it with :func:`load_app_config` and fails with a message
+that names the bad field and the fix. ``engine:`` is :class:`engine.config.EngineConfig` itself
+(embedded, not copied), so a setting exists in exactly one place.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.config import EngineConfig
+
+
+class RouterSettings(BaseModel):
+    """Warm-bucket request router of the model deployment (see deployments/router.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="false: Ray Serve's default power-of-two-choices router")
+    stats_period_s: float = Field(
+        1.0, gt=0, description="how often each replica's record_routing_stats is polled")
+    stats_timeout_s: float = Field(10.0, gt=0, description="record_routing_stats call timeout")
+    imbalance_threshold: int = Field(
+        2, ge=0,
+        description="spill to a cold replica when the best warm one has more than this many "
+                    "requests above the least-loaded cold replica (it then serves by JIT and warms)")
+    hint_ttl_s: float = Field(
+        10.0, ge=0,
+        description="a bucket just sent to a cold replica counts as 'capturing' there for this "
+                    "long, covering the lag until the replica's stats report it")
+
+
+class IngressSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.0, ge=0, description="CPU reservation of each ingress replica")
+    max_ongoing_requests: int = Field(256, ge=1)
+
+
+class AppConfig(BaseModel):
+    """Everything the hybridserve Ray Serve application needs (engine + serving)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("hybridserve", description="Serve application name (serve.get_app_handle(name))")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    served_model_name: str | None = Field(
+        None, description="model id in the OpenAI API; default: the engine's model name")
+
+    # model deployment
+    num_replicas: int = Field(1, ge=1, description="fixed replica count (ignored when autoscaling is set)")
+    autoscaling: dict[str, Any] | None = Field(
+        None, description="Ray Serve autoscaling_config for the model deployment "
+                          "(min_replicas, max_replicas, policy, ...); replaces num_replicas")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica: 1 on GPU machines, 0 on CPU")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model replica")
+    max_ongoing_requests: int = Field(
+        8, ge=1, description="per model replica; the engine runs one request at a time, the rest queue")
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+
+    # HTTP
+    route_prefix: str = Field("/", description="where the OpenAI API is mounted")
+    api_key_env: str | None = Field(
+        "HYBRIDSERVE_API_KEY",
+        description="env var holding the API key; when that variable is set and non-empty, "
+                    "requests need 'Authorization: Bearer <key>'. null disables the check")
+    default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request omits it")
+
+    # test-only
+    inject_latency_ms: float = Field(
+        0.0, ge=0, description="TEST ONLY: sleep this long in the model replica before each request")
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"route_prefix must start with '/', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "AppConfig":
+        if self.num_gpus > 0 and self.engine.device == "cpu":
+            raise ValueError("num_gpus > 0 but engine.device is 'cpu': set engine.device to 'cuda' "
+                             "(or 'auto'), or num_gpus to 0")
+        if self.num_gpus == 0 and self.engine.device == "cuda":
+            raise ValueError("engine.device is 'cuda' but num_gpus is 0: Ray would hide the GPU from "
+                             "the replica; set num_gpus: 1")
+        if self.autoscaling is not None:
+            for key in ("min_replicas", "max_replicas"):
+                v = self.autoscaling.get(key)
+                if v is not None and (not isinstance(v, int) or v < 0):
+                    raise ValueError(f"autoscaling.{key} must be an integer >= 0, got {v!r}")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return os.path.basename(os.path.normpath(self.engine.model)) or self.engine.model
+
+    def resolved_device(self) -> str:
+        """The device the replicas will use ('auto' resolves by num_gpus)."""
+        if self.engine.device != "auto":
+            return self.engine.device
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+
+class ConfigError(ValueError):
+    """serve_config.yaml's args do not validate; the message lists each bad field and the fix."""
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown setting; remove it or fix its spelling")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: required setting is missing")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_app_config(args: dict[str, Any] | AppConfig | None) -> AppConfig:
+    """Validate serve_config.yaml ``args`` (a dict) into an AppConfig; ConfigError if bad."""
+    if isinstance(args, AppConfig):
+        return args
+    args = dict(args or {})
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as e:
+        raise ConfigError(
+            "invalid hybridserve application args (serve_config.yaml applications[].args):\n"
+            + _format_errors(e)
+            + "\nSee deployments/config.py (AppConfig) for every setting and its default."
+        ) from None

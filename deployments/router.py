@@ -1,0 +1,202 @@
+"""Warm-bucket routing: a pure choice function plus the thin Ray Serve RequestRouter around it.
+
+The model replicas report (record_routing_stats, see deployments/server.py) which prefill buckets
+they hold a warm CUDA graph for. A prompt whose bucket is warm on some replica should go there:
+graph replay is the fast path; any other replica would serve it by JIT.
+
+The policy, :func:`choose_replicas`, is a pure function of (bucket, replica views, rng):
+
+1. Replicas at capacity (load >= max_load) go last, in load order.
+2. Among the others, the replicas warm for the bucket compete by "power of two choices": two are
+   sampled at random and the less loaded one is preferred (the other comes next).
+3. Spill: if even that best warm replica carries more than ``imbalance_threshold`` requests above
+   the least-loaded cold replica, the cold one goes first (it serves by JIT and warms the bucket).
+4. With no warm replica: least loaded first; ties prefer a replica already capturing the bucket,
+   then the one with fewer warm buckets (spreads capture work), then random.
+
+The result is a full preference order; the adapter hands it to Ray as singleton ranks, so Ray only
+enforces capacity (it probes/caches queue lengths and moves to the next rank if a replica is full).
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+logger = logging.getLogger("ray.serve")
+
+# kwarg of ModelServer.generate/stream that carries the prompt's token count for routing
+TOKENS_KWARG = "n_tokens"
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """What the policy knows about one replica."""
+
+    id: str
+    load: int = 0                                  # ongoing + queued requests
+    warm: frozenset[int] = frozenset()             # buckets with a warm graph
+    capturing: frozenset[int] = frozenset()        # buckets being captured (or just sent here cold)
+    max_load: int | None = None                    # max_ongoing_requests; None = unbounded
+
+
+def bucket_for(n_tokens: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= n_tokens (the engine's prefill bucket); the largest if none fits."""
+    if not buckets:
+        raise ValueError("no buckets")
+    bs = sorted(buckets)
+    i = bisect.bisect_left(bs, max(int(n_tokens), 0))
+    return bs[min(i, len(bs) - 1)]
+
+
+def choose_replicas(bucket: int, replicas: Sequence[ReplicaView], rng: random.Random, *,
+                    imbalance_threshold: int = 2) -> list[ReplicaView]:
+    """Order ``replicas`` by preference for a prompt of prefill bucket ``bucket`` (see module doc)."""
+    if not replicas:
+        return []
+    available = [r for r in replicas if r.max_load is None or r.load < r.max_load]
+    full = sorted((r for r in replicas if not (r.max_load is None or r.load < r.max_load)),
+                  key=lambda r: r.load)
+    warm = [r for r in available if bucket in r.warm]
+    cold = [r for r in available if bucket not in r.warm]
+    # Random tie-break keys drawn once per replica, in input order, so the result depends only on
+    # (inputs, rng state).
+    tie = {r.id: rng.random() for r in available}
+
+    def cold_key(r: ReplicaView):
+        return (r.load, bucket not in r.capturing, len(r.warm), tie[r.id])
+
+    cold.sort(key=cold_key)
+    if warm:
+        if len(warm) >= 2:
+            a, b = rng.sample(warm, 2)
+            pair = [a, b] if a.load <= b.load else [b, a]
+        else:
+            pair = [warm[0]]
+        rest_warm = sorted((r for r in warm if r not in pair), key=lambda r: (r.load, tie[r.id]))
+        order = pair + rest_warm + cold
+        if cold and pair[0].load - cold[0].load > imbalance_threshold:
+            order = [cold[0]] + [r for r in order if r is not cold[0]]
+    else:
+        order = cold
+    return order + full
+
+
+# --------------------------------------------------------------------------- Ray Serve adapter
+try:  # deployments/ may be imported without Ray (pure tests); the adapter needs it.
+    from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+except ImportError:  # pragma: no cover
+    RequestRouter = object  # type: ignore[misc,assignment]
+    PendingRequest = RunningReplica = Any  # type: ignore[misc,assignment]
+
+
+def tokens_of(pending_request: Any) -> int | None:
+    """The prompt's token count the ingress attached to the request (kwarg ``n_tokens``)."""
+    if pending_request is None:
+        return None
+    v = (pending_request.kwargs or {}).get(TOKENS_KWARG)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    return None
+
+
+class WarmBucketRouter(RequestRouter):  # type: ignore[misc,valid-type]
+    """Ray Serve 2.60 RequestRouter (alpha API) that applies :func:`choose_replicas`.
+
+    Configured via the deployment's ``request_router_config`` with
+    ``request_router_class: deployments.router:WarmBucketRouter`` and ``request_router_kwargs``
+    (``buckets``, ``imbalance_threshold``, ``hint_ttl_s``, ``seed``). Reads each replica's
+    ``RunningReplica.routing_stats`` (what ModelServer.record_routing_stats returned) and the
+    prompt's token count from ``PendingRequest.kwargs['n_tokens']``.
+    """
+
+    def initialize_state(self, buckets: Iterable[int] = (), imbalance_threshold: int = 2,
+                         hint_ttl_s: float = 10.0, seed: int | None = None, **_: Any) -> None:
+        self._buckets = sorted(int(b) for b in buckets)
+        self._imbalance = int(imbalance_threshold)
+        self._hint_ttl_s = float(hint_ttl_s)
+        self._rng = random.Random(seed)
+        # replica id -> {bucket: time it was sent there cold}; covers the routing-stats lag
+        self._hints: dict[str, dict[int, float]] = {}
+        self._bucket_of_request: dict[str, int] = {}
+
+    # helpers -----------------------------------------------------------------
+    def _ensure_state(self) -> None:
+        if not hasattr(self, "_rng"):
+            self.initialize_state()
+
+    def _buckets_now(self, replicas: Sequence[Any]) -> list[int]:
+        for r in replicas:
+            b = (r.routing_stats or {}).get("buckets")
+            if b:
+                return list(b)
+        return self._buckets
+
+    def _view(self, r: Any, now: float) -> ReplicaView:
+        stats = r.routing_stats or {}
+        rid = r.replica_id.unique_id
+        load = self._replica_queue_len_cache.get(r.replica_id)
+        if load is None:
+            load = int(stats.get("queue_depth", 0))
+        hints = self._hints.get(rid, {})
+        fresh = {b for b, t in hints.items() if now - t <= self._hint_ttl_s}
+        return ReplicaView(
+            id=rid, load=int(load),
+            warm=frozenset(stats.get("warm_buckets", ())),
+            capturing=frozenset(stats.get("capturing_buckets", ())) | fresh,
+            max_load=r.max_ongoing_requests)
+
+    # RequestRouter API -------------------------------------------------------
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None
+                              ) -> list[list[RunningReplica]]:
+        self._ensure_state()
+        if not candidate_replicas:
+            return []
+        if pending_request is not None:
+            # back off between rounds when every replica is full (as Ray's own routers do)
+            pending_request.routing_context.should_backoff = True
+        n = tokens_of(pending_request)
+        buckets = self._buckets_now(candidate_replicas)
+        if n is None or not buckets:
+            # no token count (e.g. a call that bypassed the ingress): plain power of two choices
+            pair = self._rng.sample(list(candidate_replicas), min(2, len(candidate_replicas)))
+            return [pair]
+        bucket = bucket_for(n, buckets)
+        now = time.monotonic()
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        order = choose_replicas(bucket, [self._view(r, now) for r in candidate_replicas], self._rng,
+                                imbalance_threshold=self._imbalance)
+        if pending_request is not None:
+            self._bucket_of_request[pending_request.metadata.internal_request_id] = bucket
+            if len(self._bucket_of_request) > 10_000:  # requests routed without the hook firing
+                self._bucket_of_request.clear()
+        return [[by_id[v.id]] for v in order]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
+        """Remember a cold placement so the next prompts of that bucket follow it (stats lag)."""
+        self._ensure_state()
+        bucket = self._bucket_of_request.pop(pending_request.metadata.internal_request_id, None)
+        if bucket is None:
+            return
+        rid = replica_id.unique_id
+        replica = self._replicas.get(replica_id)
+        stats = (replica.routing_stats if replica is not None else None) or {}
+        if bucket in set(stats.get("warm_buckets", ())):
+            return
+        self._hints.setdefault(rid, {})[bucket] = time.monotonic()
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self._ensure_state()
+        live = {r.replica_id.unique_id for r in replicas}
+        now = time.monotonic()
+        for rid in list(self._hints):
+            if rid not in live:
+                del self._hints[rid]
+                continue
+            self._hints[rid] = {b: t for b, t in self._hints[rid].items()
+                                if now - t <= self._hint_ttl_s}

@@ -1,0 +1,12 @@
+"""hybridserve engine: a LLaMA-family engine with CUDA-graph replay and a JIT fallback. No Ray here."""
+from .api import GenerationResult, RequestMetrics, SamplingParams, StreamChunk
+from .config import EngineConfig
+from .engine import HybridEngine
+from .errors import (EmptyPromptError, EngineError, EngineInputError, InvalidSamplingParams, ModelLoadError,
+                     PromptTooLongError)
+
+__version__ = "0.1.0"
+
+__all__ = ["HybridEngine", "SamplingParams", "EngineConfig", "GenerationResult", "RequestMetrics",
+           "StreamChunk", "EngineError", "EngineInputError", "EmptyPromptError", "PromptTooLongError",
+           "InvalidSamplingParams", "ModelLoadError", "__version__"]

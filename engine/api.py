@@ -1,0 +1,78 @@
+"""Public request/response types of the engine."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import InvalidSamplingParams
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0          # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                    # 0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise InvalidSamplingParams(msg)
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        for name in ("temperature", "top_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(f"{name} must be a finite number, got {v!r}")
+        if self.temperature < 0:
+            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop must be a list of non-empty strings")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+            bad("stop_token_ids must be a list of integers")
+
+
+@dataclass
+class RequestMetrics:
+    prompt_tokens: int
+    bucket: int                       # prefill bucket of the prompt
+    path: str                         # "graph" (CUDA-graph replay), "jit" (dynamic kernels), "eager" (CPU)
+    ttft_s: float = 0.0               # request start -> first token on host
+    token_times_s: list[float] = field(default_factory=list)  # gap before each token after the first
+    e2e_s: float = 0.0
+    queue_s: float = 0.0              # time waiting for the engine (batch 1: one request at a time)
+
+    @property
+    def tpot_s(self) -> float:
+        return sum(self.token_times_s) / len(self.token_times_s) if self.token_times_s else 0.0
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str                # "stop" | "length" | "cancelled"
+    metrics: RequestMetrics
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.metrics.prompt_tokens
+
+
+@dataclass
+class StreamChunk:
+    token_id: int | None              # None on a final chunk that carries no token
+    text: str                         # new text since the previous chunk
+    index: int                        # position of this token in the output
+    finish_reason: str | None = None  # set on the last chunk
+    metrics: RequestMetrics | None = None  # set on the last chunk

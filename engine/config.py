@@ -1,0 +1,51 @@
+"""Engine settings: one pydantic model, embedded by the serving config (deployments.config)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_BUCKETS = [16, 32, 64, 128, 256, 384, 512, 1024, 2048]
+
+
+class EngineConfig(BaseModel):
+    """Everything one HybridEngine needs. serve_config.yaml's ``engine:`` section is this model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("tiny", description="preset name (tiny, llama-2-7b, llama-3-8b) or HF checkpoint dir")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on CPU")
+    max_context: int = Field(2048, ge=16, description="tokens of the static KV cache (prompt + output)")
+    buckets: list[int] = Field(default_factory=lambda: list(DEFAULT_BUCKETS),
+                               description="prefill prompt-length buckets; one CUDA graph each")
+    prewarm_buckets: list[int] | Literal["all"] = Field(
+        default_factory=list, description="buckets captured before ready (plus the store's warm list)")
+    cuda_graphs: bool = True
+    kernels: Literal["triton", "torch"] = Field("triton", description="CUDA non-matmul ops: Triton or PyTorch")
+    background_capture: bool = True
+    num_layers: int | None = Field(None, ge=1, description="presets only: override layer count (benchmarks)")
+    seed: int = Field(0, description="seed for random preset weights")
+    store: str | None = Field(None, description="artifact store: local dir or fsspec URL (s3://...)")
+    store_hmac_key_env: str = Field("HYBRIDSERVE_STORE_KEY",
+                                    description="env var holding the HMAC key for manifests (optional)")
+
+    @field_validator("buckets")
+    @classmethod
+    def _sorted_buckets(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("buckets must not be empty")
+        if any(b <= 0 for b in v):
+            raise ValueError("buckets must be positive")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _fit_context(self) -> "EngineConfig":
+        self.buckets = [b for b in self.buckets if b < self.max_context] + [self.max_context]
+        self.buckets = sorted(set(self.buckets))
+        if self.prewarm_buckets != "all":
+            bad = [b for b in self.prewarm_buckets if b not in self.buckets]
+            if bad:
+                raise ValueError(f"prewarm_buckets {bad} are not among buckets {self.buckets}")
+        return self

@@ -1,0 +1,428 @@
+"""HybridEngine: CUDA-graph replay where a graph is warm, JIT kernels where it is not.
+
+One request at a time (batch 1). A request's way:
+  tokens -> bucket -> prefill: replay the bucket's graph if captured ("graph"), else run the same
+  prefill eagerly at the exact length with the already-compiled Triton kernels ("jit") and queue the
+  bucket for background capture -> decode: replay the one decode graph per token -> token on host.
+On CPU the same static functions run eagerly ("eager").
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from . import ops
+from .api import GenerationResult, RequestMetrics, SamplingParams, StreamChunk
+from .config import EngineConfig
+from .errors import EmptyPromptError, EngineInputError, ModelLoadError, PromptTooLongError
+from .model import Llama, ModelArgs, load_checkpoint, random_weights
+from .presets import PRESETS
+from .sampling import sample
+from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+
+log = logging.getLogger("hybridserve.engine")
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class HybridEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        cfg = (config or EngineConfig()).model_copy(update=overrides) if overrides else (config or EngineConfig())
+        self.config = cfg = EngineConfig.model_validate(cfg.model_dump())
+        dev = cfg.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if dev == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("device='cuda' but no CUDA GPU is visible; use device='cpu'")
+        self.device = torch.device(dev)
+        self.dtype = _DTYPES[cfg.dtype] if cfg.dtype != "auto" else (
+            torch.float16 if dev == "cuda" else torch.float32)
+        self.cuda = self.device.type == "cuda"
+        self.max_context = cfg.max_context
+        self.buckets = list(cfg.buckets)
+        self._listeners: list[Callable[[dict], None]] = []
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._capture_costs: dict[int, float] = {}
+        self._pending: set[int] = set()
+        self._lock = threading.Lock()          # one request on the GPU at a time
+        self._state = threading.Lock()         # guards the graph dict / pending set
+        self._waiting = 0
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closed = False
+
+        t0 = time.perf_counter()
+        self.args, weights, self.tokenizer, self.model_name = self._load(cfg)
+        self.model = Llama(self.args, weights, self.device, self.dtype, cfg.max_context)
+        del weights
+        self.load_s = time.perf_counter() - t0
+
+        # static buffers: graphs read and write only these
+        maxb = self.buckets[-1]
+        self.ids = torch.zeros(maxb, dtype=torch.long, device=self.device)
+        self.positions = torch.arange(maxb, dtype=torch.long, device=self.device)
+        self.seq_len = torch.ones(1, dtype=torch.long, device=self.device)
+        self.tok = torch.zeros(1, dtype=torch.long, device=self.device)   # decode input / last sampled
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)   # decode position
+        self.logits = torch.zeros(self.args.vocab_size, dtype=torch.float32, device=self.device)
+        self._ids_host = torch.zeros(maxb, dtype=torch.long, pin_memory=self.cuda)
+
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-engine")
+        self.graph_mem_bytes = 0
+        if self.cuda:
+            ops.use_triton(cfg.kernels != "torch")
+            self.stream = torch.cuda.Stream(self.device)
+            self._capture_stream = torch.cuda.Stream(self.device)
+            self._pool = torch.cuda.graph_pool_handle()
+            self._decode_graph: torch.cuda.CUDAGraph | None = None
+            self._capture_q: queue.Queue[int | None] = queue.Queue()
+            self._start_cuda()
+
+    # ---------------------------------------------------------------- loading
+    @staticmethod
+    def _load(cfg: EngineConfig) -> tuple[ModelArgs, dict, Tokenizer, str]:
+        if cfg.model in PRESETS:
+            hf = dict(PRESETS[cfg.model])
+            if cfg.num_layers:
+                hf["num_hidden_layers"] = cfg.num_layers
+            args = ModelArgs.from_hf(hf)
+            dev = torch.device("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+            dtype = _DTYPES.get(cfg.dtype, torch.float16 if dev.type == "cuda" else torch.float32)
+            return args, random_weights(args, dev, dtype, cfg.seed), ByteTokenizer(args.vocab_size), cfg.model
+        path = Path(cfg.model).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"unknown model {cfg.model!r}: not a preset ({', '.join(PRESETS)}) "
+                                 "and no such checkpoint directory")
+        hf, weights = load_checkpoint(path)
+        args = ModelArgs.from_hf(hf)
+        try:
+            tok = HFTokenizer(path, args.eos_token_ids)
+        except Exception as e:
+            raise ModelLoadError(f"cannot load the tokenizer of {str(path)!r}: {e}") from None
+        return args, weights, tok, path.name
+
+    @classmethod
+    def from_pretrained(cls, path_or_preset: str, device: str = "auto", dtype: str | torch.dtype | None = None,
+                        **overrides) -> "HybridEngine":
+        if isinstance(dtype, torch.dtype):
+            dtype = {v: k for k, v in _DTYPES.items()}[dtype]
+        return cls(EngineConfig(model=str(path_or_preset), device=device, dtype=dtype or "auto", **overrides))
+
+    # ---------------------------------------------------------------- static step functions
+    def _prefill(self, L: int) -> None:
+        """Prefill of ids[:L] (real length in self.seq_len): the function each prefill graph
+        captures. Leaves the greedy token in self.tok, logits in self.logits, pos = seq_len."""
+        logits = self.model.prefill(self.ids[:L], self.positions[:L], self.seq_len)
+        self.logits.copy_(logits)
+        self.tok.copy_(torch.argmax(logits).view(1))
+        self.pos.copy_(self.seq_len)
+
+    def _decode(self) -> None:
+        """One decode step at self.pos from self.tok: the function the decode graph captures."""
+        logits = self.model.decode(self.tok, self.pos)
+        self.logits.copy_(logits)
+        self.tok.copy_(torch.argmax(logits).view(1))
+        self.pos.add_(1)
+
+    # ---------------------------------------------------------------- CUDA graphs
+    def _start_cuda(self) -> None:
+        """Compile the Triton kernels for every shape class (warm-up runs), capture the decode
+        graph and the configured prewarm buckets (largest first: all share one memory pool)."""
+        t0 = time.perf_counter()
+        with torch.cuda.stream(self.stream):
+            self.seq_len.fill_(1)
+            for b in self.buckets:            # compiles each kernel once; every length reuses it
+                self._prefill(b)
+            self._decode()
+        self.stream.synchronize()
+        self.compile_s = time.perf_counter() - t0
+        self._capture_thread = threading.Thread(target=self._capture_loop, name="hybridserve-capture",
+                                                daemon=True)
+        self._capture_thread.start()
+        if not self.config.cuda_graphs:
+            return
+        pre = self.buckets if self.config.prewarm_buckets == "all" else list(self.config.prewarm_buckets)
+        self.capture(sorted(pre, reverse=True))
+        mem0 = torch.cuda.memory_reserved(self.device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool, stream=self._capture_stream):
+            self._decode()
+        self._decode_graph = g
+        self.graph_mem_bytes += torch.cuda.memory_reserved(self.device) - mem0
+
+    def capture(self, buckets: list[int], wait: bool = True) -> None:
+        """Capture prefill graphs for these buckets on the capture thread (and wait for them)."""
+        todo = []
+        with self._state:
+            for b in buckets:
+                if b not in self._graphs and b not in self._pending:
+                    self._pending.add(b)
+                    todo.append(b)
+        for b in todo:
+            self._capture_q.put(b)
+        if wait:
+            while any(b in self._pending for b in todo):
+                time.sleep(0.005)
+
+    def _capture_loop(self) -> None:
+        while True:
+            b = self._capture_q.get()
+            if b is None:
+                return
+            self._idle.wait()                 # capture in idle gaps, not under load
+            t0 = time.perf_counter()
+            try:
+                mem0 = torch.cuda.memory_reserved(self.device)
+                g = torch.cuda.CUDAGraph()
+                # thread_local: the serving thread may keep launching work while this records
+                with torch.cuda.graph(g, pool=self._pool, stream=self._capture_stream,
+                                      capture_error_mode="thread_local"):
+                    self._prefill(b)
+                dt = time.perf_counter() - t0
+                with self._state:
+                    self._graphs[b] = g
+                    self._capture_costs[b] = dt
+                    self.graph_mem_bytes += torch.cuda.memory_reserved(self.device) - mem0
+                self._emit({"type": "capture", "bucket": b, "seconds": dt})
+                log.info("captured prefill graph for bucket %d in %.1f ms", b, dt * 1e3)
+            except Exception:  # a failed capture leaves the bucket on the JIT path
+                log.exception("capture of bucket %d failed; it stays on the JIT path", b)
+            finally:
+                with self._state:
+                    self._pending.discard(b)
+
+    # ---------------------------------------------------------------- public helpers
+    def warm_buckets(self) -> set[int]:
+        with self._state:
+            return set(self._graphs)
+
+    def capturing_buckets(self) -> set[int]:
+        with self._state:
+            return set(self._pending)
+
+    def in_flight(self) -> int:
+        return self._waiting
+
+    def add_listener(self, fn: Callable[[dict], None]) -> None:
+        self._listeners.append(fn)
+
+    def _emit(self, event: dict) -> None:
+        for fn in self._listeners:
+            try:
+                fn(event)
+            except Exception:
+                log.exception("engine listener failed")
+
+    def bucket_for(self, n: int) -> int:
+        for b in self.buckets:
+            if n <= b:
+                return b
+        raise PromptTooLongError(f"prompt of {n} tokens exceeds the largest bucket {self.buckets[-1]}")
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise EmptyPromptError("prompt is empty: send at least one character or token id")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise EmptyPromptError("prompt must be a non-empty string or a non-empty list of token ids")
+        V = self.args.vocab_size
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
+                raise EngineInputError(f"prompt token id {t!r} is not an integer in [0, {V})")
+        return list(prompt)
+
+    def count_tokens(self, prompt: str | list[int]) -> int:
+        return len(self.prompt_ids(prompt))
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        if not messages:
+            raise EmptyPromptError("messages is empty: send at least one message")
+        return self.tokenizer.chat_prompt(messages)
+
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        if not isinstance(params, SamplingParams):
+            raise EngineInputError("params must be a SamplingParams")
+        params.validate()
+        ids = self.prompt_ids(prompt)
+        n = len(ids)
+        if n >= self.max_context:
+            raise PromptTooLongError(f"prompt has {n} tokens but the context holds {self.max_context} "
+                                     "(prompt + max_tokens); shorten the prompt")
+        if n + params.max_tokens > self.max_context:
+            raise PromptTooLongError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
+                f"{self.max_context} tokens; lower max_tokens to at most {self.max_context - n}")
+        return ids
+
+    # ---------------------------------------------------------------- generation
+    def _run(self, prompt: str | list[int], params: SamplingParams,
+             on_chunk: Callable[[StreamChunk], None] | None = None,
+             cancel: threading.Event | None = None) -> GenerationResult:
+        t_req = time.perf_counter()
+        ids = self.validate(prompt, params)
+        n = len(ids)
+        bucket = self.bucket_for(n)
+        self._waiting += 1
+        try:
+            with self._lock:
+                self._idle.clear()
+                try:
+                    return self._generate_locked(ids, bucket, params, on_chunk, cancel, t_req)
+                finally:
+                    self._idle.set()
+        finally:
+            self._waiting -= 1
+
+    def _generate_locked(self, ids, bucket, params, on_chunk, cancel, t_req) -> GenerationResult:
+        t_start = time.perf_counter()
+        n = len(ids)
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
+        eos |= set(params.stop_token_ids)
+        graph = self._graphs.get(bucket) if self.cuda else None
+        path = "graph" if graph is not None else ("jit" if self.cuda else "eager")
+        ctx = torch.cuda.stream(self.stream) if self.cuda else _nullctx()
+        with ctx, torch.inference_mode():
+            self._ids_host[:n] = torch.tensor(ids, dtype=torch.long)
+            self.ids[:n].copy_(self._ids_host[:n], non_blocking=True)
+            self.seq_len.fill_(n)
+            if graph is not None:
+                graph.replay()
+            else:
+                self._prefill(n if self.cuda else bucket)   # JIT: exact length, no padding
+            if self.cuda and graph is None and self.config.cuda_graphs and self.config.background_capture:
+                self.capture([bucket], wait=False)
+            out: list[int] = []
+            text = ""                                   # text already emitted
+            finish = "length"
+            metrics = RequestMetrics(prompt_tokens=n, bucket=bucket, path=path, queue_s=t_start - t_req)
+            hold = max((len(s) for s in params.stop), default=1) - 1  # chars that may start a stop string
+            decode_graph = self._decode_graph if self.cuda else None
+            cut = -1
+            t_prev = t_start
+            while True:
+                if gen is not None:
+                    self.tok.copy_(sample(self.logits, params, gen))
+                t = int(self.tok.item())                # the one host sync of a step
+                now = time.perf_counter()
+                if out:
+                    metrics.token_times_s.append(now - t_prev)
+                else:
+                    metrics.ttft_s = now - t_req
+                t_prev = now
+                if t in eos:
+                    finish = "stop"
+                    break
+                out.append(t)
+                full = self.tokenizer.decode(out)
+                cut = min((i for i in (full.find(s) for s in params.stop) if i >= 0), default=-1)
+                if cut >= 0:                            # stop string: emit up to it, never past it
+                    text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:cut])
+                    finish = "stop"
+                    break
+                safe = len(full) - hold - (1 if full.endswith("\ufffd") else 0)  # partial UTF-8 waits
+                if safe > len(text) or on_chunk:
+                    text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:max(safe, len(text))], True)
+                if len(out) >= params.max_tokens:
+                    break
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if decode_graph is not None:
+                    decode_graph.replay()
+                else:
+                    self._decode()
+            if cut < 0:                                 # flush text held back for stop strings
+                text = self._emit_text(on_chunk, None, len(out), text, self.tokenizer.decode(out))
+        metrics.e2e_s = time.perf_counter() - t_req
+        res = GenerationResult(token_ids=out, text=text, finish_reason=finish, metrics=metrics)
+        self._emit({"type": "request", "metrics": metrics, "finish_reason": finish, "output_tokens": len(out)})
+        return res
+
+    @staticmethod
+    def _emit_text(on_chunk, tok, index, text: str, upto: str, always: bool = False) -> str:
+        """Send upto[len(text):] as a chunk (every token gets one when always); return upto."""
+        delta = upto[len(text):]
+        if on_chunk and (delta or always):
+            on_chunk(StreamChunk(tok, delta, index))
+        return upto if len(upto) > len(text) else text
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
+        return self._run(prompt, params or SamplingParams())
+
+    async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
+        params = params or SamplingParams()
+        self.validate(prompt, params)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, prompt, params)
+
+    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
+        """Token-by-token chunks; the last one carries finish_reason and metrics. Closing the
+        generator early (client gone) cancels the generation within one decode step."""
+        params = params or SamplingParams()
+        self.validate(prompt, params)            # raise input errors before the first chunk
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def push(item) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:    # the consumer's loop is gone: nobody is listening any more
+                cancel.set()
+
+        def work() -> None:
+            try:
+                push(self._run(prompt, params, push, cancel))
+            except BaseException as e:  # delivered to the consumer, never lost
+                push(e)
+
+        fut = loop.run_in_executor(self._executor, work)
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, GenerationResult):
+                    yield StreamChunk(None, "", len(item.token_ids), item.finish_reason, item.metrics)
+                    return
+                yield item
+        finally:
+            cancel.set()        # the engine thread stops at its next step; the result is dropped
+
+    def stats(self) -> dict:
+        return {
+            "model": self.model_name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "warm_buckets": sorted(self.warm_buckets()), "capturing": sorted(self.capturing_buckets()),
+            "capture_ms": {b: round(s * 1e3, 2) for b, s in self._capture_costs.items()},
+            "graph_mem_bytes": self.graph_mem_bytes, "weight_bytes": self.model.weight_bytes(),
+            "kv_bytes": self.model.kv_bytes(), "in_flight": self.in_flight(),
+        }
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.cuda:
+            self._capture_q.put(None)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

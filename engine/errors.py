@@ -1,0 +1,25 @@
+"""Errors the engine raises for bad input. Each subclasses EngineInputError (-> HTTP 400)."""
+
+
+class EngineError(Exception):
+    """Base of every engine error."""
+
+
+class EngineInputError(EngineError, ValueError):
+    """The request is invalid; the message names the problem and the fix. Maps to HTTP 400."""
+
+
+class EmptyPromptError(EngineInputError):
+    pass
+
+
+class PromptTooLongError(EngineInputError):
+    pass
+
+
+class InvalidSamplingParams(EngineInputError):
+    pass
+
+
+class ModelLoadError(EngineError, ValueError):
+    """Unknown preset, missing/invalid checkpoint files, unsupported architecture."""

@@ -1,0 +1,168 @@
+"""Triton kernels for the CUDA path. Imported only on CUDA (engine/ops.py).
+
+Each kernel takes lengths and positions at run time (`do_not_specialize`), so one compiled binary
+serves every prompt length: that is what lets an unseen bucket run at once (the JIT path) and
+what the artifact store caches (Triton's cache dir) so a new replica compiles nothing.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["n_cols", "eps"])
+def _rms_norm_kernel(X, R, W, OUT, stride, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride + cols, mask=mask, other=0.0)
+    if HAS_RES:  # residual stream r += x, rounded to the model dtype as the eager model does
+        x = (x + tl.load(R + row * stride + cols, mask=mask, other=0.0)).to(R.dtype.element_ty)
+        tl.store(R + row * stride + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    tl.store(OUT + row * stride + cols, w * (xf * rstd).to(OUT.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: float) -> torch.Tensor:
+    out = torch.empty_like(x)
+    n = x.shape[-1]
+    _rms_norm_kernel[(x.shape[0],)](x, r if r is not None else x, w, out, x.stride(0), n, eps,
+                                    HAS_RES=r is not None, BLOCK=triton.next_power_of_2(n), num_warps=8)
+    return out
+
+
+@triton.jit(do_not_specialize=["n_inter"])
+def _silu_mul_kernel(GU, OUT, n_inter, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_inter
+    g = tl.load(GU + row * 2 * n_inter + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * 2 * n_inter + n_inter + cols, mask=mask, other=0.0)
+    tl.store(OUT + row * n_inter + cols, (g / (1.0 + tl.exp(-g))).to(u.dtype) * u, mask=mask)
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    L, two_i = gu.shape
+    n = two_i // 2
+    out = torch.empty((L, n), device=gu.device, dtype=gu.dtype)
+    BLOCK = 1024
+    _silu_mul_kernel[(L, triton.cdiv(n, BLOCK))](gu, out, n, BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+@triton.jit(do_not_specialize=["n_heads", "n_kv", "stride_qkv", "stride_kh"])
+def _rope_cache_kernel(QKV, POS, COS, SIN, Q_OUT, K_CACHE, V_CACHE, stride_qkv, stride_kh,
+                       n_heads, n_kv, HD: tl.constexpr):
+    """One program per (token, head) over the fused qkv row: q heads rotate into Q_OUT, k heads
+    rotate into K_CACHE[kv, pos], v heads copy into V_CACHE[kv, pos]."""
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    HALF: tl.constexpr = HD // 2
+    pos = tl.load(POS + tok)
+    offs = tl.arange(0, HALF)
+    src = QKV + tok * stride_qkv + head * HD
+    x1 = tl.load(src + offs)
+    x2 = tl.load(src + HALF + offs)
+    if head < n_heads + n_kv:
+        c = tl.load(COS + pos * HD + offs).to(tl.float32)
+        s = tl.load(SIN + pos * HD + offs).to(tl.float32)
+        o1 = (x1.to(tl.float32) * c - x2.to(tl.float32) * s).to(x1.dtype)
+        o2 = (x2.to(tl.float32) * c + x1.to(tl.float32) * s).to(x1.dtype)
+        if head < n_heads:
+            dst = Q_OUT + (tok * n_heads + head) * HD
+        else:
+            dst = K_CACHE + (head - n_heads) * stride_kh + pos * HD
+        tl.store(dst + offs, o1)
+        tl.store(dst + HALF + offs, o2)
+    else:
+        dst = V_CACHE + (head - n_heads - n_kv) * stride_kh + pos * HD
+        tl.store(dst + offs, x1)
+        tl.store(dst + HALF + offs, x2)
+
+
+def rope_and_cache(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv, hd):
+    L = qkv.shape[0]
+    q = torch.empty((L, n_heads, hd), device=qkv.device, dtype=qkv.dtype)
+    _rope_cache_kernel[(L, n_heads + 2 * n_kv)](qkv, positions, cos, sin, q, k_cache, v_cache,
+                                                 qkv.stride(0), k_cache.stride(0), n_heads, n_kv,
+                                                 HD=hd, num_warps=1)
+    return q
+
+
+@triton.jit(do_not_specialize=["sm_scale", "stride_kh"])
+def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scale,
+                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HD: tl.constexpr,
+                              CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr):
+    """Flash-decoding, split over the sequence. Program (kv_head, split) attends the GROUP query
+    heads that share this kv head over positions [split*CHUNK, min(+CHUNK, LEN)): the valid length
+    comes from device memory, so one CUDA graph serves every position and reads only valid KV."""
+    kvh = tl.program_id(0)
+    split = tl.program_id(1)
+    length = tl.load(LEN)
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, length)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HD)
+    q = tl.load(Q + (kvh * GROUP + g)[:, None] * HD + d[None, :], mask=g[:, None] < GROUP, other=0.0)
+    m = tl.full((GROUP_PAD,), -1e30, tl.float32)
+    l = tl.zeros((GROUP_PAD,), tl.float32)
+    acc = tl.zeros((GROUP_PAD, HD), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        valid = n < end
+        kv_off = kvh * stride_kh + n[:, None] * HD + d[None, :]
+        k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * sm_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    has = l > 0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+    heads = kvh * GROUP + g
+    gmask = g < GROUP
+    tl.store(O_PART + (heads[:, None] * N_SPLITS + split) * HD + d[None, :], out, mask=gmask[:, None])
+    tl.store(LSE_PART + heads * N_SPLITS + split, lse, mask=gmask)
+
+
+@triton.jit
+def _decode_attn_reduce_kernel(O_PART, LSE_PART, OUT, HD: tl.constexpr, N_SPLITS: tl.constexpr):
+    h = tl.program_id(0)
+    sp = tl.arange(0, N_SPLITS)
+    d = tl.arange(0, HD)
+    lse = tl.load(LSE_PART + h * N_SPLITS + sp)
+    w = tl.exp(lse - tl.max(lse, axis=0))
+    o = tl.load(O_PART + (h * N_SPLITS + sp[:, None]) * HD + d[None, :])
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(OUT + h * HD + d, out.to(OUT.dtype.element_ty))
+
+
+_CHUNK = 256
+_scratch: dict = {}
+
+
+def decode_attention(q, k_cache, v_cache, kv_len, sm_scale):
+    H, hd = q.shape[1], q.shape[2]
+    n_kv, T = k_cache.shape[0], k_cache.shape[1]
+    group = H // n_kv
+    n_splits = triton.next_power_of_2(triton.cdiv(T, _CHUNK))
+    key = (q.device, H, hd, n_splits)
+    if key not in _scratch:  # fixed scratch, allocated outside any graph capture at warm-up
+        _scratch[key] = (torch.empty((H, n_splits, hd), device=q.device, dtype=torch.float32),
+                         torch.empty((H, n_splits), device=q.device, dtype=torch.float32))
+    o_part, lse_part = _scratch[key]
+    out = torch.empty((1, H, hd), device=q.device, dtype=q.dtype)
+    _decode_attn_split_kernel[(n_kv, n_splits)](
+        q, k_cache, v_cache, kv_len, o_part, lse_part, k_cache.stride(0), sm_scale,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd, CHUNK=_CHUNK,
+        BLOCK_N=64, N_SPLITS=n_splits, num_warps=4)
+    _decode_attn_reduce_kernel[(H,)](o_part, lse_part, out, HD=hd, N_SPLITS=n_splits, num_warps=4)
+    return out

@@ -1,0 +1,229 @@
+"""LLaMA-family model (LLaMA-2/3: MHA, GQA, rope scaling, tied or untied embeddings), batch 1.
+
+Written for CUDA-graph capture: every buffer it writes is static (the KV cache, the engine's
+input/output buffers), lengths and positions live in device tensors, and nothing syncs with
+the host. The same code runs eagerly on CPU (torch reference ops) and on CUDA (Triton ops).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import ops
+from .errors import ModelLoadError
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position: int
+    tie_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelArgs":
+        if d.get("model_type", "llama") != "llama":
+            raise ModelLoadError(f"unsupported model_type {d.get('model_type')!r}: only 'llama' checkpoints load")
+        try:
+            n_heads = d["num_attention_heads"]
+            rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+            theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            eos = d.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            return cls(
+                vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"], n_layers=d["num_hidden_layers"],
+                n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
+                head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
+                rms_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+                max_position=d.get("max_position_embeddings", 4096),
+                tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids,
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
+
+    def hash_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def rope_inv_freq(a: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies, with HF's 'linear' and 'llama3' scaling."""
+    inv = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64).float() / a.head_dim))
+    sc = a.rope_scaling
+    if not sc:
+        return inv
+    kind = sc["rope_type"]
+    if kind == "linear":
+        return inv / sc["factor"]
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        lo_wl, hi_wl = old / lo, old / hi
+        wl = 2 * math.pi / inv
+        scaled = torch.where(wl > lo_wl, inv / factor, inv)
+        smooth = (old / wl - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wl < hi_wl) & ~(wl > lo_wl)
+        return torch.where(medium, smoothed, scaled)
+    raise ModelLoadError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+class Llama:
+    """Weights (fused QKV and gate/up), rope tables and the two static forward functions."""
+
+    def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], device: torch.device,
+                 dtype: torch.dtype, max_context: int):
+        self.args, self.device, self.dtype = args, device, dtype
+        a = args
+
+        def w(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise ModelLoadError(f"checkpoint lacks tensor {name!r}")
+            return weights[name].to(device=device, dtype=dtype)
+
+        self.embed = w("model.embed_tokens.weight")
+        self.norm = w("model.norm.weight")
+        self.lm_head = self.embed if a.tie_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
+        self.layers = []
+        for i in range(a.n_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(dict(
+                wqkv=torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+                wo=w(p + "self_attn.o_proj.weight"),
+                w13=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                w2=w(p + "mlp.down_proj.weight"),
+                ln1=w(p + "input_layernorm.weight"),
+                ln2=w(p + "post_attention_layernorm.weight"),
+            ))
+            for x in ("q", "k", "v", "gate", "up"):   # free the unfused copies as we go
+                weights.pop(p + (f"self_attn.{x}_proj.weight" if len(x) == 1 else f"mlp.{x}_proj.weight"), None)
+        t = torch.arange(max_context, dtype=torch.float32)
+        freqs = torch.outer(t, rope_inv_freq(a))
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = emb.cos().to(device=device, dtype=dtype).contiguous()
+        self.sin = emb.sin().to(device=device, dtype=dtype).contiguous()
+        # one static KV cache: [layer][kv_head, position, head_dim]
+        shape = (a.n_layers, a.n_kv_heads, max_context, a.head_dim)
+        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.sm_scale = 1.0 / math.sqrt(a.head_dim)
+
+    def weight_bytes(self) -> int:
+        ts = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        ts += [t for layer in self.layers for t in layer.values()]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def kv_bytes(self) -> int:
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+
+    def _layers(self, h: torch.Tensor, r: torch.Tensor, positions: torch.Tensor,
+                kv_len: torch.Tensor | None) -> torch.Tensor:
+        """Run every decoder layer over L tokens. h: normed input (L, D); r: residual stream (L, D),
+        updated in place. kv_len=None means prefill (causal over the L tokens from position 0);
+        otherwise decode of one token attending to kv_len cached positions. Returns the residual."""
+        a = self.args
+        L = h.shape[0]
+        for i, lw in enumerate(self.layers):
+            qkv = h @ lw["wqkv"].t()                                          # fused QKV projection
+            q = ops.rope_and_cache(qkv, positions, self.cos, self.sin, self.k_cache[i], self.v_cache[i],
+                                   a.n_heads, a.n_kv_heads, a.head_dim)      # (L, H, hd); K,V -> cache
+            if kv_len is None:
+                attn = ops.prefill_attention(q, self.k_cache[i], self.v_cache[i], L, self.sm_scale)
+            else:
+                attn = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], kv_len, self.sm_scale)
+            h = ops.add_rms_norm(attn.view(L, -1) @ lw["wo"].t(), r, lw["ln2"], a.rms_eps)  # r += o; norm
+            m = ops.silu_mul(h @ lw["w13"].t()) @ lw["w2"].t()                # fused gate/up, SiLU*up
+            if i + 1 < len(self.layers):
+                h = ops.add_rms_norm(m, r, self.layers[i + 1]["ln1"], a.rms_eps)
+            else:
+                r.add_(m)
+        return r
+
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        return (ops.rms_norm(last, self.norm, self.args.rms_eps) @ self.lm_head.t()).float().view(-1)
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
+        """ids/positions: (L,) (padded past seq_len); seq_len: (1,) device tensor. Logits (V,) of the
+        last real token only."""
+        r = self.embed.index_select(0, ids)
+        h = ops.rms_norm(r, self.layers[0]["ln1"], self.args.rms_eps)
+        r = self._layers(h, r, positions, None)
+        return self._logits(r.index_select(0, seq_len - 1))
+
+    def decode(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tok, pos: (1,) device tensors. Writes KV at pos, attends to pos+1 tokens. Logits (V,)."""
+        r = self.embed.index_select(0, tok)
+        h = ops.rms_norm(r, self.layers[0]["ln1"], self.args.rms_eps)
+        r = self._layers(h, r, pos, pos + 1)
+        return self._logits(r)
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json + *.safetensors of an HF LLaMA checkpoint dir, as (config dict, CPU tensors)."""
+    from safetensors.torch import load_file
+
+    if not path.is_dir():
+        raise ModelLoadError(f"model {str(path)!r} is neither a preset nor a checkpoint directory")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise ModelLoadError(f"checkpoint dir {str(path)!r} has no config.json")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"checkpoint dir {str(path)!r} has no *.safetensors weights "
+                             "(save with save_pretrained(..., safe_serialization=True))")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            weights.update(load_file(str(f)))
+        except Exception as e:  # truncated / not safetensors
+            raise ModelLoadError(f"cannot read weights file {f.name}: {e}") from None
+    return cfg, weights
+
+
+def random_weights(a: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights in HF names, made directly on the device (latency does not depend on values)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    D, I, hd = a.hidden_size, a.intermediate_size, a.head_dim
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=g)
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, device=device, dtype=dtype)
+
+    wts = {"model.embed_tokens.weight": rnd(a.vocab_size, D), "model.norm.weight": ones(D)}
+    if not a.tie_embeddings:
+        wts["lm_head.weight"] = rnd(a.vocab_size, D)
+    for i in range(a.n_layers):
+        p = f"model.layers.{i}."
+        wts.update({
+            p + "self_attn.q_proj.weight": rnd(a.n_heads * hd, D),
+            p + "self_attn.k_proj.weight": rnd(a.n_kv_heads * hd, D),
+            p + "self_attn.v_proj.weight": rnd(a.n_kv_heads * hd, D),
+            p + "self_attn.o_proj.weight": rnd(D, a.n_heads * hd),
+            p + "mlp.gate_proj.weight": rnd(I, D), p + "mlp.up_proj.weight": rnd(I, D),
+            p + "mlp.down_proj.weight": rnd(D, I),
+            p + "input_layernorm.weight": ones(D), p + "post_attention_layernorm.weight": ones(D),
+        })
+    return wts

@@ -1,0 +1,20 @@
+"""Sampling on device: temperature, top-k, top-p, seeded per request. Greedy stays inside the graphs."""
+from __future__ import annotations
+
+import torch
+
+from .api import SamplingParams
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
+    """logits: (V,) float32 -> (1,) token id, without a host sync."""
+    x = logits / p.temperature
+    if p.top_k and p.top_k < x.numel():
+        kth = torch.topk(x, p.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if p.top_p < 1.0:
+        srt, idx = torch.sort(x, descending=True)
+        probs = torch.softmax(srt, dim=-1)
+        drop = probs.cumsum(-1) - probs > p.top_p          # keep the smallest set reaching top_p
+        x = x.scatter(0, idx, srt.masked_fill(drop, float("-inf")))
+    return torch.multinomial(torch.softmax(x, dim=-1), 1, generator=gen)

@@ -1,0 +1,78 @@
+"""Tokenizers: HF checkpoints use transformers' AutoTokenizer; presets use a byte-level one."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class Tokenizer:
+    """The interface the engine uses (and what HF tokenizers are wrapped into)."""
+
+    bos_token_id: int | None
+    eos_token_ids: frozenset[int]
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return min(self.eos_token_ids) if self.eos_token_ids else None
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of a chat, ending where the assistant's reply begins. Plain fallback format."""
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+        return self.encode(text, add_special_tokens=True)
+
+
+class ByteTokenizer(Tokenizer):
+    """Byte-level tokenizer of the presets: 0 unk, 1 bos, 2 eos, 3..258 the bytes. Ids past the
+    bytes (a random model emits them) decode to printable ASCII so outputs stay readable."""
+
+    OFFSET = 3
+
+    def __init__(self, vocab_size: int):
+        if vocab_size < 259:
+            raise ValueError("a byte tokenizer needs vocab_size >= 259")
+        self.vocab_size = vocab_size
+        self.bos_token_id = 1
+        self.eos_token_ids = frozenset({2})
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = [b + self.OFFSET for b in text.encode("utf-8")]
+        return [self.bos_token_id, *ids] if add_special_tokens else ids
+
+    def decode(self, ids: list[int]) -> str:
+        out = bytearray()
+        for i in ids:
+            if i < self.OFFSET:
+                continue
+            out.append(i - self.OFFSET if i < 256 + self.OFFSET else 32 + i % 95)
+        return out.decode("utf-8", errors="replace")
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, path: Path, eos_ids: tuple[int, ...]):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(path))
+        self.bos_token_id = self.tok.bos_token_id
+        ids = set(eos_ids)
+        if self.tok.eos_token_id is not None:
+            ids.add(self.tok.eos_token_id)
+        self.eos_token_ids = frozenset(ids)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        if getattr(self.tok, "chat_template", None):
+            out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(out, dict) or hasattr(out, "input_ids"):
+                out = out["input_ids"]
+            return list(out)
+        return super().chat_prompt(messages)

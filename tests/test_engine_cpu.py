@@ -1,0 +1,154 @@
+"""The engine on CPU against HF transformers, through the real checkpoint-loading path."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from engine import (EmptyPromptError, EngineConfig, EngineInputError, HybridEngine, InvalidSamplingParams,
+                    ModelLoadError, PromptTooLongError, SamplingParams)
+from tests.conftest import VARIANTS
+
+BUCKETS = [8, 16, 32, 64]
+EDGE_LENGTHS = [1, 7, 8, 9, 15, 16, 17, 33]
+GREEDY = dict(temperature=0.0, max_tokens=12)
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0)
+    new = out[0, len(ids):].tolist()
+    return new[:-1] if new and new[-1] == 2 else new   # the engine does not emit EOS itself
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_matches_hf_across_bucket_edges(checkpoints, variant):
+    from transformers import LlamaForCausalLM
+
+    path = checkpoints[variant]
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    eng = HybridEngine.from_pretrained(str(path), device="cpu", dtype="float32", buckets=BUCKETS, max_context=128)
+    rng = random.Random(variant)
+    for n in EDGE_LENGTHS:
+        ids = [1] + [rng.randrange(3, 384) for _ in range(n - 1)]
+        res = eng.generate(ids, SamplingParams(**GREEDY))
+        assert res.metrics.bucket == min(b for b in eng.buckets if b >= n)
+        expect = hf_greedy(hf, ids, GREEDY["max_tokens"])
+        assert res.token_ids == expect, f"{variant} n={n}"
+
+
+def test_text_prompt_uses_checkpoint_tokenizer(checkpoints):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    path = checkpoints["gqa"]
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    eng = HybridEngine.from_pretrained(str(path), device="cpu", buckets=BUCKETS, max_context=128)
+    prompt = "the quick brown fox"
+    ids = tok(prompt)["input_ids"]
+    assert eng.prompt_ids(prompt) == ids and ids[0] == 1
+    res = eng.generate(prompt, SamplingParams(**GREEDY))
+    assert res.token_ids == hf_greedy(hf, ids, GREEDY["max_tokens"])
+    assert res.text == tok.decode(res.token_ids, skip_special_tokens=True)
+
+
+def test_padded_bucket_and_exact_length_prefill_agree():
+    """The JIT path prefills at the exact length, graphs at the padded bucket: same logits."""
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=[32]))
+    ids = list(range(5, 25))
+    eng.ids[: len(ids)] = torch.tensor(ids)
+    eng.seq_len.fill_(len(ids))
+    eng._prefill(len(ids))
+    exact = eng.logits.clone()
+    eng._prefill(32)
+    assert torch.allclose(exact, eng.logits, atol=1e-5)
+
+
+def test_sampling_seeded_and_bounded():
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
+    p = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    a, b = eng.generate("sample me", p), eng.generate("sample me", p)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 20
+    c = eng.generate("sample me", SamplingParams(max_tokens=20, temperature=0.9, seed=8))
+    assert c.token_ids != a.token_ids
+    greedy_top = eng.generate("sample me", SamplingParams(max_tokens=20, temperature=0))
+    k1 = eng.generate("sample me", SamplingParams(max_tokens=20, temperature=5.0, top_k=1, seed=1))
+    assert k1.token_ids == greedy_top.token_ids          # top_k=1 is greedy at any temperature
+
+
+def test_stop_strings_and_stop_tokens():
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
+    base = eng.generate("stop test", SamplingParams(max_tokens=30, temperature=0))
+    assert len(base.text) > 6
+    stop = base.text[3:5]
+    res = eng.generate("stop test", SamplingParams(max_tokens=30, temperature=0, stop=[stop]))
+    assert res.finish_reason == "stop" and res.text == base.text[: base.text.index(stop)]
+    res = eng.generate("stop test", SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[base.token_ids[4]]))
+    assert res.finish_reason == "stop" and res.token_ids == base.token_ids[: base.token_ids.index(base.token_ids[4])]
+
+
+def test_stream_matches_generate_and_carries_metrics():
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
+    p = SamplingParams(max_tokens=15, temperature=0, stop=["zz"])
+    full = eng.generate("stream it", p)
+
+    async def collect():
+        return [c async for c in eng.stream("stream it", p)]
+
+    chunks = asyncio.run(collect())
+    assert "".join(c.text for c in chunks) == full.text
+    assert [c.token_id for c in chunks if c.token_id is not None] == full.token_ids
+    last = chunks[-1]
+    assert last.finish_reason == full.finish_reason and last.metrics.ttft_s > 0
+    assert len(last.metrics.token_times_s) == len(full.token_ids) - 1
+
+
+def test_closing_stream_cancels_generation():
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
+    done = []
+    eng.add_listener(lambda e: done.append(e) if e["type"] == "request" else None)
+
+    async def take_two():
+        agen = eng.stream("cancel me", SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True))
+        got = [await agen.__anext__(), await agen.__anext__()]
+        await agen.aclose()
+        return got
+
+    asyncio.run(take_two())
+    eng.generate("next", SamplingParams(max_tokens=2))   # the engine is free again
+    first = done[0]
+    assert first["finish_reason"] == "cancelled" and first["output_tokens"] < 1000
+
+
+@pytest.mark.parametrize("prompt,params,exc,words", [
+    ("", SamplingParams(), EmptyPromptError, "empty"),
+    ([], SamplingParams(), EmptyPromptError, "empty"),
+    ([1, 99999], SamplingParams(), EngineInputError, "token id"),
+    ("x" * 300, SamplingParams(), PromptTooLongError, "context"),
+    ("hi", SamplingParams(max_tokens=10_000), PromptTooLongError, "max_tokens"),
+    ("hi", SamplingParams(max_tokens=0), InvalidSamplingParams, "max_tokens"),
+    ("hi", SamplingParams(temperature=float("nan")), InvalidSamplingParams, "temperature"),
+    ("hi", SamplingParams(temperature=-1), InvalidSamplingParams, "temperature"),
+    ("hi", SamplingParams(top_p=0), InvalidSamplingParams, "top_p"),
+    ("hi", SamplingParams(top_k=-3), InvalidSamplingParams, "top_k"),
+])
+def test_bad_input_raises_clear_error_and_engine_stays_usable(prompt, params, exc, words):
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", max_context=256))
+    with pytest.raises(exc, match=words):
+        eng.generate(prompt, params)
+    assert len(eng.generate("still fine", SamplingParams(max_tokens=3)).token_ids) == 3
+
+
+def test_unknown_preset_and_missing_files(tmp_path, checkpoints):
+    with pytest.raises(ModelLoadError, match="not a preset"):
+        HybridEngine.from_pretrained("llama-9-999b", device="cpu")
+    (tmp_path / "config.json").write_text((checkpoints["mha"] / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        HybridEngine.from_pretrained(str(tmp_path), device="cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        HybridEngine.from_pretrained(str(empty), device="cpu")

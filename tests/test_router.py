@@ -1,0 +1,126 @@
+"""The warm-bucket routing policy as a pure function (no Ray)."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from deployments.router import ReplicaView, bucket_for, choose_replicas, tokens_of
+
+BUCKETS = [16, 32, 64, 128, 256]
+
+
+def ids(order):
+    return [r.id for r in order]
+
+
+def test_bucket_for_matches_smallest_fitting_bucket():
+    assert bucket_for(1, BUCKETS) == 16
+    assert bucket_for(16, BUCKETS) == 16
+    assert bucket_for(17, BUCKETS) == 32
+    assert bucket_for(256, BUCKETS) == 256
+    assert bucket_for(9999, BUCKETS) == 256  # too long: the largest (the engine rejects it)
+    assert bucket_for(0, [64, 16, 32]) == 16  # unsorted input is fine
+
+
+def test_warm_replica_preferred_over_less_loaded_cold_one():
+    reps = [ReplicaView("cold", load=0), ReplicaView("warm", load=1, warm=frozenset({32}))]
+    for seed in range(20):
+        assert ids(choose_replicas(32, reps, random.Random(seed)))[0] == "warm"
+
+
+def test_other_buckets_do_not_count_as_warm():
+    reps = [ReplicaView("a", load=1, warm=frozenset({16})), ReplicaView("b", load=0)]
+    assert ids(choose_replicas(32, reps, random.Random(0)))[0] == "b"  # none warm -> least loaded
+
+
+def test_power_of_two_choices_among_warm_replicas():
+    # 3 warm replicas; the most loaded one can only win if it is not sampled with a lighter one,
+    # which never happens with 2 of 3 sampled: the heaviest is never first.
+    reps = [ReplicaView("w0", load=0, warm=frozenset({64})),
+            ReplicaView("w1", load=1, warm=frozenset({64})),
+            ReplicaView("w2", load=2, warm=frozenset({64})),
+            ReplicaView("c", load=0)]
+    firsts = Counter(ids(choose_replicas(64, reps, random.Random(s)))[0] for s in range(300))
+    assert firsts["w2"] == 0 and firsts["c"] == 0
+    # p2c: w0 wins whenever sampled (2/3), w1 when paired with w2 (1/3)
+    assert 150 < firsts["w0"] < 250 and 50 < firsts["w1"] < 150
+    order = ids(choose_replicas(64, reps, random.Random(1)))
+    assert sorted(order) == ["c", "w0", "w1", "w2"] and order[-1] == "c"  # all listed, cold last
+
+
+def test_warm_ties_are_broken_randomly():
+    reps = [ReplicaView("a", load=0, warm=frozenset({16})), ReplicaView("b", load=0, warm=frozenset({16}))]
+    firsts = Counter(ids(choose_replicas(16, reps, random.Random(s)))[0] for s in range(200))
+    assert firsts["a"] > 50 and firsts["b"] > 50
+
+
+def test_no_warm_replica_picks_least_loaded():
+    reps = [ReplicaView("a", load=3), ReplicaView("b", load=1), ReplicaView("c", load=2)]
+    assert ids(choose_replicas(128, reps, random.Random(0))) == ["b", "c", "a"]
+
+
+def test_no_warm_ties_prefer_capturing_then_fewer_warm_buckets():
+    reps = [ReplicaView("many", load=0, warm=frozenset({16, 32, 64})),
+            ReplicaView("few", load=0, warm=frozenset({16})),
+            ReplicaView("capt", load=0, warm=frozenset({16, 32, 64, 256}), capturing=frozenset({128}))]
+    for seed in range(10):
+        assert ids(choose_replicas(128, reps, random.Random(seed))) == ["capt", "few", "many"]
+    # capturing never beats a lower load
+    reps2 = [ReplicaView("capt", load=2, capturing=frozenset({128})), ReplicaView("idle", load=0)]
+    assert ids(choose_replicas(128, reps2, random.Random(0)))[0] == "idle"
+
+
+def test_spill_to_cold_replica_when_warm_one_is_overloaded():
+    warm = ReplicaView("warm", load=5, warm=frozenset({32}))
+    cold = ReplicaView("cold", load=0)
+    assert ids(choose_replicas(32, [warm, cold], random.Random(0), imbalance_threshold=2)) == ["cold", "warm"]
+    # within the threshold the warm replica keeps the request
+    warm2 = ReplicaView("warm", load=2, warm=frozenset({32}))
+    assert ids(choose_replicas(32, [warm2, cold], random.Random(0), imbalance_threshold=2)) == ["warm", "cold"]
+
+
+def test_full_replicas_go_last():
+    reps = [ReplicaView("warm_full", load=8, max_load=8, warm=frozenset({16})),
+            ReplicaView("cold", load=3, max_load=8)]
+    assert ids(choose_replicas(16, reps, random.Random(0))) == ["cold", "warm_full"]
+
+
+def test_deterministic_for_same_rng_state_and_empty_input():
+    reps = [ReplicaView(f"r{i}", load=i % 2, warm=frozenset({16} if i % 3 else {})) for i in range(6)]
+    assert ids(choose_replicas(16, reps, random.Random(7))) == ids(choose_replicas(16, reps, random.Random(7)))
+    assert choose_replicas(16, [], random.Random(0)) == []
+
+
+def test_simulated_fleet_keeps_buckets_on_their_warm_replica():
+    """A toy loop: replicas warm a bucket when they serve it; after warm-up nearly every prompt
+    lands on a warm replica, and each bucket stays on few replicas."""
+    rng = random.Random(3)
+    warm = {f"r{i}": set() for i in range(3)}
+    hits = total = 0
+    placed: dict[int, set[str]] = {}
+    for step in range(600):
+        n = rng.randint(1, 256)
+        b = bucket_for(n, BUCKETS)
+        views = [ReplicaView(rid, load=0, warm=frozenset(w)) for rid, w in warm.items()]
+        first = choose_replicas(b, views, rng)[0]
+        if step >= 100:
+            total += 1
+            hits += b in warm[first.id]
+            placed.setdefault(b, set()).add(first.id)
+        warm[first.id].add(b)
+    assert hits / total >= 0.99
+    assert all(len(v) <= 2 for v in placed.values())
+
+
+class _PR:
+    def __init__(self, kwargs):
+        self.kwargs = kwargs
+
+
+@pytest.mark.parametrize("kwargs,expected", [({"n_tokens": 40}, 40), ({}, None),
+                                             ({"n_tokens": True}, None), ({"n_tokens": "4"}, None)])
+def test_tokens_of_reads_the_ingress_kwarg(kwargs, expected):
+    assert tokens_of(_PR(kwargs)) == expected
+    assert tokens_of(None) is None
