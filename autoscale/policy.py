@@ -10,10 +10,14 @@ How it decides (``ratio`` = fleet P99 / objective, the worse of TTFT and, if set
   sustained-condition timers restart.  Exception: a fleet with *no* traffic at all (no
   samples, nothing in flight or queued) counts as "well under the objective", so an idle
   fleet still shrinks to ``min_replicas`` (``scale_down_when_idle``).
-* **ratio > 1** (objective breached): once the breach has lasted ``upscale_delay_s`` and
-  ``upscale_cooldown_s`` has passed since the last scale-up, and no earlier scale-up is still
-  starting, go to ``ceil(replicas * ratio / target_ratio)`` — proportional to the excess and
-  to the fleet that carries today's load — at least +1, at most ``+max_step_up``.
+* **ratio > 1** (objective breached), confirmed by the replicas' *recent* sub-window
+  (``confirm_with_recent``; the long window keeps a spike's slow samples for ``window_s``,
+  the recent one says whether it is still going on): once the breach has lasted
+  ``upscale_delay_s``, no earlier scale-up is still starting, and the replicas it added have
+  been running for ``upscale_cooldown_s`` (so the slow samples from before they served have
+  left the windows), go to ``ceil(replicas * ratio / target_ratio)`` — proportional to the
+  excess and to the fleet that carries today's load; ratio = min(window, recent) so a fading
+  tail doesn't oversize — at least +1, at most ``+max_step_up``.
 * **ratio < downscale_headroom** (well under): once that has lasted ``downscale_delay_s``
   and ``downscale_cooldown_s`` has passed since the last scale action, remove up to
   ``max_step_down`` replicas — but only as many as keep the *predicted* ratio
@@ -93,8 +97,9 @@ class LatencyPolicyConfig(BaseModel):
     )
     upscale_cooldown_s: float = Field(
         default=30.0, ge=0,
-        description="Min time between two scale-ups; set >= the replica window (window_s) "
-        "plus replica start time, so slow samples still in the window don't trigger a second step.",
+        description="After a scale-up, its new replicas must have been running this long before "
+        "another scale-up; set >= the replicas' LatencyWindow window_s, so slow samples from "
+        "before they served don't trigger a second step.",
     )
     downscale_cooldown_s: float = Field(
         default=60.0, ge=0, description="Min time after any scale action before a scale-down."
@@ -102,6 +107,14 @@ class LatencyPolicyConfig(BaseModel):
     max_step_up: int = Field(default=4, ge=1, description="Most replicas added in one decision.")
     max_step_down: int = Field(default=1, ge=1, description="Most replicas removed in one decision.")
     fleet_p99: Literal["max", "weighted"] = "max"
+    confirm_with_recent: bool = Field(
+        default=True,
+        description="A breach counts only while the replicas' recent sub-window (if reported "
+        "with >= min_recent_samples) is also above the objective.",
+    )
+    min_recent_samples: int = Field(
+        default=3, ge=1, description="Fleet samples the recent sub-window needs to be trusted."
+    )
     scale_down_when_idle: bool = Field(
         default=True, description="A fleet with no traffic at all counts as well under the objective."
     )
@@ -139,16 +152,21 @@ class ReplicaStats:
     request_rate: float = 0.0
     in_flight: float = 0.0
     samples: float = 0.0
+    # the LatencyWindow's recent sub-window; None where the replica doesn't report it
+    p99_ttft_recent_ms: Optional[float] = None
+    p99_e2e_recent_ms: Optional[float] = None
+    recent_samples: Optional[float] = None
 
     @classmethod
     def from_snapshot(cls, replica_id: str, snap: Dict[str, float]) -> "ReplicaStats":
-        def num(key: str) -> float:
-            v = snap.get(key, 0.0)
+        def num(key: str, default: Optional[float] = 0.0) -> Optional[float]:
+            if key not in snap:
+                return default
             try:
-                v = float(v)
+                v = float(snap[key])
             except (TypeError, ValueError):
-                return 0.0
-            return v if math.isfinite(v) and v >= 0 else 0.0
+                return default
+            return v if math.isfinite(v) and v >= 0 else default
 
         return cls(
             replica_id=str(replica_id),
@@ -157,6 +175,9 @@ class ReplicaStats:
             request_rate=num("request_rate"),
             in_flight=num("in_flight"),
             samples=num("samples"),
+            p99_ttft_recent_ms=num("p99_ttft_recent_ms", None),
+            p99_e2e_recent_ms=num("p99_e2e_recent_ms", None),
+            recent_samples=num("recent_samples", None),
         )
 
 
@@ -188,6 +209,7 @@ class PolicyState(BaseModel):
     low_since: Optional[float] = None  # start of the current uninterrupted "well under"
     last_scale_up_at: Optional[float] = None
     last_scale_down_at: Optional[float] = None
+    up_ready_at: Optional[float] = None  # when the last scale-up's replicas were all running
     last_reason: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
@@ -229,6 +251,8 @@ class FleetStats:
     in_flight: float
     ratio: float
     counted_replicas: int
+    recent_ratio: Optional[float] = None  # None: not reported / too few recent samples
+    recent_samples: float = 0.0
 
 
 def fleet_stats(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> FleetStats:
@@ -250,7 +274,19 @@ def fleet_stats(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> FleetStats
     ratio = ttft / cfg.p99_ttft_ms
     if cfg.p99_e2e_ms is not None:
         ratio = max(ratio, e2e / cfg.p99_e2e_ms)
-    return FleetStats(ttft, e2e, samples, rate, in_flight, ratio, len(counted))
+
+    recent = [r for r in reps if r.recent_samples is not None and r.p99_ttft_recent_ms is not None]
+    recent_n = sum(r.recent_samples for r in recent)
+    recent_ratio: Optional[float] = None
+    if recent and recent_n >= cfg.min_recent_samples:
+        live = [r for r in recent if r.recent_samples > 0]
+        recent_ratio = max(r.p99_ttft_recent_ms for r in live) / cfg.p99_ttft_ms
+        if cfg.p99_e2e_ms is not None:
+            recent_ratio = max(
+                recent_ratio, max((r.p99_e2e_recent_ms or 0.0) for r in live) / cfg.p99_e2e_ms
+            )
+    return FleetStats(ttft, e2e, samples, rate, in_flight, ratio, len(counted),
+                      recent_ratio, recent_n)
 
 
 def bounds(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> Tuple[int, int]:
@@ -279,7 +315,8 @@ def decide(
     lo, hi = bounds(snapshot, cfg)
     fs = fleet_stats(snapshot, cfg)
     idle = (
-        fs.samples == 0
+        len(snapshot.replicas) >= current  # every running replica reported (fresh) stats
+        and fs.samples == 0
         and fs.in_flight == 0
         and not (snapshot.ongoing_requests or 0) > 0
         and cfg.scale_down_when_idle
@@ -295,6 +332,8 @@ def decide(
         "objective_p99_ttft_ms": cfg.p99_ttft_ms,
         "objective_p99_e2e_ms": cfg.p99_e2e_ms,
         "ratio": round(fs.ratio, 4),
+        "recent_ratio": None if fs.recent_ratio is None else round(fs.recent_ratio, 4),
+        "recent_samples": fs.recent_samples,
         "samples": fs.samples,
         "counted_replicas": fs.counted_replicas,
         "request_rate": round(fs.request_rate, 3),
@@ -303,13 +342,18 @@ def decide(
         "idle": idle,
     }
 
+    # The last scale-up's replicas are all running from the first tick current >= target.
+    if state.last_scale_up_at is not None and state.up_ready_at is None and current >= base:
+        state = state.model_copy(update={"up_ready_at": now})
+
     def out(target: int, direction: Direction, reason: str, **st: Any):
         new_state = state.model_copy(update={**st, "last_reason": reason})
         return Decision(target, direction, reason, inputs), new_state
 
     # 1. Bounds win immediately (e.g. min/max just changed).
     if base < lo:
-        return out(lo, "up", "below_min", breach_since=None, low_since=None, last_scale_up_at=now)
+        return out(lo, "up", "below_min", breach_since=None, low_since=None,
+                   last_scale_up_at=now, up_ready_at=None)
     if base > hi:
         return out(hi, "down", "above_max", breach_since=None, low_since=None, last_scale_down_at=now)
 
@@ -320,6 +364,15 @@ def decide(
     ratio = 0.0 if (idle and not enough) else fs.ratio
 
     # 3. Breach: scale up.
+    subsiding = (
+        ratio > 1.0
+        and cfg.confirm_with_recent
+        and fs.recent_ratio is not None
+        and fs.recent_ratio <= 1.0
+    )
+    if subsiding:
+        # The long window still holds slow samples, but the last few seconds are fine.
+        return out(base, "hold", "breach_subsiding", breach_since=None, low_since=None)
     if ratio > 1.0:
         breach_since = state.breach_since if state.breach_since is not None else now
         inputs["breach_for_s"] = round(_elapsed(now, breach_since), 3)
@@ -327,16 +380,19 @@ def decide(
             return out(base, "hold", "scale_up_pending", breach_since=breach_since, low_since=None)
         if now - breach_since < cfg.upscale_delay_s:
             return out(base, "hold", "breach_waiting_delay", breach_since=breach_since, low_since=None)
-        if state.last_scale_up_at is not None and now - state.last_scale_up_at < cfg.upscale_cooldown_s:
+        if state.last_scale_up_at is not None and (
+            state.up_ready_at is None or now - state.up_ready_at < cfg.upscale_cooldown_s
+        ):
             return out(base, "hold", "upscale_cooldown", breach_since=breach_since, low_since=None)
         if base >= hi:
             return out(base, "hold", "at_max", breach_since=breach_since, low_since=None)
-        want = math.ceil(max(base, 1) * ratio / cfg.target_ratio)
+        excess = ratio if fs.recent_ratio is None else min(ratio, fs.recent_ratio)
+        want = math.ceil(max(base, 1) * excess / cfg.target_ratio)
         target = max(base + 1, min(want, base + cfg.max_step_up, hi))
         target = min(target, hi)
         inputs["proportional_target"] = want
         return out(target, "up", "p99_above_objective",
-                   breach_since=None, low_since=None, last_scale_up_at=now)
+                   breach_since=None, low_since=None, last_scale_up_at=now, up_ready_at=None)
 
     # 4. Well under: maybe scale down.
     if ratio < cfg.downscale_headroom:

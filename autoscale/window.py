@@ -16,6 +16,10 @@ key              meaning
 ``request_rate`` requests finished per second over the window
 ``in_flight``    requests running or waiting on this replica right now
 ``samples``      number of requests in the window (the P99s are 0.0 when this is 0)
+``p99_ttft_recent_ms`` / ``p99_e2e_recent_ms`` / ``recent_samples``: the same over the
+                 last ``recent_s`` seconds only (default window_s / 6).  The policy uses
+                 them to confirm a breach is still happening, so a short spike isn't
+                 acted on for the whole time its slow samples sit in the long window.
 ===============  =====================================================================
 
 P99 is the nearest-rank percentile (below 100 samples that is the maximum), never
@@ -30,7 +34,16 @@ from collections import deque
 from typing import Callable, Deque, Dict, Optional, Tuple
 
 #: keys of :meth:`LatencyWindow.snapshot`, in a stable order.
-SNAPSHOT_KEYS = ("p99_ttft_ms", "p99_e2e_ms", "request_rate", "in_flight", "samples")
+SNAPSHOT_KEYS = (
+    "p99_ttft_ms",
+    "p99_e2e_ms",
+    "request_rate",
+    "in_flight",
+    "samples",
+    "p99_ttft_recent_ms",
+    "p99_e2e_recent_ms",
+    "recent_samples",
+)
 
 
 def percentile(values, q: float) -> float:
@@ -48,6 +61,7 @@ class LatencyWindow:
 
     Args:
         window_s: length of the window in seconds.
+        recent_s: length of the "recent" sub-window (default ``window_s / 6``).
         max_samples: hard cap on the samples kept (oldest dropped first) so a burst can't
             grow memory without bound; the P99 then covers the newest ``max_samples``.
         clock: monotonic clock in seconds (injectable for tests).
@@ -56,6 +70,7 @@ class LatencyWindow:
     def __init__(
         self,
         window_s: float = 30.0,
+        recent_s: Optional[float] = None,
         max_samples: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -64,6 +79,9 @@ class LatencyWindow:
         if max_samples <= 0:
             raise ValueError(f"max_samples must be > 0, got {max_samples}")
         self.window_s = float(window_s)
+        self.recent_s = min(self.window_s, float(recent_s) if recent_s else self.window_s / 6.0)
+        if self.recent_s <= 0:
+            raise ValueError(f"recent_s must be > 0, got {recent_s}")
         self._clock = clock
         self._lock = threading.Lock()
         self._samples: Deque[Tuple[float, float, float]] = deque(maxlen=max_samples)
@@ -97,6 +115,8 @@ class LatencyWindow:
             rows = [s for s in self._samples if s[0] <= t]
             in_flight = self._in_flight
         n = len(rows)
+        recent_cut = t - self.recent_s
+        recent = [r for r in rows if r[0] >= recent_cut]
         # Rate over the part of the window the replica has been alive for, so a fresh
         # replica doesn't under-report by dividing by the full window.
         span = min(self.window_s, max(t - self._started, 1e-3))
@@ -106,6 +126,9 @@ class LatencyWindow:
             "request_rate": n / span,
             "in_flight": float(in_flight),
             "samples": float(n),
+            "p99_ttft_recent_ms": percentile([r[1] for r in recent], 99) * 1000.0,
+            "p99_e2e_recent_ms": percentile([r[2] for r in recent], 99) * 1000.0,
+            "recent_samples": float(len(recent)),
         }
 
     def __len__(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.config import EngineConfig
 
@@ -64,8 +64,7 @@ class AppConfig(BaseModel):
     router: RouterSettings = Field(default_factory=RouterSettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
 
-    # HTTP
-    route_prefix: str = Field("/", description="where the OpenAI API is mounted")
+    # HTTP (the mount point is the application's own route_prefix in serve_config.yaml)
     api_key_env: str | None = Field(
         "HYBRIDSERVE_API_KEY",
         description="env var holding the API key; when that variable is set and non-empty, "
@@ -75,13 +74,6 @@ class AppConfig(BaseModel):
     # test-only
     inject_latency_ms: float = Field(
         0.0, ge=0, description="TEST ONLY: sleep this long in the model replica before each request")
-
-    @field_validator("route_prefix")
-    @classmethod
-    def _prefix(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError(f"route_prefix must start with '/', got {v!r}")
-        return v
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":

@@ -12,7 +12,7 @@ The policy, :func:`choose_replicas`, is a pure function of (bucket, replica view
 3. Spill: if even that best warm replica carries more than ``imbalance_threshold`` requests above
    the least-loaded cold replica, the cold one goes first (it serves by JIT and warms the bucket).
 4. With no warm replica: least loaded first; ties prefer a replica already capturing the bucket,
-   then the one with fewer warm buckets (spreads capture work), then random.
+   then the one with fewer warm + capturing buckets (spreads capture work), then random.
 
 The result is a full preference order; the adapter hands it to Ray as singleton ranks, so Ray only
 enforces capacity (it probes/caches queue lengths and moves to the next rank if a replica is full).
@@ -67,7 +67,7 @@ def choose_replicas(bucket: int, replicas: Sequence[ReplicaView], rng: random.Ra
     tie = {r.id: rng.random() for r in available}
 
     def cold_key(r: ReplicaView):
-        return (r.load, bucket not in r.capturing, len(r.warm), tie[r.id])
+        return (r.load, bucket not in r.capturing, len(r.warm | r.capturing), tie[r.id])
 
     cold.sort(key=cold_key)
     if warm:

@@ -24,6 +24,7 @@ class EngineConfig(BaseModel):
         default_factory=list, description="buckets captured before ready (plus the store's warm list)")
     cuda_graphs: bool = True
     kernels: Literal["triton", "torch"] = Field("triton", description="CUDA non-matmul ops: Triton or PyTorch")
+    skinny_matmul: bool = Field(True, description="CUDA: Triton GEMV for <= 16 rows (decode) instead of cuBLAS")
     background_capture: bool = True
     num_layers: int | None = Field(None, ge=1, description="presets only: override layer count (benchmarks)")
     seed: int = Field(0, description="seed for random preset weights")

@@ -79,13 +79,14 @@ class HybridEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-engine")
         self.graph_mem_bytes = 0
         if self.cuda:
-            ops.use_triton(cfg.kernels != "torch")
+            ops.use_triton(cfg.kernels != "torch", cfg.skinny_matmul)
             self.stream = torch.cuda.Stream(self.device)
             self._capture_stream = torch.cuda.Stream(self.device)
             self._pool = torch.cuda.graph_pool_handle()
             self._decode_graph: torch.cuda.CUDAGraph | None = None
-            self._capture_q: queue.Queue[int | None] = queue.Queue()
+            self._capture_q: queue.Queue[int | str | None] = queue.Queue()
             self._start_cuda()
+            self._executor.submit(self._warm_serving_thread).result()
 
     # ---------------------------------------------------------------- loading
     @staticmethod
@@ -135,31 +136,19 @@ class HybridEngine:
 
     # ---------------------------------------------------------------- CUDA graphs
     def _start_cuda(self) -> None:
-        """Compile the Triton kernels for every shape class (warm-up runs), capture the decode
-        graph and the configured prewarm buckets (largest first: all share one memory pool)."""
-        t0 = time.perf_counter()
-        with torch.cuda.stream(self.stream):
-            self.seq_len.fill_(1)
-            for b in self.buckets:            # compiles each kernel once; every length reuses it
-                self._prefill(b)
-            self._decode()
-        self.stream.synchronize()
-        self.compile_s = time.perf_counter() - t0
+        """All graph work happens on one capture thread (its cuBLAS handle and the Triton kernels are
+        warmed there first): warm-up runs for every bucket (compiles each kernel once), then the
+        prewarm buckets largest first (all graphs share one memory pool), then the decode graph."""
         self._capture_thread = threading.Thread(target=self._capture_loop, name="hybridserve-capture",
                                                 daemon=True)
         self._capture_thread.start()
-        if not self.config.cuda_graphs:
-            return
         pre = self.buckets if self.config.prewarm_buckets == "all" else list(self.config.prewarm_buckets)
-        self.capture(sorted(pre, reverse=True))
-        mem0 = torch.cuda.memory_reserved(self.device)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool, stream=self._capture_stream):
-            self._decode()
-        self._decode_graph = g
-        self.graph_mem_bytes += torch.cuda.memory_reserved(self.device) - mem0
+        if self.config.cuda_graphs:
+            self.capture(sorted(pre, reverse=True) + ["decode"])
+        else:
+            self.capture([])
 
-    def capture(self, buckets: list[int], wait: bool = True) -> None:
+    def capture(self, buckets: list, wait: bool = True) -> None:
         """Capture prefill graphs for these buckets on the capture thread (and wait for them)."""
         todo = []
         with self._state:
@@ -170,10 +159,37 @@ class HybridEngine:
         for b in todo:
             self._capture_q.put(b)
         if wait:
-            while any(b in self._pending for b in todo):
+            while any(b in self._pending for b in todo) or not hasattr(self, "compile_s"):
                 time.sleep(0.005)
 
+    def _warm_serving_thread(self) -> None:
+        """The engine thread's first CUDA work (cuBLAS handle, workspaces) happens here, not on a request."""
+        with torch.cuda.stream(self.stream), torch.inference_mode():
+            self.seq_len.fill_(1)
+            self._prefill(self.buckets[0])
+            self._prefill(1)
+            self._decode()
+        self.stream.synchronize()
+
+    def _graph_pool_bytes(self) -> int:
+        """Bytes of the segments that belong to the graphs' shared memory pool."""
+        pool = tuple(self._pool)
+        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                   if tuple(seg.get("segment_pool_id", ())) == pool)
+
+    def _warm_up(self) -> None:
+        """Eager runs of every shape before any capture (start-up only: nothing is being served)."""
+        t0 = time.perf_counter()
+        with torch.cuda.stream(self._capture_stream), torch.inference_mode():
+            self.seq_len.fill_(1)
+            for b in self.buckets:
+                self._prefill(b)
+            self._decode()
+        self._capture_stream.synchronize()
+        self.compile_s = time.perf_counter() - t0
+
     def _capture_loop(self) -> None:
+        self._warm_up()
         while True:
             b = self._capture_q.get()
             if b is None:
@@ -181,21 +197,26 @@ class HybridEngine:
             self._idle.wait()                 # capture in idle gaps, not under load
             t0 = time.perf_counter()
             try:
-                mem0 = torch.cuda.memory_reserved(self.device)
                 g = torch.cuda.CUDAGraph()
                 # thread_local: the serving thread may keep launching work while this records
-                with torch.cuda.graph(g, pool=self._pool, stream=self._capture_stream,
-                                      capture_error_mode="thread_local"):
-                    self._prefill(b)
+                with torch.inference_mode(), torch.cuda.graph(g, pool=self._pool, stream=self._capture_stream,
+                                                              capture_error_mode="thread_local"):
+                    if b == "decode":
+                        self._decode()
+                    else:
+                        self._prefill(b)
                 dt = time.perf_counter() - t0
                 with self._state:
-                    self._graphs[b] = g
-                    self._capture_costs[b] = dt
-                    self.graph_mem_bytes += torch.cuda.memory_reserved(self.device) - mem0
+                    if b == "decode":
+                        self._decode_graph = g
+                    else:
+                        self._graphs[b] = g
+                        self._capture_costs[b] = dt
+                    self.graph_mem_bytes = self._graph_pool_bytes()
                 self._emit({"type": "capture", "bucket": b, "seconds": dt})
-                log.info("captured prefill graph for bucket %d in %.1f ms", b, dt * 1e3)
+                log.info("captured %s graph in %.1f ms", b, dt * 1e3)
             except Exception:  # a failed capture leaves the bucket on the JIT path
-                log.exception("capture of bucket %d failed; it stays on the JIT path", b)
+                log.exception("capture of bucket %s failed; it stays on the JIT path", b)
             finally:
                 with self._state:
                     self._pending.discard(b)
@@ -361,7 +382,11 @@ class HybridEngine:
         return upto if len(upto) > len(text) else text
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
-        return self._run(prompt, params or SamplingParams())
+        """Blocking generation. Runs on the engine thread, like every request (one warm CUDA context,
+        cuBLAS handle and stream serve them all)."""
+        params = params or SamplingParams()
+        self.validate(prompt, params)
+        return self._executor.submit(self._run, prompt, params).result()
 
     async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
         params = params or SamplingParams()

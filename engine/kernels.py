@@ -166,3 +166,46 @@ def decode_attention(q, k_cache, v_cache, kv_len, sm_scale):
         BLOCK_N=64, N_SPLITS=n_splits, num_warps=4)
     _decode_attn_reduce_kernel[(H,)](o_part, lse_part, out, HD=hd, N_SPLITS=n_splits, num_warps=4)
     return out
+
+
+# ------------------------------------------------------------------ skinny matmul (decode GEMV)
+# Batch-1 decode is a matrix-vector product per weight: time = weight bytes / bandwidth. One program
+# streams BLOCK_N full rows of W (contiguous, 16-byte loads, pipelined by num_stages) and keeps the
+# dot products in registers; M <= 16 rows of x (a short prefill bucket) share each weight load.
+_SKINNY_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                   for bn, bk, w, s in [(8, 512, 4, 4), (16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 8, 3),
+                                        (4, 1024, 4, 4), (8, 1024, 8, 3), (16, 128, 4, 6), (64, 128, 8, 4)]]
+
+
+@triton.autotune(configs=_SKINNY_CONFIGS, key=["N", "K", "BLOCK_M"])
+@triton.jit(do_not_specialize=["M"])
+def _skinny_kernel(X, W, Y, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
+            x = tl.load(X + k, mask=k < K, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=nmask)
+    else:
+        m = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
+            x = tl.load(X + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+            acc += tl.dot(x, tl.trans(w))
+        tl.store(Y + m[:, None] * N + n[None, :], acc.to(Y.dtype.element_ty), mask=(m[:, None] < M) & nmask[None, :])
+
+
+def skinny_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M <= 16, K) contiguous @ w (N, K).T -> (M, N)."""
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    _skinny_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x, w, y, M, N, K, BLOCK_M=1 if M == 1 else 16)
+    return y

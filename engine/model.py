@@ -141,15 +141,15 @@ class Llama:
         a = self.args
         L = h.shape[0]
         for i, lw in enumerate(self.layers):
-            qkv = h @ lw["wqkv"].t()                                          # fused QKV projection
+            qkv = ops.linear(h, lw["wqkv"])                                          # fused QKV projection
             q = ops.rope_and_cache(qkv, positions, self.cos, self.sin, self.k_cache[i], self.v_cache[i],
                                    a.n_heads, a.n_kv_heads, a.head_dim)      # (L, H, hd); K,V -> cache
             if kv_len is None:
                 attn = ops.prefill_attention(q, self.k_cache[i], self.v_cache[i], L, self.sm_scale)
             else:
                 attn = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], kv_len, self.sm_scale)
-            h = ops.add_rms_norm(attn.view(L, -1) @ lw["wo"].t(), r, lw["ln2"], a.rms_eps)  # r += o; norm
-            m = ops.silu_mul(h @ lw["w13"].t()) @ lw["w2"].t()                # fused gate/up, SiLU*up
+            h = ops.add_rms_norm(ops.linear(attn.reshape(L, -1), lw["wo"]), r, lw["ln2"], a.rms_eps)  # r += o; norm
+            m = ops.linear(ops.silu_mul(ops.linear(h, lw["w13"])), lw["w2"])                # fused gate/up, SiLU*up
             if i + 1 < len(self.layers):
                 h = ops.add_rms_norm(m, r, self.layers[i + 1]["ln1"], a.rms_eps)
             else:
@@ -157,7 +157,7 @@ class Llama:
         return r
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
-        return (ops.rms_norm(last, self.norm, self.args.rms_eps) @ self.lm_head.t()).float().view(-1)
+        return ops.linear(ops.rms_norm(last, self.norm, self.args.rms_eps), self.lm_head).float().view(-1)
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         """ids/positions: (L,) (padded past seq_len); seq_len: (1,) device tensor. Logits (V,) of the

@@ -9,11 +9,15 @@ import torch.nn.functional as F
 
 _kernels = None
 _enabled = True
+_skinny = True
 
 
-def use_triton(flag: bool) -> None:
-    global _enabled
+def use_triton(flag: bool, skinny_matmul: bool | None = None) -> None:
+    """Triton kernels on/off for CUDA tensors; skinny_matmul: Triton GEMV for M <= 16 vs cuBLAS."""
+    global _enabled, _skinny
     _enabled = flag
+    if skinny_matmul is not None:
+        _skinny = skinny_matmul
 
 
 def _k(x: torch.Tensor):
@@ -25,6 +29,13 @@ def _k(x: torch.Tensor):
         from . import kernels as _mod
         _kernels = _mod
     return _kernels
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ w (N, K).T. Short M (decode, small buckets) on CUDA: the Triton skinny matmul."""
+    if x.shape[0] <= 16 and _skinny and (k := _k(x)) is not None:
+        return k.skinny_matmul(x.contiguous(), w)
+    return x @ w.t()
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

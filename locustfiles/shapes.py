@@ -93,7 +93,7 @@ def users_at(t: float, phases: list[Phase]) -> tuple[int, float] | None:
 def _add_arguments(parser) -> None:
     if "--shape" in getattr(parser, "_option_string_actions", {}):
         return
-    g = parser.add_argument_group("hybridserve load shape")
+    g = parser
     g.add_argument("--shape", env_var="HS_SHAPE", default=DEFAULT_SHAPE,
                    help="phases KIND:SECONDS:USERS,... (default %(default)s)")
     g.add_argument("--shape-scale", env_var="HS_SHAPE_SCALE", type=float, default=1.0,

@@ -88,7 +88,7 @@ def make_prompt(n_tokens: int, fmt: str, chars_per_token: float, rng: random.Ran
 def _add_arguments(parser) -> None:
     if "--prompt-mix" in getattr(parser, "_option_string_actions", {}):
         return   # this module was loaded twice (imported by another locustfile)
-    g = parser.add_argument_group("hybridserve short prompts")
+    g = parser
     g.add_argument("--prompt-mix", env_var="HS_PROMPT_MIX", default=DEFAULT_MIX,
                    help="weighted prompt-length ranges in tokens, LO-HI:WEIGHT,... (default %(default)s)")
     g.add_argument("--prompt-format", env_var="HS_PROMPT_FORMAT", choices=["text", "ids"], default="text",
@@ -163,6 +163,8 @@ class ShortPromptUser(HttpUser):
         with self.client.post("/v1/completions", json=body, headers=self.headers, stream=True,
                               catch_response=True, name="/v1/completions") as resp:
             try:
+                if resp.status_code == 0:
+                    raise StreamError(f"connection failed: {resp.error!r}")
                 if resp.status_code != 200:
                     raise StreamError(f"HTTP {resp.status_code}: {resp.text[:200]}")
                 ctype = resp.headers.get("content-type", "")

@@ -42,14 +42,15 @@ def make_tokenizer(out: Path, vocab_size: int):
     return fast
 
 
-def make_checkpoint(out: Path, variant: str, seed: int = 0) -> Path:
+def make_checkpoint(out: Path, variant: str, seed: int = 0, **sizes) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.2,
-                      bos_token_id=1, eos_token_id=2, **VARIANTS[variant])
+    base = dict(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.2,
+                bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(**{**base, **VARIANTS[variant], **sizes})
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(out, safe_serialization=True)
     make_tokenizer(out, cfg.vocab_size)

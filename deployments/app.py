@@ -1,0 +1,55 @@
+"""Application builder: ``import_path: deployments.app:build_app`` in serve_config.yaml.
+
+``build_app(args)`` validates ``args`` (serve_config.yaml ``applications[].args``) as
+:class:`deployments.config.AppConfig` and wires: Ingress (FastAPI) -> ModelServer replicas
+(one HybridEngine each, ``num_gpus`` GPUs each) behind the warm-bucket router.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from .config import AppConfig, load_app_config
+from .ingress import Ingress
+from .server import ModelServer
+
+ROUTER_CLASS = "deployments.router:WarmBucketRouter"
+
+
+def model_deployment_options(cfg: AppConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "name": "ModelServer",
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "ray_actor_options": {"num_gpus": cfg.num_gpus, "num_cpus": cfg.num_cpus},
+        # loading a 7B checkpoint and compiling/capturing takes minutes on first start
+        "health_check_timeout_s": 120,
+    }
+    if cfg.autoscaling is not None:
+        opts["autoscaling_config"] = cfg.autoscaling
+    else:
+        opts["num_replicas"] = cfg.num_replicas
+    r = cfg.router
+    rr: dict[str, Any] = {"request_routing_stats_period_s": r.stats_period_s,
+                          "request_routing_stats_timeout_s": r.stats_timeout_s}
+    if r.enabled:
+        rr["request_router_class"] = ROUTER_CLASS
+        rr["request_router_kwargs"] = {"buckets": list(cfg.engine.buckets),
+                                       "imbalance_threshold": r.imbalance_threshold,
+                                       "hint_ttl_s": r.hint_ttl_s}
+    opts["request_router_config"] = RequestRouterConfig(**rr)
+    return opts
+
+
+def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
+    cfg = load_app_config(args)
+    cfg_json = cfg.model_dump(mode="json")
+    model = serve.deployment(ModelServer).options(**model_deployment_options(cfg)).bind(cfg_json)
+    ingress = serve.deployment(Ingress).options(
+        name="Ingress", num_replicas=cfg.ingress.num_replicas,
+        max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+    ).bind(model, cfg_json)
+    return ingress

@@ -1,0 +1,461 @@
+"""OpenAI-compatible ingress (FastAPI on Ray Serve) + the Python handle entry point.
+
+HTTP:  POST /v1/completions, POST /v1/chat/completions (``stream: true`` -> SSE), GET /v1/models,
+       GET /healthz. Errors: ``{"error": {"message", "type", "param", "code"}}``; 400 for invalid
+       requests (FastAPI's 422 included) and engine input errors.
+Python (``serve.get_app_handle("hybridserve")``):
+       ``handle.remote("prompt")`` / ``handle.remote({"prompt": ..., "max_tokens": 8})`` /
+       ``handle.remote({"messages": [...]})`` -> ``{"text", "finish_reason", "usage", "hybridserve"}``
+       ``handle.options(stream=True).remote("prompt", stream=True)`` (or a body with
+       ``"stream": True``) -> chunks ``{"text", "index"}`` then ``{"text": "", "finish_reason", "usage", ...}``
+       Invalid input raises ``engine.EngineInputError`` (Ray re-raises it in the caller).
+
+The ingress tokenizes (tokenizer only, no weights) to count the prompt's tokens and passes the count
+as ``n_tokens=`` to the model deployment, where the warm-bucket router reads it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.api import SamplingParams
+from engine.errors import EngineInputError
+
+from .config import AppConfig
+from .router import TOKENS_KWARG
+from .tokenize import count_tokens, load_tokenizer
+
+
+# --------------------------------------------------------------------------- request models
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Common(_Strict):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="extension: 0 = off")
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = Field(False, description="extension: keep generating past EOS")
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+
+
+class APIError(Exception):
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 code: str | None = None, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.status, self.param, self.code, self.type = message, status, param, code, type_
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart"}
+_UNION_HINTS = {
+    "prompt": "expected a string or an array of token ids (integers)",
+    "stop": "expected a string or an array of strings",
+    "content": "expected a string or an array of {\"type\": \"text\", \"text\": ...} parts",
+}
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """One readable message (naming the field and the fix) for pydantic/FastAPI errors."""
+    if not errors:
+        return "invalid request", None
+    e = errors[0]
+    loc = [p for p in e.get("loc", ()) if p != "body"]
+    # drop union-branch tags (e.g. 'str', 'list[int]') pydantic appends to the location
+    field_path = [p for p in loc if isinstance(p, int)
+                  or (p.isidentifier() and p not in _TYPE_TAGS)]
+    param = ".".join(str(p) for p in field_path) or None
+    typ = e.get("type", "")
+    if typ == "json_invalid":
+        return ("We could not parse the JSON body of your request: "
+                f"{e.get('ctx', {}).get('error', e.get('msg'))}. Send a JSON object with "
+                "Content-Type: application/json."), None
+    if typ == "extra_forbidden":
+        return (f"Unrecognized request argument supplied: {param}. Remove it (see the OpenAI API "
+                "reference for the supported arguments)."), param
+    if typ == "missing":
+        return f"Missing required parameter: '{param}'.", param
+    if typ in ("model_type", "dict_type") and not param:
+        return "The request body must be a JSON object.", None
+    same = [x for x in errors if [p for p in x.get("loc", ()) if p != "body"][:len(field_path)] == field_path]
+    last = str(field_path[-1]) if field_path else ""
+    if len(same) > 1 and last in _UNION_HINTS:
+        return f"Invalid type for '{param}': {_UNION_HINTS[last]} (got {e.get('input')!r}).", param
+    return f"Invalid value for '{param}': {e.get('msg')} (got {e.get('input')!r}).", param
+
+
+def _unsupported(req: _Common) -> None:
+    """Reject OpenAI arguments the engine cannot honour, with the fix in the message."""
+    checks: list[tuple[bool, str, str]] = [
+        (req.n != 1, "n", "only n=1 is supported; send one request per completion"),
+        (req.presence_penalty != 0, "presence_penalty", "presence_penalty is not supported; omit it or send 0"),
+        (req.frequency_penalty != 0, "frequency_penalty", "frequency_penalty is not supported; omit it or send 0"),
+        (bool(req.logit_bias), "logit_bias", "logit_bias is not supported; omit it"),
+    ]
+    if isinstance(req, CompletionRequest):
+        checks += [
+            (req.echo, "echo", "echo is not supported; omit it or send false"),
+            (req.logprobs is not None, "logprobs", "logprobs are not supported; omit it"),
+            (req.best_of not in (None, 1), "best_of", "only best_of=1 is supported"),
+            (req.suffix is not None, "suffix", "suffix is not supported; omit it"),
+        ]
+    else:
+        checks += [
+            (req.logprobs, "logprobs", "logprobs are not supported; omit it or send false"),
+            (req.top_logprobs is not None, "top_logprobs", "top_logprobs are not supported; omit it"),
+        ]
+    for bad, param, msg in checks:
+        if bad:
+            raise APIError(msg, param=param, code="unsupported_parameter")
+
+
+# --------------------------------------------------------------------------- the app
+app = FastAPI(title="hybridserve", description="OpenAI-compatible LLM serving on Ray Serve",
+              version="0.1.0")
+
+
+@app.exception_handler(RequestValidationError)
+async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    msg, param = validation_message(list(exc.errors()))
+    return JSONResponse(error_body(msg, param=param), status_code=400)
+
+
+@app.exception_handler(APIError)
+async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code)
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+_ASGI_TYPES = {"http", "websocket", "lifespan"}
+
+
+class OpenAIIngress:
+    def __init__(self, model: DeploymentHandle, app_config: dict | AppConfig):
+        self.cfg = app_config if isinstance(app_config, AppConfig) else AppConfig.model_validate(app_config)
+        self.model = model
+        self.model_name = self.cfg.model_name
+        self.tok = load_tokenizer(self.cfg.engine)
+        self.created = int(time.time())
+        key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
+        self.api_key = key or None
+
+    # ------------------------------------------------------------------ helpers
+    def _auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if got != f"Bearer {self.api_key}":
+            raise APIError("Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           status=401, code="invalid_api_key")
+
+    def _check_model(self, req: _Common) -> None:
+        if req.model is not None and req.model != self.model_name:
+            raise APIError(f"The model '{req.model}' does not exist; this server serves "
+                           f"'{self.model_name}' (GET /v1/models).", status=404, param="model",
+                           code="model_not_found")
+
+    def _params(self, req: _Common) -> SamplingParams:
+        max_tokens = req.max_tokens
+        if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+            max_tokens = req.max_completion_tokens
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        p = SamplingParams(
+            max_tokens=max_tokens or self.cfg.default_max_tokens,
+            temperature=1.0 if req.temperature is None else float(req.temperature),
+            top_p=1.0 if req.top_p is None else float(req.top_p),
+            top_k=req.top_k or 0, seed=req.seed, stop=stop, ignore_eos=req.ignore_eos)
+        try:
+            p.validate()
+        except EngineInputError as e:
+            raise APIError(str(e)) from None
+        return p
+
+    def _completion_prompt(self, req: CompletionRequest) -> str | list[int]:
+        prompt: Any = req.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise APIError("Batched prompts are not supported: send one prompt per request.",
+                               param="prompt", code="unsupported_parameter")
+            prompt = prompt[0]
+        if prompt == "" or prompt == []:
+            raise APIError("prompt is empty: send at least one character or token id.", param="prompt")
+        return prompt
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        msgs = [{"role": m.role, "content": m.content if isinstance(m.content, str)
+                 else "".join(p.text for p in m.content)} for m in req.messages]
+        return self.tok.chat_prompt(msgs)
+
+    def _prepare(self, req: _Common) -> tuple[dict, int]:
+        self._check_model(req)
+        _unsupported(req)
+        params = self._params(req)
+        prompt = self._completion_prompt(req) if isinstance(req, CompletionRequest) else self._chat_prompt(req)
+        n = count_tokens(self.tok, prompt)
+        return {"prompt": prompt, "params": asdict(params)}, n
+
+    async def _generate(self, payload: dict, n: int) -> dict:
+        out = await self.model.generate.remote(payload, **{TOKENS_KWARG: n})
+        if "error" in out:
+            raise APIError(out["error"]["message"], code=out["error"].get("code"))
+        return out
+
+    async def _start_stream(self, payload: dict, n: int):
+        gen = self.model.options(stream=True).stream.remote(payload, **{TOKENS_KWARG: n})
+        try:
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            raise APIError("the model produced no output", status=500, type_="server_error") from None
+        if "error" in first:
+            gen.cancel()
+            raise APIError(first["error"]["message"], code=first["error"].get("code"))
+        return first, gen
+
+    @staticmethod
+    def _headers(meta: dict | None) -> dict:
+        if not meta:
+            return {}
+        return {"x-hybridserve-replica": str(meta.get("replica")), "x-hybridserve-bucket": str(meta.get("bucket")),
+                "x-hybridserve-warm": "1" if meta.get("warm") else "0"}
+
+    # ------------------------------------------------------------------ HTTP routes
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.model_name}
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> dict:
+        self._auth(request)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                            "created": self.created, "owned_by": "hybridserve"}]}
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._auth(request)
+        return await self._respond(body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self._auth(request)
+        return await self._respond(body, chat=True)
+
+    async def _respond(self, req: _Common, chat: bool):
+        payload, n = self._prepare(req)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if not req.stream:
+            out = await self._generate(payload, n)
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                          "logprobs": None, "finish_reason": _finish(out["finish_reason"])}
+            else:
+                choice = {"text": out["text"], "index": 0, "logprobs": None,
+                          "finish_reason": _finish(out["finish_reason"])}
+            body = {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                    "created": created, "model": self.model_name, "choices": [choice],
+                    "usage": out["usage"], "hybridserve": out["meta"]}
+            return JSONResponse(body, headers=self._headers(out["meta"]))
+        first, gen = await self._start_stream(payload, n)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(self._sse(first, gen, rid, created, chat, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", **self._headers(first.get("meta"))})
+
+    async def _sse(self, first: dict, gen, rid: str, created: int, chat: bool,
+                   include_usage: bool) -> AsyncIterator[bytes]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        base = {"id": rid, "object": obj, "created": created, "model": self.model_name}
+        meta = first.get("meta")
+        role_sent = False
+        try:
+            item = first
+            while True:
+                done = "finish_reason" in item
+                if chat:
+                    delta: dict = {"content": item["text"]} if (item["text"] or not done) else {}
+                    if not role_sent:  # the first chunk carries the role (and the first token)
+                        delta = {"role": "assistant", "content": item["text"]}
+                        role_sent = True
+                    choice = {"index": 0, "delta": delta, "logprobs": None,
+                              "finish_reason": _finish(item["finish_reason"]) if done else None}
+                else:
+                    choice = {"text": item["text"], "index": 0, "logprobs": None,
+                              "finish_reason": _finish(item["finish_reason"]) if done else None}
+                chunk = {**base, "choices": [choice]}
+                if done:
+                    chunk["hybridserve"] = {**(meta or {}), **item.get("meta", {})}
+                    if include_usage:
+                        chunk["usage"] = None
+                yield _sse(chunk)
+                if done:
+                    if include_usage:
+                        yield _sse({**base, "choices": [], "usage": item["usage"]})
+                    break
+                try:
+                    item = await gen.__anext__()
+                except StopAsyncIteration:
+                    break
+                if "error" in item:
+                    yield _sse(error_body(item["error"]["message"], code=item["error"].get("code")))
+                    break
+            yield b"data: [DONE]\n\n"
+        finally:
+            gen.cancel()  # client gone or done: stop the replica's generator (no-op when finished)
+
+    # ------------------------------------------------------------------ Python handle API
+    def _python_request(self, request: Any, overrides: dict) -> _Common:
+        if isinstance(request, (str, list)):
+            body: dict = {"prompt": request}
+        elif isinstance(request, dict):
+            body = dict(request)
+        else:
+            raise EngineInputError("call with a prompt string, a list of token ids, or an OpenAI "
+                                   "completions/chat request dict")
+        body.update(overrides)
+        model = ChatCompletionRequest if "messages" in body else CompletionRequest
+        try:
+            return model.model_validate(body)
+        except ValidationError as e:
+            msg, _ = validation_message(list(e.errors()))
+            raise EngineInputError(msg) from None
+
+    async def complete(self, request: Any, **overrides: Any) -> dict:
+        """Python API, non-streaming: ``{"text", "finish_reason", "usage", "hybridserve"}``."""
+        req = self._python_request(request, {**overrides, "stream": False})
+        try:
+            payload, n = self._prepare(req)
+            out = await self._generate(payload, n)
+        except APIError as e:
+            raise EngineInputError(e.message) from None
+        return {"text": out["text"], "finish_reason": _finish(out["finish_reason"]),
+                "usage": out["usage"], "model": self.model_name, "hybridserve": out["meta"]}
+
+    async def stream(self, request: Any, **overrides: Any) -> AsyncIterator[dict]:
+        """Python API, streaming (call with ``handle.options(stream=True)``)."""
+        req = self._python_request(request, {**overrides, "stream": False})
+        try:
+            payload, n = self._prepare(req)
+            first, gen = await self._start_stream(payload, n)
+        except APIError as e:
+            raise EngineInputError(e.message) from None
+        meta = first.get("meta")
+        item = first
+        try:
+            while True:
+                if "error" in item:
+                    raise EngineInputError(item["error"]["message"])
+                if "finish_reason" in item:
+                    yield {"text": item["text"], "finish_reason": _finish(item["finish_reason"]),
+                           "usage": item["usage"], "hybridserve": {**(meta or {}), **item["meta"]}}
+                    return
+                yield {"text": item["text"], "index": item["index"]}
+                try:
+                    item = await gen.__anext__()
+                except StopAsyncIteration:
+                    return
+        finally:
+            gen.cancel()
+
+
+def _finish(reason: str) -> str:
+    return "stop" if reason == "cancelled" else reason
+
+
+@serve.ingress(app)
+class _IngressASGI(OpenAIIngress):
+    pass
+
+
+class Ingress(_IngressASGI):
+    """The deployment class: HTTP goes to FastAPI; Python handle calls go to complete/stream.
+
+    ``@serve.ingress`` forbids a ``__call__`` on the decorated class, so it is added on this
+    subclass: an ASGI call (scope, receive, send) is forwarded to FastAPI, anything else is the
+    Python API. Streaming needs the request to say so (``stream=True`` kwarg or body field),
+    because a replica cannot see whether the caller used ``handle.options(stream=True)``.
+    """
+
+    async def __call__(self, *args: Any, **kwargs: Any):
+        if (len(args) == 3 and not kwargs and isinstance(args[0], dict)
+                and args[0].get("type") in _ASGI_TYPES):
+            return await super().__call__(*args)  # ASGIAppReplicaWrapper.__call__ -> FastAPI
+        if len(args) != 1:
+            raise EngineInputError("call handle.remote(prompt_or_request, **params) with one request")
+        request = args[0]
+        stream = kwargs.pop("stream", None)
+        if stream is None and isinstance(request, dict):
+            stream = request.get("stream", False)
+            request = {k: v for k, v in request.items() if k != "stream"}
+        if stream:
+            return self.stream(request, **kwargs)
+        return await self.complete(request, **kwargs)

@@ -1,0 +1,257 @@
+"""ModelServer: the model deployment. Each replica owns one HybridEngine (and, on GPU, one GPU).
+
+Calls (from the ingress, through the warm-bucket router):
+  ``generate.remote(request, n_tokens=N)``                  -> dict (see ``_result``)
+  ``options(stream=True).stream.remote(request, n_tokens=N)`` -> dicts, one per token, then a final one
+  ``remote(request)`` (``__call__``)                           -> same as generate
+
+``request`` is ``{"prompt": str | list[int], "params": {SamplingParams fields}}`` or a bare prompt
+string. ``n_tokens`` (the prompt's token count, computed by the ingress) is only read by the
+router (``PendingRequest.kwargs``); the replica recounts with the engine.
+Engine input errors never raise across Ray: they come back as ``{"error": {...}}`` (the only item
+of a stream), which the ingress turns into HTTP 400.
+
+Warm buckets reported to the router (``record_routing_stats``): on CUDA ``eng.warm_buckets()`` (a
+captured graph). On CPU there are no graphs; as a deliberate, documented stand-in the replica
+reports the buckets it has already served (what its JIT path would have captured on a GPU), so
+the router's behaviour is testable in CI. ``warm_source`` in the stats says which one it is.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, fields
+from typing import Any, AsyncIterator
+
+from engine import EngineInputError, HybridEngine, SamplingParams
+
+from .config import AppConfig
+
+logger = logging.getLogger("ray.serve")
+
+try:
+    from autoscale.window import LatencyWindow
+except ImportError:  # pragma: no cover - autoscale/window.py is written by another helper
+    LatencyWindow = None  # type: ignore[assignment,misc]
+
+try:
+    from deployments import metrics as _metrics
+except ImportError:  # pragma: no cover
+    _metrics = None  # type: ignore[assignment]
+
+_PARAM_FIELDS = {f.name for f in fields(SamplingParams)}
+TTFT_HISTORY = 32  # recent TTFTs kept per bucket for routing stats
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return f"local-{os.getpid()}"
+
+
+def error_dict(e: Exception) -> dict:
+    return {"error": {"message": str(e), "type": "invalid_request_error", "param": None,
+                      "code": type(e).__name__}}
+
+
+def to_params(raw: dict | None) -> SamplingParams:
+    raw = dict(raw or {})
+    bad = sorted(set(raw) - _PARAM_FIELDS)
+    if bad:
+        raise EngineInputError(f"unknown sampling parameter(s) {bad}; known: {sorted(_PARAM_FIELDS)}")
+    p = SamplingParams(**raw)
+    p.validate()
+    return p
+
+
+class ModelServer:
+    """One HybridEngine per replica. Constructed by Ray Serve with ``AppConfig.model_dump()``."""
+
+    def __init__(self, app_config: dict | AppConfig):
+        self.cfg = app_config if isinstance(app_config, AppConfig) else AppConfig.model_validate(app_config)
+        ecfg = self.cfg.engine.model_copy(update={"device": self.cfg.resolved_device()})
+        if ecfg.device == "cpu":
+            import torch
+            torch.set_num_threads(max(1, int(self.cfg.num_cpus or 1)))
+        self.replica_id = _replica_id()
+        self.eng = HybridEngine(ecfg)
+        self.cuda = bool(getattr(self.eng, "cuda", False))
+        self._lock = threading.Lock()
+        self._served: set[int] = set()                        # CPU stand-in for warm graphs
+        self._ttft: dict[int, deque] = {}
+        self._requests = 0
+        self._warm_hits = 0
+        self._window = LatencyWindow(30.0) if LatencyWindow is not None else None
+        self.eng.add_listener(self._on_event)
+        logger.info("ModelServer %s ready: model=%s device=%s buckets=%s", self.replica_id,
+                    self.eng.model_name, ecfg.device, self.eng.config.buckets)
+
+    # ------------------------------------------------------------------ engine events
+    def _on_event(self, event: dict) -> None:
+        """Engine listener (engine thread): latency window, per-bucket TTFT, metrics."""
+        if event.get("type") == "request":
+            m = event["metrics"]
+            with self._lock:
+                self._ttft.setdefault(m.bucket, deque(maxlen=TTFT_HISTORY)).append(m.ttft_s)
+                if event.get("finish_reason") != "cancelled" or m.ttft_s > 0:
+                    self._served.add(m.bucket)
+            if self._window is not None:
+                self._window.record(m.ttft_s, m.e2e_s)
+        if _metrics is not None:
+            try:
+                _metrics.observe_event(event, self.replica_id, self.eng.model_name)
+            except Exception:  # metrics must never break serving
+                pass
+
+    def warm_set(self) -> set[int]:
+        if self.cuda:
+            return set(self.eng.warm_buckets())
+        with self._lock:
+            return set(self._served)
+
+    def _set_in_flight(self) -> None:
+        n = self.eng.in_flight()
+        if self._window is not None:
+            self._window.set_in_flight(n)
+        if _metrics is not None:
+            try:
+                _metrics.set_queue_depth(n, self.replica_id, self.eng.model_name)
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------------ Ray Serve hooks
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by the Serve controller every ``router.stats_period_s``; the router reads it as
+        ``RunningReplica.routing_stats``. Contract (version 1):
+
+        buckets            list[int]  the engine's prefill buckets (the router computes a prompt's
+                                      bucket from these)
+        warm_buckets       list[int]  buckets this replica serves by graph replay (CPU: served)
+        capturing_buckets  list[int]  buckets queued or being captured in the background
+        queue_depth        int        requests running + waiting in the engine
+        ttft_ms_p50        dict[int, float]  median TTFT of the last 32 requests per bucket (ms)
+        warm_source        "cuda_graphs" | "cpu_served_standin"
+        replica, model, device, requests, warm_hits
+        """
+        with self._lock:
+            ttft = {b: round(sorted(d)[len(d) // 2] * 1e3, 1) for b, d in self._ttft.items() if d}
+            requests, hits = self._requests, self._warm_hits
+        return {
+            "v": 1,
+            "replica": self.replica_id,
+            "model": self.eng.model_name,
+            "device": "cuda" if self.cuda else "cpu",
+            "buckets": list(self.eng.config.buckets),
+            "warm_buckets": sorted(self.warm_set()),
+            "capturing_buckets": sorted(self.eng.capturing_buckets()),
+            "queue_depth": int(self.eng.in_flight()),
+            "ttft_ms_p50": ttft,
+            "warm_source": "cuda_graphs" if self.cuda else "cpu_served_standin",
+            "requests": requests,
+            "warm_hits": hits,
+        }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metrics (autoscale.window.LatencyWindow snapshot)."""
+        if self._window is None:
+            return {"in_flight": float(self.eng.in_flight())}
+        self._window.set_in_flight(self.eng.in_flight())
+        return self._window.snapshot()
+
+    def check_health(self) -> None:
+        if getattr(self.eng, "_closed", False):
+            raise RuntimeError("engine is shut down")
+
+    # ------------------------------------------------------------------ requests
+    def _prepare(self, request: Any) -> tuple[Any, SamplingParams, dict]:
+        if isinstance(request, (str, list)):
+            request = {"prompt": request}
+        if not isinstance(request, dict) or "prompt" not in request:
+            raise EngineInputError("request must be a prompt string, a list of token ids, or "
+                                   "{'prompt': ..., 'params': {...}}")
+        prompt = request["prompt"]
+        params = to_params(request.get("params"))
+        ids = self.eng.validate(prompt, params)
+        bucket = self.eng.bucket_for(len(ids))
+        warm = bucket in self.warm_set()
+        with self._lock:
+            self._requests += 1
+            self._warm_hits += warm
+        meta = {"replica": self.replica_id, "bucket": bucket, "warm": warm, "prompt_tokens": len(ids)}
+        return ids, params, meta
+
+    async def _delay(self) -> None:
+        if self.cfg.inject_latency_ms > 0:
+            await asyncio.sleep(self.cfg.inject_latency_ms / 1e3)
+
+    @staticmethod
+    def _final(meta: dict, finish_reason: str, completion_tokens: int, m: Any) -> dict:
+        return {
+            "finish_reason": finish_reason,
+            "usage": {"prompt_tokens": meta["prompt_tokens"], "completion_tokens": completion_tokens,
+                      "total_tokens": meta["prompt_tokens"] + completion_tokens},
+            "meta": {**meta, "path": m.path if m else None,
+                     "engine_ttft_ms": round(m.ttft_s * 1e3, 3) if m else None,
+                     "engine_e2e_ms": round(m.e2e_s * 1e3, 3) if m else None,
+                     "queue_ms": round(m.queue_s * 1e3, 3) if m else None},
+        }
+
+    async def generate(self, request: Any, n_tokens: int | None = None) -> dict:
+        await self._delay()
+        try:
+            ids, params, meta = self._prepare(request)
+            self._set_in_flight()
+            res = await self.eng.generate_async(ids, params)
+        except EngineInputError as e:
+            return error_dict(e)
+        finally:
+            self._set_in_flight()
+        return {"text": res.text, "token_ids": res.token_ids,
+                **self._final(meta, res.finish_reason, len(res.token_ids), res.metrics)}
+
+    async def __call__(self, request: Any, n_tokens: int | None = None) -> dict:
+        return await self.generate(request, n_tokens=n_tokens)
+
+    async def stream(self, request: Any, n_tokens: int | None = None) -> AsyncIterator[dict]:
+        """Yields ``{"text", "index", "token_id"}`` per token (the first also carries ``meta``),
+        then ``{"text": "", "finish_reason", "usage", "meta"}``; or a single ``{"error"}``."""
+        await self._delay()
+        try:
+            ids, params, meta = self._prepare(request)
+        except EngineInputError as e:
+            yield error_dict(e)
+            return
+        gen = self.eng.stream(ids, params)
+        first = True
+        self._set_in_flight()
+        try:
+            async for ch in gen:
+                if ch.finish_reason is not None:
+                    yield {"text": ch.text, **self._final(meta, ch.finish_reason, ch.index, ch.metrics)}
+                    return
+                out = {"text": ch.text, "index": ch.index, "token_id": ch.token_id}
+                if first:
+                    out["meta"] = meta
+                    first = False
+                yield out
+        except EngineInputError as e:
+            yield error_dict(e)
+        finally:
+            await gen.aclose()
+            self._set_in_flight()
+
+    def stats(self) -> dict:
+        """Engine + routing stats (debugging, tests)."""
+        return {**self.record_routing_stats(), "engine": self.eng.stats()}
+
+    def __del__(self):
+        try:
+            self.eng.shutdown()
+        except Exception:
+            pass

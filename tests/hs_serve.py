@@ -1,0 +1,69 @@
+"""Test helper (not a test module): run the real hybridserve app on a short-lived local Ray.
+
+Used by test_prometheus.py and test_locust.py. Ray gets a fixed metrics export port so a real
+Prometheus can scrape it; Serve's HTTP proxy listens on 127.0.0.1:``http_port``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from typing import Any, Iterator
+
+import httpx
+
+TINY_APP_ARGS: dict[str, Any] = {
+    "engine": {"model": "tiny", "device": "cpu", "max_context": 1024},
+    "num_cpus": 1,
+    "default_max_tokens": 16,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url, timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s: {last}")
+
+
+@contextlib.contextmanager
+def serve_app(http_port: int, metrics_port: int | None = None, app_args: dict | None = None,
+              app_name: str = "hybridserve") -> Iterator[str]:
+    """Start Ray (num_cpus=4, no dashboard) + Serve + the app; yield its base URL; tear down."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    init_kw: dict[str, Any] = dict(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                                   configure_logging=False)
+    if metrics_port is not None:
+        init_kw["_metrics_export_port"] = metrics_port
+    ray.init(**init_kw)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        args = {**TINY_APP_ARGS, **(app_args or {})}
+        serve.run(build_app(args), name=app_name, route_prefix="/")
+        base = f"http://127.0.0.1:{http_port}"
+        wait_http(base + "/v1/models")
+        yield base
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,134 @@
+"""GPU-only checks of the hybrid runtime (run on the device machine: pytest -m gpu)."""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from engine import EngineConfig, HybridEngine, SamplingParams, ops
+from tests.conftest import make_checkpoint
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def gpu_ckpt(tmp_path_factory):
+    # head_dim 64, GQA 8:2, 4 layers: real kernel shapes, quick to load
+    return make_checkpoint(tmp_path_factory.mktemp("gpu") / "gqa", "gqa", hidden_size=512,
+                           intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2,
+                           num_hidden_layers=4, initializer_range=0.05)
+
+
+@pytest.mark.parametrize("H,K,hd", [(32, 32, 128), (32, 8, 128), (8, 2, 64)])
+def test_triton_ops_match_torch_reference(H, K, hd):
+    dev, dt = torch.device("cuda"), torch.float16
+    g = torch.Generator(device=dev).manual_seed(H * K)
+    T, D = 1024, H * hd
+    for L in (1, 7, 128, 300):
+        x, r = (torch.randn(L, D, device=dev, dtype=dt, generator=g) for _ in range(2))
+        w = torch.randn(D, device=dev, dtype=dt, generator=g)
+        for use in (True, False):
+            ops.use_triton(use)
+            rr = r.clone()
+            out = ops.add_rms_norm(x, rr, w, 1e-5)
+            if use:
+                tri, tri_r = out, rr
+            else:
+                assert rel_err(tri, out) < 2e-3 and rel_err(tri_r, rr) < 1e-3
+        gu = torch.randn(L, 2 * 512, device=dev, dtype=dt, generator=g)
+        ops.use_triton(True)
+        a = ops.silu_mul(gu)
+        ops.use_triton(False)
+        assert rel_err(a, ops.silu_mul(gu)) < 2e-3
+        # rope + cache write at arbitrary positions
+        qkv = torch.randn(L, (H + 2 * K) * hd, device=dev, dtype=dt, generator=g)
+        pos = torch.randperm(T, device=dev, generator=g)[:L]
+        ang = torch.rand(T, hd // 2, device=dev, generator=g) * 6.28
+        cos = torch.cat([ang.cos(), ang.cos()], -1).to(dt)
+        sin = torch.cat([ang.sin(), ang.sin()], -1).to(dt)
+        res = []
+        for use in (True, False):
+            ops.use_triton(use)
+            kc = torch.full((K, T, hd), float("nan"), device=dev, dtype=dt)
+            vc = kc.clone()
+            q = ops.rope_and_cache(qkv, pos, cos, sin, kc, vc, H, K, hd)
+            res.append((q, kc[:, pos], vc[:, pos]))
+        for t, ref in zip(res[0], res[1]):
+            assert not t.isnan().any() and rel_err(t, ref) < 2e-3
+    # decode attention: reads only the first kv_len positions (the rest is poison)
+    for n in (1, 63, 64, 257, 1000):
+        q = torch.randn(1, H, hd, device=dev, dtype=dt, generator=g)
+        kc = torch.randn(K, T, hd, device=dev, dtype=dt, generator=g)
+        vc = torch.randn(K, T, hd, device=dev, dtype=dt, generator=g)
+        kc[:, n:], vc[:, n:] = float("nan"), float("nan")
+        ln = torch.tensor([n], device=dev)
+        ops.use_triton(True)
+        a = ops.decode_attention(q, kc, vc, ln, hd ** -0.5)
+        ops.use_triton(False)
+        ref = ops.decode_attention(q, kc.nan_to_num(), vc.nan_to_num(), ln, hd ** -0.5)
+        assert not a.isnan().any() and rel_err(a, ref) < 3e-3, n
+    ops.use_triton(True)
+
+
+def test_logits_close_to_hf_fp16(gpu_ckpt):
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(gpu_ckpt, dtype=torch.float16).cuda().eval()
+    eng = HybridEngine.from_pretrained(str(gpu_ckpt), device="cuda", dtype="float16",
+                                       buckets=[16, 64, 128], max_context=256, prewarm_buckets="all")
+    rng = random.Random(0)
+    for n in (5, 16, 17, 100):
+        ids = [1] + [rng.randrange(3, 384) for _ in range(n - 1)]
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids], device="cuda")).logits[0, -1].float()
+        eng.generate(ids, SamplingParams(max_tokens=1, temperature=0))
+        assert rel_err(eng.logits, ref) < 1e-2, n
+    eng.shutdown()
+
+
+def test_graph_replay_equals_jit_and_unseen_bucket_warms_in_background(gpu_ckpt):
+    eng = HybridEngine.from_pretrained(str(gpu_ckpt), device="cuda", dtype="float16",
+                                       buckets=[16, 32, 64, 128], max_context=512, prewarm_buckets=[16])
+    assert eng.warm_buckets() == {16}
+    rng = random.Random(1)
+    prompts = {n: [1] + [rng.randrange(3, 384) for _ in range(n - 1)] for n in (40, 50, 64)}
+    first = eng.generate(prompts[40], GREEDY)
+    assert first.metrics.path == "jit" and first.metrics.bucket == 64
+    deadline = time.time() + 60
+    while 64 not in eng.warm_buckets() and time.time() < deadline:
+        time.sleep(0.05)
+    assert 64 in eng.warm_buckets(), "background capture never finished"
+    for n, ids in prompts.items():
+        by_graph = eng.generate(ids, GREEDY)
+        assert by_graph.metrics.path == "graph"
+        ops.use_triton(True)
+        eng._graphs.pop(64)                       # force the JIT path for the same prompt
+        by_jit = eng.generate(ids, GREEDY)
+        assert by_jit.metrics.path == "jit"
+        assert by_graph.token_ids == by_jit.token_ids, n
+        while 64 not in eng.warm_buckets():
+            time.sleep(0.01)
+    # sampled requests: same seed, same tokens, graph or not
+    p = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=5)
+    assert eng.generate(prompts[50], p).token_ids == eng.generate(prompts[50], p).token_ids
+    eng.shutdown()
+
+
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_skinny_matmul_matches_cublas(M):
+    from engine import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(M)
+    for N, K in ((4096, 4096), (12288, 4096), (4096, 11008), (1000, 300)):
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16, generator=g)
+        w = torch.randn(N, K, device="cuda", dtype=torch.float16, generator=g) * 0.02
+        assert rel_err(kernels.skinny_matmul(x, w), x @ w.t()) < 2e-3, (N, K)

@@ -1,0 +1,333 @@
+"""The Ray Serve application on a real local Ray Serve instance (CPU, tiny preset), over real HTTP.
+
+One module-scoped app (2 model replicas, warm-bucket router) serves every test after the first;
+the first test runs ``serve run`` on a copy of serve_config.yaml as a subprocess (own cluster).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[1]
+PORT = 18000
+BASE = f"http://127.0.0.1:{PORT}"
+APP = "hybridserve"
+BUCKETS = [16, 32, 64, 128, 256]          # max_context 256 is appended by EngineConfig anyway
+APP_ARGS = {
+    "engine": {"model": "tiny", "device": "cpu", "buckets": [16, 32, 64, 128], "max_context": 256},
+    "num_replicas": 2,
+    "num_cpus": 1,
+    "router": {"stats_period_s": 0.5, "enabled": False},
+}
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+# --------------------------------------------------------------------------- serve run (first)
+def test_serve_run_serve_config_yaml_answers(tmp_path):
+    """`serve run serve_config.yaml` comes up unedited (only the port moved to 18100) and answers."""
+    cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    assert cfg["http_options"]["port"] == 8000
+    cfg["http_options"]["port"] = 18100
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    serve_bin = Path(sys.executable).with_name("serve")
+    log = open(tmp_path / "serve_run.log", "w")
+    proc = subprocess.Popen([str(serve_bin), "run", str(path)], cwd=REPO, env=_env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        body = None
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve_run.log").read_text()[-3000:]
+            try:
+                r = requests.post("http://127.0.0.1:18100/v1/completions", timeout=10,
+                                  json={"prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+                if r.status_code == 200:
+                    body = r.json()
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        assert body is not None, "serve run did not answer in 240 s:\n" + (tmp_path / "serve_run.log").read_text()[-3000:]
+        assert body["object"] == "text_completion" and body["model"] == "tiny"
+        assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # our own process group only
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
+
+
+# --------------------------------------------------------------------------- the shared app
+@pytest.fixture(scope="module")
+def app():
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    ray.init(num_cpus=4, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": _env()["PYTHONPATH"]}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        serve.run(build_app(APP_ARGS), name=APP, route_prefix="/")
+        yield serve.get_app_handle(APP)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def post(path: str, body, **kw) -> requests.Response:
+    return requests.post(BASE + path, json=body, timeout=60, **kw)
+
+
+def sse_events(resp: requests.Response) -> list:
+    """Parse an SSE body into a list of JSON objects, with '[DONE]' kept as the string."""
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    out = []
+    for block in resp.text.split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: "), block
+        data = block[len("data: "):]
+        out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def test_healthz_and_models(app):
+    r = requests.get(BASE + "/healthz", timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    r = requests.get(BASE + "/v1/models", timeout=10)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["tiny"]
+    assert body["data"][0]["object"] == "model"
+
+
+def test_completion_non_streaming(app):
+    r = post("/v1/completions", {"model": "tiny", "prompt": "Hello there", "max_tokens": 7, **GREEDY})
+    assert r.status_code == 200, r.text
+    b = r.json()
+    assert b["id"].startswith("cmpl-") and b["object"] == "text_completion" and b["model"] == "tiny"
+    assert isinstance(b["created"], int)
+    (choice,) = b["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] == "length" and isinstance(choice["text"], str)
+    # byte tokenizer: BOS + one token per byte
+    assert b["usage"] == {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}
+    assert r.headers["x-hybridserve-bucket"] == "16"
+    # greedy decoding is deterministic: same request, same text
+    r2 = post("/v1/completions", {"prompt": "Hello there", "max_tokens": 7, **GREEDY})
+    assert r2.json()["choices"][0]["text"] == choice["text"]
+
+
+def test_completion_streaming_sse(app):
+    req = {"prompt": "Stream me", "max_tokens": 6, **GREEDY}
+    full = post("/v1/completions", req).json()["choices"][0]["text"]
+    r = post("/v1/completions", {**req, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200, r.text
+    ev = sse_events(r)
+    assert ev[-1] == "[DONE]"
+    chunks = ev[:-1]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    usage = chunks[-1]
+    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 10, "completion_tokens": 6,
+                                                        "total_tokens": 16}
+    token_chunks = [c for c in chunks[:-1]]
+    assert [c["choices"][0]["finish_reason"] for c in token_chunks][-1] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in token_chunks[:-1])
+    assert len(token_chunks) >= 6  # one chunk per token + the final one
+    assert "".join(c["choices"][0]["text"] for c in token_chunks) == full
+
+
+def test_chat_non_streaming_and_streaming(app):
+    req = {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": [{"type": "text", "text": "Hi!"}]}],
+           "max_tokens": 5, **GREEDY}
+    r = post("/v1/chat/completions", req)
+    assert r.status_code == 200, r.text
+    b = r.json()
+    assert b["id"].startswith("chatcmpl-") and b["object"] == "chat.completion"
+    msg = b["choices"][0]["message"]
+    assert msg["role"] == "assistant" and isinstance(msg["content"], str)
+    assert b["usage"]["completion_tokens"] == 5
+    assert b["usage"]["total_tokens"] == b["usage"]["prompt_tokens"] + 5
+    r = post("/v1/chat/completions", {**req, "stream": True})
+    ev = sse_events(r)
+    assert ev[-1] == "[DONE]"
+    chunks = ev[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == msg["content"]
+
+
+@pytest.mark.parametrize("path,body,param,needle", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ("/v1/completions", {"prompt": "x", "max_tokns": 5}, "max_tokns", "Unrecognized request argument"),
+    ("/v1/completions", {"max_tokens": 5}, "prompt", "Missing required parameter"),
+    ("/v1/completions", {"prompt": 5}, "prompt", "expected a string or an array of token ids"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, "max_tokens", "valid integer"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature", "greater than or equal to 0"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, "n", "only n=1"),
+    ("/v1/completions", {"prompt": ""}, "prompt", "prompt is empty"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "Batched prompts"),
+    ("/v1/chat/completions", {"messages": []}, "messages", "at least 1 item"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "'user'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools",
+     "Unrecognized request argument"),
+])
+def test_bad_requests_are_400_with_a_message(app, path, body, param, needle):
+    r = post(path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
+    assert needle in err["message"] and param.split(".")[0] in err["message"], err
+
+
+def test_invalid_json_is_400(app):
+    r = requests.post(BASE + "/v1/completions", data=b"{not json", timeout=10,
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_input_errors_are_400(app, stream):
+    """Too long for the context: the engine (in the model replica) rejects it -> 400 with its
+    message, also for stream=true (the error arrives before any SSE byte)."""
+    r = post("/v1/completions", {"prompt": "y" * 200, "max_tokens": 100, "stream": stream})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert "max_tokens" in err["message"] and "context" in err["message"]
+    assert err["code"] == "PromptTooLongError"
+
+
+def test_unknown_model_is_404(app):
+    r = post("/v1/completions", {"model": "gpt-9", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_python_handle_calls(app):
+    from engine.errors import EngineInputError
+
+    out = app.remote("Hello there", max_tokens=7, **GREEDY).result()
+    http = post("/v1/completions", {"prompt": "Hello there", "max_tokens": 7, **GREEDY}).json()
+    assert out["text"] == http["choices"][0]["text"]
+    assert out["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}
+    # plain call with a bare prompt, and an OpenAI-style chat dict
+    assert isinstance(app.remote("Hi").result()["text"], str)
+    chat = app.remote({"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 3}).result()
+    assert chat["usage"]["completion_tokens"] <= 3
+    # streaming variant
+    chunks = list(app.options(stream=True).remote("Hello there", stream=True, max_tokens=7, **GREEDY))
+    assert chunks[-1]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 7
+    assert "".join(c["text"] for c in chunks) == out["text"]
+    assert [c["index"] for c in chunks[:-1]][:7] == list(range(7))
+    chunks2 = list(app.options(stream=True).remote({"prompt": "Hello there", "stream": True,
+                                                    "max_tokens": 7, **GREEDY}))
+    assert "".join(c["text"] for c in chunks2) == out["text"]
+    # errors surface as EngineInputError in the caller
+    with pytest.raises(EngineInputError, match="max_tokens"):
+        app.remote("x", max_tokens=0).result()
+    with pytest.raises(EngineInputError, match="context"):
+        app.remote("y" * 200, max_tokens=100).result()
+    with pytest.raises(EngineInputError, match="context"):
+        list(app.options(stream=True).remote("y" * 200, stream=True, max_tokens=100))
+
+
+def test_routing_stats_contract(app):
+    from ray import serve
+
+    post("/v1/completions", {"prompt": "z" * 40, "max_tokens": 2})
+    model = serve.get_deployment_handle("ModelServer", APP)
+    stats = model.stats.remote().result()
+    for key, typ in [("buckets", list), ("warm_buckets", list), ("capturing_buckets", list),
+                     ("queue_depth", int), ("ttft_ms_p50", dict), ("warm_source", str), ("replica", str)]:
+        assert isinstance(stats[key], typ), key
+    assert stats["buckets"] == BUCKETS
+    assert stats["warm_source"] == "cpu_served_standin"
+    assert set(stats["ttft_ms_p50"]) <= set(stats["warm_buckets"])
+
+
+HR_BUCKETS = [8, 24, 40, 56, 72, 88, 104, 128]   # max_context 128 is the last bucket
+
+
+def _prompt_for_bucket(bucket: int, rng: random.Random) -> str:
+    i = HR_BUCKETS.index(bucket)
+    lo = HR_BUCKETS[i - 1] + 1 if i else 2   # >= 1 character after BOS
+    n = rng.randint(lo, min(bucket, 120))  # prompt tokens incl. BOS (byte tokenizer)
+    return "".join(rng.choice("abcdefghij ") for _ in range(n - 1))
+
+
+def test_warm_bucket_routing_hit_rate(app):
+    """Fresh 2-replica app, mixed prompt lengths over 8 buckets: after warm-up (each bucket once),
+    >= 90% of requests land on a replica already warm for their bucket, and each bucket stays on
+    the replica that warmed it (a load-only router would scatter them)."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    args = {**APP_ARGS, "name": "hitrate",
+            "engine": {"model": "tiny", "device": "cpu", "buckets": HR_BUCKETS[:-1], "max_context": 128}}
+    serve.run(build_app(args), name="hitrate", route_prefix="/hitrate")
+    try:
+        rng = random.Random(1234)
+
+        def send(bucket: int) -> tuple[int, str, bool]:
+            r = post("/hitrate/v1/completions", {"prompt": _prompt_for_bucket(bucket, rng), "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-hybridserve-bucket"] == str(bucket)
+            return bucket, r.headers["x-hybridserve-replica"], r.headers["x-hybridserve-warm"] == "1"
+
+        # warm-up: each bucket once, sequentially (replicas are fresh: nothing is warm yet)
+        owner: dict[int, str] = {}
+        for b in HR_BUCKETS:
+            _, rep, warm = send(b)
+            assert not warm
+            owner[b] = rep
+        # cold placements are spread over both replicas (least loaded, then fewest warm/capturing)
+        assert len(set(owner.values())) == 2, owner
+        time.sleep(1.5)  # record_routing_stats (period 0.5 s) reaches the router
+
+        seq = [rng.choice(HR_BUCKETS) for _ in range(96)]
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(send, seq))
+        hit_rate = sum(w for _, _, w in results) / len(results)
+        on_owner = sum(rep == owner[b] for b, rep, _ in results) / len(results)
+        per_replica = Counter(rep for _, rep, _ in results)
+        print(f"hit rate {hit_rate:.3f}, on warm-up owner {on_owner:.3f}, per replica {dict(per_replica)}")
+        assert hit_rate >= 0.90
+        assert on_owner >= 0.90  # a router ignoring warm state would send ~half elsewhere
+        assert len(per_replica) == 2
+    finally:
+        serve.delete("hitrate")
