@@ -203,6 +203,9 @@ class OpenAIIngress:
     def __init__(self, model: DeploymentHandle, app_config: dict | AppConfig):
         self.cfg = app_config if isinstance(app_config, AppConfig) else AppConfig.model_validate(app_config)
         self.model = model
+        # handles bound once: per-request .options()/attribute lookups build new handle objects
+        self._generate_h = model.generate
+        self._stream_h = model.options(stream=True).stream
         self.model_name = self.cfg.model_name
         self.tok = load_tokenizer(self.cfg.engine)
         self.created = int(time.time())
@@ -265,13 +268,13 @@ class OpenAIIngress:
         return {"prompt": prompt, "params": asdict(params)}, n
 
     async def _generate(self, payload: dict, n: int) -> dict:
-        out = await self.model.generate.remote(payload, **{TOKENS_KWARG: n})
+        out = await self._generate_h.remote(payload, **{TOKENS_KWARG: n})
         if "error" in out:
             raise APIError(out["error"]["message"], code=out["error"].get("code"))
         return out
 
     async def _start_stream(self, payload: dict, n: int):
-        gen = self.model.options(stream=True).stream.remote(payload, **{TOKENS_KWARG: n})
+        gen = self._stream_h.remote(payload, **{TOKENS_KWARG: n})
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:

@@ -9,6 +9,7 @@ On CPU the same static functions run eagerly ("eager").
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import queue
@@ -87,6 +88,7 @@ class HybridEngine:
             self._capture_q: queue.Queue[int | str | None] = queue.Queue()
             self._start_cuda()
             self._executor.submit(self._warm_serving_thread).result()
+        gc.freeze()   # start-up objects leave the GC's generations: no long collections mid-request
 
     # ---------------------------------------------------------------- loading
     @staticmethod
@@ -322,8 +324,9 @@ class HybridEngine:
             self.seq_len.fill_(n)
             if graph is not None:
                 graph.replay()
-            else:
-                self._prefill(n if self.cuda else bucket)   # JIT: exact length, no padding
+            else:   # JIT: the same Triton/cuBLAS kernels launched eagerly, at the bucket's shape so every
+                self._prefill(bucket)   # kernel was compiled and loaded at start-up (a new shape can
+                                        # lazily load a new cuBLAS kernel: tens of ms on the request)
             if self.cuda and graph is None and self.config.cuda_graphs and self.config.background_capture:
                 self.capture([bucket], wait=False)
             out: list[int] = []
@@ -440,9 +443,10 @@ class HybridEngine:
         if self._closed:
             return
         self._closed = True
+        self._executor.shutdown(wait=True, cancel_futures=True)
         if self.cuda:
             self._capture_q.put(None)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+            self._capture_thread.join(timeout=30)
 
 
 class _nullctx:

@@ -13,6 +13,8 @@ from typing import Any, Iterator
 
 import httpx
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 TINY_APP_ARGS: dict[str, Any] = {
     "engine": {"model": "tiny", "device": "cpu", "max_context": 1024},
     "num_cpus": 1,
@@ -55,7 +57,14 @@ def serve_app(http_port: int, metrics_port: int | None = None, app_args: dict | 
                                    configure_logging=False)
     if metrics_port is not None:
         init_kw["_metrics_export_port"] = metrics_port
-    ray.init(**init_kw)
+    # Ray puts the driver's working directory on the workers' sys.path: the replicas and the
+    # Serve controller (autoscaling policy) import engine/, deployments/ and autoscale/ from it.
+    old_cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        ray.init(**init_kw)
+    finally:
+        os.chdir(old_cwd)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         args = {**TINY_APP_ARGS, **(app_args or {})}

@@ -54,5 +54,8 @@ def test_headless_short_prompts(tmp_path: Path):
             assert col in r and r[col] not in ("", "N/A"), (name, col, r)
             assert float(r[col]) > 0, (name, col, r)
     ttft, e2e = rows[("SSE", "ttft")], rows[("SSE", "e2e")]
-    assert int(ttft["Request Count"]) == int(e2e["Request Count"]) == int(post["Request Count"])
+    # every finished request has one e2e entry; a request cut by the end of the run may have
+    # recorded its TTFT only (at most one per user)
+    assert int(e2e["Request Count"]) == int(post["Request Count"])
+    assert 0 <= int(ttft["Request Count"]) - int(e2e["Request Count"]) <= 4
     assert float(ttft["50%"]) <= float(e2e["50%"])
