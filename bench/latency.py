@@ -134,6 +134,7 @@ class HF:
 # ------------------------------------------------------------------ measurement
 def measure(e, a, rng, vocab: int, unseen_len: int) -> dict:
     out: dict = {"engine": e.name}
+    n_random = a.random_requests if isinstance(e, Hybrid) else a.baseline_random_requests
     t0 = time.perf_counter()
     ttft, _, path = e.run(rand_ids(rng, unseen_len, vocab), 4)     # a length/bucket never seen yet
     out["first_unseen_ms"] = round(ttft * 1e3, 3)
@@ -162,7 +163,7 @@ def measure(e, a, rng, vocab: int, unseen_len: int) -> dict:
     out["tpot_ms"] = summ(tpot)
     out["paths"] = sorted(paths)
     tt, tp = [], []
-    for _ in range(a.random_requests):
+    for _ in range(n_random):
         t, toks, _ = e.run(rand_ids(rng, rng.randint(10, 500), vocab), a.random_decode_tokens)
         tt.append(t)
         tp += toks
@@ -199,6 +200,8 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--random-requests", type=int, default=200)
     p.add_argument("--random-decode-tokens", type=int, default=8)
+    p.add_argument("--baseline-random-requests", type=int, default=60,
+                   help="random-length requests for the HF baselines (slow); the engine gets --random-requests")
     p.add_argument("--unseen-length", type=int, default=300)
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -211,18 +214,21 @@ def main() -> None:
            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "cuda": torch.version.cuda, "preset": a.preset, "layers": a.layers or PRESETS[a.preset]["num_hidden_layers"],
            "args": vars(a), "engines": []}
-    for name in a.engines.split(","):
-        rng = random.Random(1234)
-        print(f"== {name}", flush=True)
-        e = Hybrid(a, unseen_bucket, name) if name.startswith("hybrid") else HF(a, compile=name == "torch.compile")
-        res["engines"].append(measure(e, a, rng, vocab, a.unseen_length))
-        e.close()
-        gc.collect()
-        torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name().split()[1].lower() if len(torch.cuda.get_device_name().split()) > 1 else "gpu"
     out = Path(a.out) if a.out else RESULTS / f"latency-{res['date'][:10]}-{gpu}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    for name in a.engines.split(","):
+        rng = random.Random(1234)
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        e = Hybrid(a, unseen_bucket, name) if name.startswith("hybrid") else HF(a, compile=name == "torch.compile")
+        r = measure(e, a, rng, vocab, a.unseen_length)
+        r["wall_s"] = round(time.perf_counter() - t0, 1)
+        res["engines"].append(r)
+        e.close()
+        gc.collect()
+        torch.cuda.empty_cache()
+        out.write_text(json.dumps(res, indent=1))     # after each engine: a cut-off run keeps its data
     print(f"wrote {out}\n")
     print(table(res))
 

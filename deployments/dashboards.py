@@ -319,8 +319,12 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
+    """``hybridserve dashboards {generate,push}`` (called by deployments/cli.py)."""
     p = subparsers.add_parser("dashboards", help="Grafana dashboards: generate JSON, push to Grafana")
-    sub = p.add_subparsers(dest="dashboards_command", required=True)
+    _add_commands(p.add_subparsers(dest="dashboards_command", required=True))
+
+
+def _add_commands(sub: Any) -> None:
 
     g = sub.add_parser("generate", help="write the dashboard JSON generated from Python")
     g.add_argument("--output", "-o", default=str(JSON_PATH), help="default: %(default)s")
@@ -340,8 +344,8 @@ def add_parser(subparsers: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.dashboards", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["dashboards", *(argv if argv is not None else sys.argv[1:])])
+    _add_commands(parser.add_subparsers(dest="dashboards_command", required=True))
+    args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -23,16 +23,25 @@ def _locust_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "locust"]
 
 
-def test_headless_short_prompts(tmp_path: Path):
-    prefix = tmp_path / "short"
+def _env() -> dict:
+    env = {**os.environ, "HS_MAX_TOKENS": "16", "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)   # locustfiles import nothing of the project
+    return env
+
+
+@pytest.fixture(scope="module")
+def app_url():
     with serve_app(HTTP_PORT) as base:
-        env = {**os.environ, "HS_MAX_TOKENS": "16", "PYTHONUNBUFFERED": "1"}
-        env.pop("PYTHONPATH", None)   # locustfiles import nothing of the project
-        proc = subprocess.run(
-            [*_locust_cmd(), "-f", str(ROOT / "locustfiles" / "short_prompts.py"), "--headless",
-             "-u", "4", "-r", "2", "-t", "20s", "--csv", str(prefix), "--host", base,
-             "--only-summary", "--stop-timeout", "10", "--exit-code-on-error", "1"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+        yield base
+
+
+def test_headless_short_prompts(app_url: str, tmp_path: Path):
+    prefix = tmp_path / "short"
+    proc = subprocess.run(
+        [*_locust_cmd(), "-f", str(ROOT / "locustfiles" / "short_prompts.py"), "--headless",
+         "-u", "4", "-r", "2", "-t", "20s", "--csv", str(prefix), "--host", app_url,
+         "--only-summary", "--stop-timeout", "10", "--exit-code-on-error", "1"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
 
@@ -59,3 +68,28 @@ def test_headless_short_prompts(tmp_path: Path):
     assert int(e2e["Request Count"]) == int(post["Request Count"])
     assert 0 <= int(ttft["Request Count"]) - int(e2e["Request Count"]) <= 4
     assert float(ttft["50%"]) <= float(e2e["50%"])
+
+
+def test_shape_runs_steady_step_spike_phases(app_url: str, tmp_path: Path):
+    """The LoadTestShape drives the user count through its phases, then stops the run."""
+    prefix = tmp_path / "shape"
+    shape = "steady:4:1,step:6:1-3:3,spike:4:5,steady:4:1"
+    proc = subprocess.run(
+        [*_locust_cmd(), "-f", str(ROOT / "locustfiles" / "shapes.py"), "--headless",
+         "--shape", shape, "--csv", str(prefix), "--csv-full-history", "--host", app_url,
+         "--only-summary", "--stop-timeout", "10", "--exit-code-on-error", "1"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    with open(f"{prefix}_stats_history.csv", newline="") as f:
+        users = [int(r["User Count"]) for r in csv.DictReader(f) if r["Name"] == "Aggregated"]
+    # 1 user, then 1 -> 2 -> 3, a spike to 5, back to 1
+    assert users and max(users) == 5, users
+    seen = [u for i, u in enumerate(users) if i == 0 or u != users[i - 1]]
+    for level in (1, 2, 3, 5):
+        assert level in seen, seen
+    assert seen.index(3) < seen.index(5) < len(seen) - 1 and seen[-1] == 1, seen
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(f)}
+    assert int(rows[("", "Aggregated")]["Failure Count"]) == 0, out[-4000:]
+    assert int(rows[("SSE", "ttft")]["Request Count"]) > 0

@@ -519,6 +519,7 @@ def test_incomplete_entry_ignored(backend, fields, tmp_path):
     """A publisher that died after uploading files but before the manifest leaves no entry."""
     fp = fingerprint(fields)
     _, _, fs, root = backend
+    fs.makedirs(f"{root}/{fp}/deadbeef/files/a1b2c3", exist_ok=True)
     fs.pipe_file(f"{root}/{fp}/deadbeef/files/a1b2c3/hs_kernel_mod.py", EVIL_SRC.encode())
     fs.invalidate_cache()
     dst = tmp_path / "dst"
@@ -540,6 +541,7 @@ def test_prune(backend, fields, tmp_path):
         time.sleep(0.02)
     other = {**fields, "dtype": "bfloat16"}
     assert manager(backend, other, make_cache(tmp_path / "o")).publish({16: 1.0})
+    fs.makedirs(f"{root}/{fp}/abandoned/files", exist_ok=True)
     fs.pipe_file(f"{root}/{fp}/abandoned/files/x.bin", b"partial")
     if backend[1] is None:
         (Path(root) / fp / ".tmp-abc-123").mkdir()
