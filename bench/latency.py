@@ -136,7 +136,15 @@ def measure(e, a, rng, vocab: int, unseen_len: int) -> dict:
     out: dict = {"engine": e.name}
     n_random = a.random_requests if isinstance(e, Hybrid) else a.baseline_random_requests
     t0 = time.perf_counter()
+    prof = None
+    if a.profile_unseen and isinstance(e, Hybrid):
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                  torch.profiler.ProfilerActivity.CUDA])
+        prof.__enter__()
     ttft, _, path = e.run(rand_ids(rng, unseen_len, vocab), 4)     # a length/bucket never seen yet
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15), flush=True)
     out["first_unseen_ms"] = round(ttft * 1e3, 3)
     out["first_unseen_path"] = path
     out["first_call_s"] = round(time.perf_counter() - t0, 2)
@@ -147,6 +155,16 @@ def measure(e, a, rng, vocab: int, unseen_len: int) -> dict:
     steady = [e.run(rand_ids(rng, unseen_len, vocab), 2)[0] for _ in range(a.requests)]
     out["unseen_bucket_steady_ttft"] = summ(steady)
     out["first_unseen_ratio"] = round(out["first_unseen_ms"] / out["unseen_bucket_steady_ttft"]["p50"], 3)
+    if isinstance(e, Hybrid):   # the JIT path in steady state: same bucket with its graph set aside
+        b = e.eng.bucket_for(unseen_len)
+        jit = []
+        for _ in range(10):
+            g = e.eng._graphs.pop(b)
+            e.eng.config.background_capture = False
+            jit.append(e.run(rand_ids(rng, unseen_len, vocab), 2)[0])
+            e.eng._graphs[b] = g
+        e.eng.config.background_capture = True
+        out["jit_steady_ttft"] = summ(jit)
     for n in a.lengths:               # warm each length (the compile baseline compiles here)
         e.run(rand_ids(rng, n, vocab), 3)
     out["ttft_ms"], tpot, paths = {}, [], set()
@@ -204,6 +222,7 @@ def main() -> None:
                    help="random-length requests for the HF baselines (slow); the engine gets --random-requests")
     p.add_argument("--unseen-length", type=int, default=300)
     p.add_argument("--out", default=None)
+    p.add_argument("--profile-unseen", action="store_true", help="torch.profiler table of the first JIT request")
     a = p.parse_args()
     assert torch.cuda.is_available(), "bench/latency.py needs a CUDA GPU"
     vocab = PRESETS[a.preset]["vocab_size"]

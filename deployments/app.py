@@ -10,7 +10,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from .config import AppConfig, load_app_config
 from .ingress import Ingress
@@ -23,6 +23,12 @@ def model_deployment_options(cfg: AppConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "name": "ModelServer",
         "max_ongoing_requests": cfg.max_ongoing_requests,
+        # bounded queue at each caller: past it the handle raises BackPressureError, which the
+        # ingress answers with 503 + Retry-After (deployments/ingress.py)
+        "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
+        "graceful_shutdown_wait_loop_s": 0.5,
         "ray_actor_options": {"num_gpus": cfg.num_gpus, "num_cpus": cfg.num_cpus},
         # loading a 7B checkpoint and compiling/capturing takes minutes on first start
         "health_check_timeout_s": 120,
@@ -50,6 +56,11 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     ingress = serve.deployment(Ingress).options(
         name="Ingress", num_replicas=cfg.ingress.num_replicas,
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+        max_queued_requests=cfg.ingress.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
+        # the ingress relays streams: let in-flight ones finish on scale-down/redeploy too
+        graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=0.5,
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
     ).bind(model, cfg_json)
     return ingress

@@ -40,6 +40,9 @@ class IngressSettings(BaseModel):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.0, ge=0, description="CPU reservation of each ingress replica")
     max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="requests queued at the HTTP proxy for the ingress before it answers "
+                               "503 with Retry-After (-1: no limit; the model queue below is the real bound)")
 
 
 class AppConfig(BaseModel):
@@ -61,6 +64,18 @@ class AppConfig(BaseModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model replica")
     max_ongoing_requests: int = Field(
         8, ge=1, description="per model replica; the engine runs one request at a time, the rest queue")
+    max_queued_requests: int = Field(
+        32, ge=-1,
+        description="back-pressure: requests waiting at each ingress replica for a free model slot "
+                    "(all replicas at max_ongoing_requests) beyond which the ingress answers 503 "
+                    "with Retry-After at once; -1: unbounded queue (latency grows for everyone)")
+    retry_after_s: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="Retry-After (seconds, rounded up) on 503 answers")
+    graceful_shutdown_timeout_s: float = Field(
+        60.0, ge=0, description="scale-down/redeploy: a model replica waits up to this long for its "
+                                "in-flight requests to finish before it is stopped")
+    max_request_bytes: int = Field(
+        4 * 2**20, ge=1024, description="request bodies larger than this get 413 before parsing")
     router: RouterSettings = Field(default_factory=RouterSettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
 
@@ -83,6 +98,10 @@ class AppConfig(BaseModel):
         if self.num_gpus == 0 and self.engine.device == "cuda":
             raise ValueError("engine.device is 'cuda' but num_gpus is 0: Ray would hide the GPU from "
                              "the replica; set num_gpus: 1")
+        for name, v in (("max_queued_requests", self.max_queued_requests),
+                        ("ingress.max_queued_requests", self.ingress.max_queued_requests)):
+            if v == 0:
+                raise ValueError(f"{name} must be -1 (no limit) or a positive integer, got 0")
         if self.autoscaling is not None:
             for key in ("min_replicas", "max_replicas"):
                 v = self.autoscaling.get(key)

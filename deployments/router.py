@@ -185,7 +185,13 @@ class WarmBucketRouter(RequestRouter):  # type: ignore[misc,valid-type]
         rid = replica_id.unique_id
         replica = self._replicas.get(replica_id)
         stats = (replica.routing_stats if replica is not None else None) or {}
-        if bucket in set(stats.get("warm_buckets", ())):
+        warm = bucket in set(stats.get("warm_buckets", ()))
+        try:
+            from deployments.metrics import observe_router_choice
+            observe_router_choice(warm)
+        except Exception:  # metrics never break routing
+            pass
+        if warm:
             return
         self._hints.setdefault(rid, {})[bucket] = time.monotonic()
 

@@ -88,6 +88,9 @@ class ModelServer:
         self._requests = 0
         self._warm_hits = 0
         self._window = LatencyWindow(30.0) if LatencyWindow is not None else None
+        self._finishes: deque = deque(maxlen=64)              # recent (finish_reason, tokens): stats()
+        self._finish_counts: dict[str, int] = {}
+        self.started_at = time.time()
         self.eng.add_listener(self._on_event)
         logger.info("ModelServer %s ready: model=%s device=%s buckets=%s", self.replica_id,
                     self.eng.model_name, ecfg.device, self.eng.config.buckets)
@@ -97,12 +100,18 @@ class ModelServer:
         """Engine listener (engine thread): latency window, per-bucket TTFT, metrics."""
         if event.get("type") == "request":
             m = event["metrics"]
+            reason = str(event.get("finish_reason"))
             with self._lock:
+                self._finishes.append({"finish_reason": reason,
+                                       "output_tokens": int(event.get("output_tokens", 0)),
+                                       "e2e_ms": round(m.e2e_s * 1e3, 1), "at": time.time()})
+                self._finish_counts[reason] = self._finish_counts.get(reason, 0) + 1
                 self._ttft.setdefault(m.bucket, deque(maxlen=TTFT_HISTORY)).append(m.ttft_s)
                 if event.get("finish_reason") != "cancelled" or m.ttft_s > 0:
                     self._served.add(m.bucket)
-            if self._window is not None:
-                self._window.record(m.ttft_s, m.e2e_s)
+            if self._window is not None:   # as the client sees it: the test-only delay counts too
+                extra = self.cfg.inject_latency_ms / 1e3
+                self._window.record(m.ttft_s + extra, m.e2e_s + extra)
         if _metrics is not None:
             try:
                 _metrics.observe_event(event, self.replica_id, self.eng.model_name)
@@ -247,8 +256,13 @@ class ModelServer:
             self._set_in_flight()
 
     def stats(self) -> dict:
-        """Engine + routing stats (debugging, tests)."""
-        return {**self.record_routing_stats(), "engine": self.eng.stats()}
+        """Engine + routing stats (debugging, tests): also the replica's pid and start time, its
+        last 64 finished requests (``finishes``: finish_reason, output_tokens, e2e_ms, at) and
+        counts per finish_reason (a cancelled stream shows up as "cancelled")."""
+        with self._lock:
+            finishes, counts = list(self._finishes), dict(self._finish_counts)
+        return {**self.record_routing_stats(), "engine": self.eng.stats(), "pid": os.getpid(),
+                "started_at": self.started_at, "finishes": finishes, "finish_counts": counts}
 
     def __del__(self):
         try:

@@ -290,21 +290,23 @@ class HybridEngine:
     # ---------------------------------------------------------------- generation
     def _run(self, prompt: str | list[int], params: SamplingParams,
              on_chunk: Callable[[StreamChunk], None] | None = None,
-             cancel: threading.Event | None = None) -> GenerationResult:
-        t_req = time.perf_counter()
+             cancel: threading.Event | None = None, t_req: float | None = None) -> GenerationResult:
+        """t_req: when the request arrived (before any wait for the engine thread): TTFT counts from it."""
+        t_req = t_req or time.perf_counter()
         ids = self.validate(prompt, params)
         n = len(ids)
         bucket = self.bucket_for(n)
-        self._waiting += 1
-        try:
-            with self._lock:
-                self._idle.clear()
-                try:
-                    return self._generate_locked(ids, bucket, params, on_chunk, cancel, t_req)
-                finally:
-                    self._idle.set()
-        finally:
-            self._waiting -= 1
+        with self._lock:
+            self._idle.clear()
+            try:
+                return self._generate_locked(ids, bucket, params, on_chunk, cancel, t_req)
+            finally:
+                self._idle.set()
+
+    def _count(self, d: int) -> None:
+        """in_flight(): requests from arrival (queued for the engine thread) until done."""
+        with self._state:
+            self._waiting += d
 
     def _generate_locked(self, ids, bucket, params, on_chunk, cancel, t_req) -> GenerationResult:
         t_start = time.perf_counter()
@@ -389,12 +391,21 @@ class HybridEngine:
         cuBLAS handle and stream serve them all)."""
         params = params or SamplingParams()
         self.validate(prompt, params)
-        return self._executor.submit(self._run, prompt, params).result()
+        self._count(1)
+        try:
+            return self._executor.submit(self._run, prompt, params, None, None, time.perf_counter()).result()
+        finally:
+            self._count(-1)
 
     async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
         params = params or SamplingParams()
         self.validate(prompt, params)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, prompt, params)
+        self._count(1)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, prompt, params,
+                                                                    None, None, time.perf_counter())
+        finally:
+            self._count(-1)
 
     async def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
         """Token-by-token chunks; the last one carries finish_reason and metrics. Closing the
@@ -404,6 +415,7 @@ class HybridEngine:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
+        t_req = time.perf_counter()
 
         def push(item) -> None:
             try:
@@ -413,10 +425,13 @@ class HybridEngine:
 
         def work() -> None:
             try:
-                push(self._run(prompt, params, push, cancel))
+                push(self._run(prompt, params, push, cancel, t_req))
             except BaseException as e:  # delivered to the consumer, never lost
                 push(e)
+            finally:
+                self._count(-1)
 
+        self._count(1)
         fut = loop.run_in_executor(self._executor, work)
         try:
             while True:

@@ -963,7 +963,6 @@ class ArtifactStore:
                                 self.fs.rm(self._p(f), recursive=True)
                             except FileNotFoundError:
                                 pass
-                        removed.append(f"{f}/{LATEST}")
         for r in removed:
             log.info("artifact store %s: %spruned %s", self.url, "(dry run) " if dry_run else "", r)
         return removed
