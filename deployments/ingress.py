@@ -15,7 +15,9 @@ as ``n_tokens=`` to the model deployment, where the warm-bucket router reads it.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import time
 import uuid
@@ -27,6 +29,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,6 +40,8 @@ from engine.errors import EngineInputError
 from .config import AppConfig
 from .router import TOKENS_KWARG
 from .tokenize import count_tokens, load_tokenizer
+
+logger = logging.getLogger("ray.serve")
 
 
 # --------------------------------------------------------------------------- request models
@@ -57,7 +63,7 @@ class _Common(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -98,9 +104,41 @@ class ChatCompletionRequest(_Common):
 
 class APIError(Exception):
     def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 code: str | None = None, type_: str = "invalid_request_error"):
+                 code: str | None = None, type_: str = "invalid_request_error",
+                 headers: dict | None = None):
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type_
+        self.headers = headers or {}
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that always encodes: ASCII escapes (a lone surrogate from the request echoed in an error
+    message cannot break UTF-8 encoding) and no bare NaN/Infinity."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, default=str,
+                          separators=(",", ":")).encode("ascii")
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    """repr of a bad input value for an error message, cut (a 1 MB prompt is not echoed back)."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + f"... ({len(r)} chars)"
+
+
+_BACKPRESSURE = "backpressure"
+_REPLICA_GONE = "replica_failed"
+
+
+def _ray_failure(e: BaseException) -> str | None:
+    """Classify an exception of a model-deployment call: back-pressure, a replica that died or
+    became unreachable (retryable when nothing was streamed yet), or None (anything else)."""
+    cause = e.cause if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None else e
+    if isinstance(cause, BackPressureError) or isinstance(e, BackPressureError):
+        return _BACKPRESSURE
+    if isinstance(cause, (RayActorError, DeploymentUnavailableError)) or isinstance(e, RayActorError):
+        return _REPLICA_GONE
+    return None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -132,8 +170,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
                 f"{e.get('ctx', {}).get('error', e.get('msg'))}. Send a JSON object with "
                 "Content-Type: application/json."), None
     if typ == "extra_forbidden":
-        return (f"Unrecognized request argument supplied: {param}. Remove it (see the OpenAI API "
-                "reference for the supported arguments)."), param
+        return (f"Unrecognized request argument supplied: {_short(param)}. Remove it (see the OpenAI "
+                "API reference for the supported arguments)."), param
     if typ == "missing":
         return f"Missing required parameter: '{param}'.", param
     if typ in ("model_type", "dict_type") and not param:
@@ -141,8 +179,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     same = [x for x in errors if [p for p in x.get("loc", ()) if p != "body"][:len(field_path)] == field_path]
     last = str(field_path[-1]) if field_path else ""
     if len(same) > 1 and last in _UNION_HINTS:
-        return f"Invalid type for '{param}': {_UNION_HINTS[last]} (got {e.get('input')!r}).", param
-    return f"Invalid value for '{param}': {e.get('msg')} (got {e.get('input')!r}).", param
+        return f"Invalid type for '{param}': {_UNION_HINTS[last]} (got {_short(e.get('input'))}).", param
+    return f"Invalid value for '{param}': {e.get('msg')} (got {_short(e.get('input'))}).", param
 
 
 def _unsupported(req: _Common) -> None:
@@ -172,24 +210,66 @@ def _unsupported(req: _Common) -> None:
 
 # --------------------------------------------------------------------------- the app
 app = FastAPI(title="hybridserve", description="OpenAI-compatible LLM serving on Ray Serve",
-              version="0.1.0")
+              version="0.1.0", default_response_class=SafeJSONResponse)
+
+# Set by the ingress replica's constructor (one ingress per replica process): what the
+# middleware below checks before FastAPI parses a body.
+_GATE: dict[str, Any] = {"api_key": None, "max_bytes": 4 * 2**20}
+
+
+@app.middleware("http")
+async def _gate(request: Request, call_next):
+    """Before the body is read: API key (401) on /v1/*, and body size (413)."""
+    path = request.url.path
+    if path.startswith("/v1/"):
+        key = _GATE["api_key"]
+        if key is not None and request.headers.get("authorization", "") != f"Bearer {key}":
+            return SafeJSONResponse(
+                error_body("Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key"), status_code=401,
+                headers={"www-authenticate": "Bearer"})
+        cl = request.headers.get("content-length")
+        if cl is not None:
+            try:
+                size = int(cl)
+            except ValueError:
+                return SafeJSONResponse(error_body(f"Invalid Content-Length header {_short(cl)}."),
+                                        status_code=400)
+            if size > _GATE["max_bytes"]:
+                return SafeJSONResponse(error_body(
+                    f"Request body of {size} bytes exceeds the limit of {_GATE['max_bytes']} bytes; "
+                    "shorten the prompt.", param="prompt", code="request_too_large"), status_code=413)
+    return await call_next(request)
 
 
 @app.exception_handler(RequestValidationError)
 async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
     msg, param = validation_message(list(exc.errors()))
-    return JSONResponse(error_body(msg, param=param), status_code=400)
+    return SafeJSONResponse(error_body(msg, param=param), status_code=400)
 
 
 @app.exception_handler(APIError)
 async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+    return SafeJSONResponse(error_body(exc.message, exc.type, exc.param, exc.code),
+                            status_code=exc.status, headers=exc.headers)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code)
+    detail = str(exc.detail)
+    if detail == "There was an error parsing the body":   # FastAPI: e.g. a body that is not UTF-8
+        detail = ("We could not parse the body of your request: it must be UTF-8 encoded JSON "
+                  "(Content-Type: application/json).")
+    return SafeJSONResponse(error_body(detail, type_), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected ingress error")
+    return SafeJSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"),
+                            status_code=500)
 
 
 def _sse(obj: Any) -> bytes:
@@ -211,6 +291,9 @@ class OpenAIIngress:
         self.created = int(time.time())
         key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
         self.api_key = key or None
+        _GATE.update(api_key=self.api_key, max_bytes=self.cfg.max_request_bytes)
+        self._retry_after = {"retry-after": str(max(0, int(-(-self.cfg.retry_after_s // 1))))}
+        self.max_context = self.cfg.engine.max_context
 
     # ------------------------------------------------------------------ helpers
     def _auth(self, request: Request) -> None:
@@ -252,6 +335,11 @@ class OpenAIIngress:
             prompt = prompt[0]
         if prompt == "" or prompt == []:
             raise APIError("prompt is empty: send at least one character or token id.", param="prompt")
+        if isinstance(prompt, list):
+            V = getattr(self.tok, "vocab_size", None)
+            bad = next((t for t in prompt if t < 0 or (V is not None and t >= V)), None)
+            if bad is not None:
+                raise APIError(f"prompt token id {_short(bad)} is out of range [0, {V}).", param="prompt")
         return prompt
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
@@ -263,22 +351,77 @@ class OpenAIIngress:
         self._check_model(req)
         _unsupported(req)
         params = self._params(req)
-        prompt = self._completion_prompt(req) if isinstance(req, CompletionRequest) else self._chat_prompt(req)
-        n = count_tokens(self.tok, prompt)
+        try:
+            prompt = self._completion_prompt(req) if isinstance(req, CompletionRequest) else self._chat_prompt(req)
+            n = count_tokens(self.tok, prompt)
+        except UnicodeError as e:   # e.g. a lone surrogate ("\ud800") in a JSON string
+            raise APIError(f"the prompt is not valid Unicode text ({getattr(e, 'reason', e)}); "
+                           "send UTF-8 text without lone surrogates", param="messages" if isinstance(req, ChatCompletionRequest)
+                           else "prompt") from None
+        # the context check here too: a too-long request never takes a replica's queue slot
+        if n >= self.max_context:
+            raise APIError(f"prompt has {n} tokens but the context holds {self.max_context} "
+                           "(prompt + max_tokens); shorten the prompt", param="prompt",
+                           code="context_length_exceeded")
+        if n + params.max_tokens > self.max_context:
+            raise APIError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                           f"of {self.max_context} tokens; lower max_tokens to at most "
+                           f"{self.max_context - n}", param="max_tokens", code="context_length_exceeded")
         return {"prompt": prompt, "params": asdict(params)}, n
 
+    def _overloaded(self, e: BaseException) -> APIError:
+        return APIError("The server is overloaded: every model replica is busy and the request "
+                        f"queue is full ({e}). Retry after the Retry-After delay.", status=503,
+                        type_="server_error", code="overloaded", headers=self._retry_after)
+
+    def _replica_failed(self, e: BaseException, retried: bool) -> APIError:
+        logger.warning("model replica failed during a request%s: %s",
+                       " (after one retry)" if retried else "", type(e).__name__)
+        return APIError("The model replica serving this request failed"
+                        + (" (and so did the retry)" if retried else "")
+                        + "; nothing was lost on the server, retry the request.", status=503,
+                        type_="server_error", code=_REPLICA_GONE, headers=self._retry_after)
+
     async def _generate(self, payload: dict, n: int) -> dict:
-        out = await self._generate_h.remote(payload, **{TOKENS_KWARG: n})
+        """One call to the model deployment. Back-pressure -> 503 + Retry-After at once; a replica
+        that dies under the request -> retried once on another (nothing was sent yet), then 503."""
+        for attempt in (0, 1):
+            try:
+                out = await self._generate_h.remote(payload, **{TOKENS_KWARG: n})
+                break
+            except Exception as e:
+                kind = _ray_failure(e)
+                if kind == _BACKPRESSURE:
+                    raise self._overloaded(e) from None
+                if kind == _REPLICA_GONE:
+                    if attempt == 0:
+                        continue
+                    raise self._replica_failed(e, True) from None
+                raise
         if "error" in out:
             raise APIError(out["error"]["message"], code=out["error"].get("code"))
         return out
 
     async def _start_stream(self, payload: dict, n: int):
-        gen = self._stream_h.remote(payload, **{TOKENS_KWARG: n})
-        try:
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            raise APIError("the model produced no output", status=500, type_="server_error") from None
+        """Start a stream and wait for its first item (before any byte goes to the client): a
+        replica failure up to here is retried once, like a non-streaming request."""
+        for attempt in (0, 1):
+            gen = self._stream_h.remote(payload, **{TOKENS_KWARG: n})
+            try:
+                first = await gen.__anext__()
+                break
+            except StopAsyncIteration:
+                raise APIError("the model produced no output", status=500, type_="server_error") from None
+            except Exception as e:
+                gen.cancel()
+                kind = _ray_failure(e)
+                if kind == _BACKPRESSURE:
+                    raise self._overloaded(e) from None
+                if kind == _REPLICA_GONE:
+                    if attempt == 0:
+                        continue
+                    raise self._replica_failed(e, True) from None
+                raise
         if "error" in first:
             gen.cancel()
             raise APIError(first["error"]["message"], code=first["error"].get("code"))
@@ -367,6 +510,16 @@ class OpenAIIngress:
                 try:
                     item = await gen.__anext__()
                 except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:   # the replica died mid-stream: a clean error event, no hang
+                    kind = _ray_failure(e)
+                    if kind is None:
+                        logger.exception("stream failed")
+                    msg = (self._replica_failed(e, False).message if kind == _REPLICA_GONE
+                           else f"the stream failed: {type(e).__name__}")
+                    yield _sse(error_body(msg, "server_error", code=kind or "internal_error"))
                     break
                 if "error" in item:
                     yield _sse(error_body(item["error"]["message"], code=item["error"].get("code")))

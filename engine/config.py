@@ -29,6 +29,7 @@ class EngineConfig(BaseModel):
     num_layers: int | None = Field(None, ge=1, description="presets only: override layer count (benchmarks)")
     seed: int = Field(0, description="seed for random preset weights")
     store: str | None = Field(None, description="artifact store: local dir or fsspec URL (s3://...)")
+    cache_dir: str | None = Field(None, description="local compile cache (default ~/.cache/hybridserve/<fingerprint>)")
     store_hmac_key_env: str = Field("HYBRIDSERVE_STORE_KEY",
                                     description="env var holding the HMAC key for manifests (optional)")
 

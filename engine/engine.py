@@ -51,6 +51,7 @@ class HybridEngine:
         self.max_context = cfg.max_context
         self.buckets = list(cfg.buckets)
         self._listeners: list[Callable[[dict], None]] = []
+        self._startup_events: list[dict] = []
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture_costs: dict[int, float] = {}
         self._pending: set[int] = set()
@@ -79,6 +80,7 @@ class HybridEngine:
 
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-engine")
         self.graph_mem_bytes = 0
+        self._restore_artifacts()
         if self.cuda:
             ops.use_triton(cfg.kernels != "torch", cfg.skinny_matmul)
             self.stream = torch.cuda.Stream(self.device)
@@ -88,6 +90,8 @@ class HybridEngine:
             self._capture_q: queue.Queue[int | str | None] = queue.Queue()
             self._start_cuda()
             self._executor.submit(self._warm_serving_thread).result()
+            self.publish_artifacts()
+        self._serving = True
         gc.freeze()   # start-up objects leave the GC's generations: no long collections mid-request
 
     # ---------------------------------------------------------------- loading
@@ -120,6 +124,49 @@ class HybridEngine:
             dtype = {v: k for k, v in _DTYPES.items()}[dtype]
         return cls(EngineConfig(model=str(path_or_preset), device=device, dtype=dtype or "auto", **overrides))
 
+    # ---------------------------------------------------------------- artifact store
+    def _restore_artifacts(self) -> None:
+        """Point Triton's compile cache at this fingerprint's dir and fill it from the store (every
+        file sha256-checked before it lands); the store's warm buckets join the prewarm list."""
+        from .store import ArtifactManager, fingerprint, fingerprint_fields
+
+        fields = fingerprint_fields(self.args.hash_dict(), str(self.dtype).replace("torch.", ""), self.device)
+        root = Path(self.config.cache_dir or Path.home() / ".cache" / "hybridserve").expanduser()
+        cache_dir = root / fingerprint(fields)
+        if self.cuda:
+            os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
+        self.artifacts = ArtifactManager.from_config(self.config, fields, cache_dir)
+        self.store_warm: dict[int, float] = {}
+        self.restore_result = None
+        if not self.artifacts.enabled:
+            return
+        res = self.artifacts.restore()
+        self.restore_result = res
+        for why in res.rejected:
+            self._emit({"type": "store", "action": "reject", "reason": why})
+        if res.error:
+            self._emit({"type": "store", "action": "reject", "reason": f"store unavailable: {res.error}"})
+        if res.loaded:
+            self.store_warm = {b: c for b, c in res.warm_buckets.items() if b in self.buckets}
+            self._emit({"type": "store", "action": "load", "reason": f"{res.files} files, entry {res.entry}"})
+            log.info("artifact store: loaded %d files in %.2f s; warm buckets %s", res.files, res.seconds,
+                     sorted(self.store_warm))
+
+    def publish_artifacts(self, wait: bool = False) -> None:
+        """Publish compile artifacts + warm buckets if anything is new (background thread)."""
+        if not self.artifacts.enabled:
+            return
+
+        def work() -> None:
+            costs = {b: round(c * 1e3, 3) for b, c in self._capture_costs.items()}
+            if self.artifacts.publish(costs):
+                self._emit({"type": "store", "action": "publish", "reason": self.artifacts.fingerprint})
+
+        t = threading.Thread(target=work, name="hybridserve-publish", daemon=True)
+        t.start()
+        if wait:
+            t.join()
+
     # ---------------------------------------------------------------- static step functions
     def _prefill(self, L: int) -> None:
         """Prefill of ids[:L] (real length in self.seq_len): the function each prefill graph
@@ -145,6 +192,7 @@ class HybridEngine:
                                                 daemon=True)
         self._capture_thread.start()
         pre = self.buckets if self.config.prewarm_buckets == "all" else list(self.config.prewarm_buckets)
+        pre = sorted(set(pre) | set(self.store_warm))
         if self.config.cuda_graphs:
             self.capture(sorted(pre, reverse=True) + ["decode"])
         else:
@@ -217,6 +265,8 @@ class HybridEngine:
                     self.graph_mem_bytes = self._graph_pool_bytes()
                 self._emit({"type": "capture", "bucket": b, "seconds": dt})
                 log.info("captured %s graph in %.1f ms", b, dt * 1e3)
+                if b != "decode" and self._capture_q.empty() and getattr(self, "_serving", False):
+                    self.publish_artifacts()      # a bucket warmed while serving: share it
             except Exception:  # a failed capture leaves the bucket on the JIT path
                 log.exception("capture of bucket %s failed; it stays on the JIT path", b)
             finally:
@@ -236,9 +286,14 @@ class HybridEngine:
         return self._waiting
 
     def add_listener(self, fn: Callable[[dict], None]) -> None:
+        """fn(event) for every later event; start-up store/capture events are replayed to it first."""
+        for event in list(self._startup_events):
+            fn(event)
         self._listeners.append(fn)
 
     def _emit(self, event: dict) -> None:
+        if not getattr(self, "_serving", False):
+            self._startup_events.append(event)
         for fn in self._listeners:
             try:
                 fn(event)

@@ -6,6 +6,8 @@ what the artifact store caches (Triton's cache dir) so a new replica compiles no
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -177,7 +179,12 @@ _SKINNY_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, nu
                                         (4, 1024, 4, 4), (8, 1024, 8, 3), (16, 128, 4, 6), (64, 128, 8, 4)]]
 
 
-@triton.autotune(configs=_SKINNY_CONFIGS, key=["N", "K", "BLOCK_M"])
+# autotune results go to Triton's cache dir when this Triton supports it: the artifact store ships them
+_AUTOTUNE_CACHE = ({"cache_results": True}
+                   if "cache_results" in inspect.signature(triton.autotune).parameters else {})
+
+
+@triton.autotune(configs=_SKINNY_CONFIGS, key=["N", "K", "BLOCK_M"], **_AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["M"])
 def _skinny_kernel(X, W, Y, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
