@@ -173,6 +173,9 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return (f"Unrecognized request argument supplied: {_short(param)}. Remove it (see the OpenAI "
                 "API reference for the supported arguments)."), param
     if typ == "missing":
+        if not param:
+            return ("The request body is missing: send a JSON object (with 'prompt' or 'messages') "
+                    "and Content-Type: application/json."), None
         return f"Missing required parameter: '{param}'.", param
     if typ in ("model_type", "dict_type") and not param:
         return "The request body must be a JSON object.", None
@@ -406,14 +409,16 @@ class OpenAIIngress:
         """Start a stream and wait for its first item (before any byte goes to the client): a
         replica failure up to here is retried once, like a non-streaming request."""
         for attempt in (0, 1):
-            gen = self._stream_h.remote(payload, **{TOKENS_KWARG: n})
+            gen = None
             try:
+                gen = self._stream_h.remote(payload, **{TOKENS_KWARG: n})
                 first = await gen.__anext__()
                 break
             except StopAsyncIteration:
                 raise APIError("the model produced no output", status=500, type_="server_error") from None
             except Exception as e:
-                gen.cancel()
+                if gen is not None:
+                    gen.cancel()
                 kind = _ray_failure(e)
                 if kind == _BACKPRESSURE:
                     raise self._overloaded(e) from None

@@ -315,6 +315,9 @@ class ArtifactStore:
             storage_options = json.loads(env) if env else {}
         self.url = url
         self.hmac_key = hmac_key or None
+        if url.split("://", 1)[0] in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+            # entries appear under other processes' feet: never answer from a stale listing
+            storage_options = {"use_listings_cache": False, **storage_options}
         self.fs, self.root = fsspec.core.url_to_fs(os.path.expanduser(url), **storage_options)
         self.root = self.root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)

@@ -120,8 +120,10 @@ def s3_server():
 
 
 def s3_opts(endpoint: str) -> dict:
+    # short timeouts: a stuck request fails the test in seconds instead of botocore's minutes
     return {"endpoint_url": endpoint, "key": "testing", "secret": "testing",
-            "skip_instance_cache": True}
+            "config_kwargs": {"connect_timeout": 5, "read_timeout": 30,
+                              "retries": {"max_attempts": 2}}}
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -573,7 +575,7 @@ def test_prune_invalid(fields, tmp_path):
     (tmp_path / "store" / info.fingerprint / info.entry / "files" / "a1b2c3" / "kernel.cubin").write_bytes(b"x")
     assert store.prune(keep=5) == []
     assert store.prune(keep=5, remove_invalid=True) == [f"{info.fingerprint}/{info.entry}"]
-    assert store.ls() == []
+    assert store.ls() == [] and store.fingerprints() == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -649,3 +651,27 @@ def test_cli_warm_parser():
     cli_store.add_parser(p.add_subparsers(dest="command"))
     a = p.parse_args(["warm", "--preset", "llama-2-7b", "--store", "/x", "--buckets", "16,64"])
     assert a.func is cli_store.cmd_warm and a.buckets == [16, 64] and a.device == "cuda"
+
+
+# --------------------------------------------------------------------------------------------
+# bench/warmstart.py: the harness, in its CPU dry mode (the real run needs an H100)
+# --------------------------------------------------------------------------------------------
+def test_warmstart_bench_cpu_dry_run(tmp_path):
+    out = tmp_path / "results"
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "warmstart.py"), "--device", "cpu",
+                        "--preset", "tiny", "--out", str(out), "--workdir", str(tmp_path / "w"),
+                        "--max-tokens", "4"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (f,) = out.glob("warmstart-*-cpu.json")
+    doc = json.loads(f.read_text())
+    assert doc["device_name"] == "cpu" and doc["torch"]
+    s = doc["summary"]
+    for k in ("cold_ready_s", "cold_first_token_s", "seeded_ready_s", "seeded_first_token_s"):
+        assert isinstance(s[k], float) and 0 < s[k] < 600
+    run = doc["runs"][0]
+    for mode in ("cold", "seeded"):
+        r = run[mode]
+        assert r["process_start_to_python_s"] <= r["process_start_to_ready_s"] <= r["process_start_to_first_token_s"]
+        assert r["first_request"]["path"] == "eager" and r["first_request"]["bucket"] == 128
+    assert doc["target"]["met"] is False        # no graphs on CPU
