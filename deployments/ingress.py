@@ -418,7 +418,10 @@ class OpenAIIngress:
                 raise APIError("the model produced no output", status=500, type_="server_error") from None
             except Exception as e:
                 if gen is not None:
-                    gen.cancel()
+                    try:   # cancel() re-raises the call's error (e.g. BackPressureError): ignore it
+                        gen.cancel()
+                    except Exception:
+                        pass
                 kind = _ray_failure(e)
                 if kind == _BACKPRESSURE:
                     raise self._overloaded(e) from None

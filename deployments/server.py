@@ -91,13 +91,43 @@ class ModelServer:
         self._finishes: deque = deque(maxlen=64)              # recent (finish_reason, tokens): stats()
         self._finish_counts: dict[str, int] = {}
         self.started_at = time.time()
+        self._store_events: list[dict] = []
         self.eng.add_listener(self._on_event)
+        self._log_store_outcome()
         logger.info("ModelServer %s ready: model=%s device=%s buckets=%s", self.replica_id,
                     self.eng.model_name, ecfg.device, self.eng.config.buckets)
+
+    # ------------------------------------------------------------------ artifact store
+    def _log_store_outcome(self) -> None:
+        """Say in the replica log what the artifact store gave this replica (and why not)."""
+        if not self.cfg.engine.store:
+            return
+        res = getattr(self.eng, "restore_result", None)
+        if res is None:
+            logger.warning("artifact store %s: not used by the engine", self.cfg.engine.store)
+        elif res.loaded:
+            logger.info("artifact store %s: warm start from entry %s (%d files, warm buckets %s)",
+                        self.cfg.engine.store, res.entry, res.files, sorted(res.warm_buckets))
+        else:
+            why = ([f"store unavailable: {res.error}"] if res.error else []) + list(res.rejected) \
+                + list(res.skipped)
+            logger.warning("artifact store %s: nothing restored (%s); serving on the JIT path",
+                           self.cfg.engine.store, "; ".join(why) or "no entry for this fingerprint")
+
+    def store_status(self) -> dict:
+        res = getattr(self.eng, "restore_result", None)
+        return {"url": self.cfg.engine.store, "loaded": bool(res and res.loaded),
+                "entry": getattr(res, "entry", None), "rejected": list(getattr(res, "rejected", []) or []),
+                "skipped": list(getattr(res, "skipped", []) or []), "error": getattr(res, "error", None),
+                "events": list(self._store_events)}
 
     # ------------------------------------------------------------------ engine events
     def _on_event(self, event: dict) -> None:
         """Engine listener (engine thread): latency window, per-bucket TTFT, metrics."""
+        if event.get("type") == "store":
+            self._store_events.append({k: event.get(k) for k in ("action", "reason")})
+            if event.get("action") == "reject":
+                logger.warning("artifact store: %s", event.get("reason"))
         if event.get("type") == "request":
             m = event["metrics"]
             reason = str(event.get("finish_reason"))
@@ -262,6 +292,7 @@ class ModelServer:
         with self._lock:
             finishes, counts = list(self._finishes), dict(self._finish_counts)
         return {**self.record_routing_stats(), "engine": self.eng.stats(), "pid": os.getpid(),
+                "store": self.store_status(),
                 "started_at": self.started_at, "finishes": finishes, "finish_counts": counts}
 
     def __del__(self):

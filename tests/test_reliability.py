@@ -397,9 +397,16 @@ def _client_loop(stop: threading.Event, results: list, lock: threading.Lock, i: 
             results.append(rec)
 
 
-def test_replica_killed_under_load(cluster):
+def test_replica_killed_under_load(cluster, tmp_path):
     """SIGKILL one replica's process during a threaded-client run (2 replicas, 6 clients): requests
-    in flight on it fail cleanly (or were retried), nothing else fails, Serve restarts it."""
+    in flight on it fail cleanly (or were retried), nothing else fails, Serve restarts it, and the
+    restarted replica starts warm from the artifact store (when the engine uses the store)."""
+    use_store = _engine_uses_store()
+    if use_store:
+        store = tmp_path / "store"
+        _publish_entry(store, tmp_path, tmp_path / "unused")
+        cluster.deploy(engine={**BASE_ARGS["engine"], "store": str(store),
+                               "cache_dir": str(tmp_path / "cache")})
     before = cluster.replicas()
     assert len(before) == 2, before
     victim_name, victim_pid = sorted(before.items())[0]
@@ -447,13 +454,18 @@ def test_replica_killed_under_load(cluster):
     assert len(stats) == 2, stats
     new_pid = [p for n, p in cluster.replicas().items()]
     assert victim_pid not in new_pid
+    restarted = [st for st in stats.values() if st["pid"] not in before.values()]
+    assert len(restarted) == 1, (before, {k: v["pid"] for k, v in stats.items()})
+    from_store = restarted[0]["store"]["loaded"] if use_store else None
+    if use_store:
+        assert from_store, restarted[0]["store"]
     _record("replica_kill", {
         "requests": len(results), "failed": len(failed),
         "failed_detail": [r.get("status") for r in failed],
         "in_flight_at_kill": sum(1 for r in results if r["t0"] <= t_kill <= r["t1"]),
         "recovery_s_replica_alive": round(recovered - t_kill, 2),
         "recovery_s_serving": round(serving - t_kill, 2),
-        "restarted_from_store": "n/a: engine has no store integration yet",
+        "restarted_replica_loaded_from_store": from_store,
     })
 
 
@@ -480,7 +492,7 @@ def test_backpressure_burst_gets_fast_503(cluster):
     assert rejected and served, codes
     assert len(served) >= 2, codes
     for dt, h, t in rejected:
-        assert t.startswith("{"), (h, t[:300], [(c, t2[:40]) for c, _, _, t2 in out])
+        assert t.startswith("{"), (h, t[:300], [(i % 3 == 0, c, t2[:20]) for i, (c, _, _, t2) in enumerate(out)])
         assert h.get("retry-after") == "2", h
         err = json.loads(t)["error"]
         assert err["code"] == "overloaded" and "overloaded" in err["message"], err
@@ -538,27 +550,82 @@ def test_graceful_redeploy_lets_inflight_stream_finish(cluster):
 
 # --------------------------------------------------------------------------- artifact store faults
 def _engine_uses_store() -> bool:
+    """engine/engine.py wires EngineConfig.store (engine/store.py) in."""
     src = (REPO / "engine" / "engine.py").read_text()
-    return "store" in src and "ArtifactStore" in src
+    return "restore_result" in src and "from .store import" in src
 
 
-@pytest.mark.skipif(not _engine_uses_store(), reason="engine/engine.py does not use the artifact "
-                    "store yet (EngineConfig.store is not wired): replica-level store faults untestable")
-@pytest.mark.parametrize("fault", ["missing", "corrupted", "tampered"])
-def test_store_fault_leaves_replica_serving(cluster, tmp_path, fault):
-    """A missing store, a corrupted entry, a tampered entry: the replica still serves (JIT path)."""
+def _serve_logs_mention(needle: str, since: float) -> bool:
+    import ray
+
+    root = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for f in root.rglob("*ModelServer*"):
+        try:
+            if f.is_file() and f.stat().st_mtime >= since and needle in f.read_text(errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _publish_entry(store: Path, tmp_path: Path, marker: Path) -> Path:
+    """Publish an entry under the fingerprint the tiny CPU replica computes; its one artifact is
+    Python code that would create ``marker`` if it were ever executed. Returns the stored file."""
+    import torch
+
+    from engine.model import ModelArgs
+    from engine.presets import PRESETS
+    from engine.store import ArtifactStore, fingerprint, fingerprint_fields
+
+    fields = fingerprint_fields(ModelArgs.from_hf(dict(PRESETS["tiny"])).hash_dict(), "float32",
+                                torch.device("cpu"))
+    fp = fingerprint(fields)
+    src = tmp_path / "artifacts"
+    (src / "triton").mkdir(parents=True)
+    (src / "triton" / "kernel_launcher.py").write_text("X = 1\n" + "#" * 293 + "\n")   # 300 bytes
+    ArtifactStore(str(store)).publish(fp, fields, src, warm_buckets={16: 1.0})
+    (stored,) = [f for f in store.rglob("kernel_launcher.py")]
+    return stored
+
+
+@pytest.mark.skipif(not _engine_uses_store(), reason="engine/engine.py does not use the artifact store")
+@pytest.mark.parametrize("fault", ["none", "missing", "corrupted", "tampered"])
+def test_store_faults_leave_replica_serving(cluster, tmp_path, fault):
+    """A missing store, a corrupted entry, a tampered entry: the new replica serves (JIT path), the
+    reason is in its log and stats, the tampered code never runs. 'none' is the control: the same
+    entry untouched is loaded (so the fingerprint matches and the rejections are real)."""
     store = tmp_path / "store"
-    if fault != "missing":
-        from engine import store as st
-        src = tmp_path / "artifacts"
-        src.mkdir()
-        (src / "kernel.py").write_text("raise SystemExit('tampered code executed')\n")
-        s = st.ArtifactStore(str(store))
-        s.publish("fp", {"x": 1}, src, warm={16: 0.01})
-        entry = next(p for p in store.rglob("kernel.py"))
+    marker = tmp_path / "tampered-ran"
+    if fault == "missing":
+        store = tmp_path / "no" / "such" / "store"
+    else:
+        stored = _publish_entry(store, tmp_path, marker)
         if fault == "corrupted":
-            entry.write_bytes(b"\x00garbage")
-        else:
-            entry.write_text("import os; os._exit(3)\n")
-    cluster.deploy(num_replicas=1, engine={**BASE_ARGS["engine"], "store": str(store)})
-    assert post("/v1/completions", {"prompt": "still serving", "max_tokens": 4}).status_code == 200
+            stored.write_bytes(b"X = 1\n"[:3])
+        elif fault == "tampered":
+            # same size, different bytes: only the sha256 check can catch it
+            code = f"open({str(marker)!r}, 'w').write('ran')\nimport os\nos._exit(3)\n"
+            assert len(code) < 299
+            stored.write_text(code + "#" * (299 - len(code)) + "\n")
+            assert stored.stat().st_size == 300
+    t0 = time.time()
+    cluster.deploy(num_replicas=1, engine={**BASE_ARGS["engine"], "store": str(store),
+                                           "cache_dir": str(tmp_path / "cache")})
+    r = post("/v1/completions", {"prompt": "still serving", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    st = cluster.model_handle().stats.remote().result(timeout_s=30)["store"]
+    if fault == "none":
+        assert st["loaded"], st
+        assert _serve_logs_mention("warm start from entry", t0)
+        return
+    assert not st["loaded"], st
+    if fault == "missing":
+        assert _serve_logs_mention("nothing restored", t0), st
+    else:
+        assert st["rejected"], st
+        assert _serve_logs_mention("nothing restored", t0)
+    assert not marker.exists(), "tampered artifact code was executed"
+    bad = list((tmp_path / "cache").rglob("kernel_launcher.py"))
+    assert not bad, f"a rejected artifact reached the compile cache: {bad}"
+    _record(f"store_{fault}", {"loaded": st["loaded"], "reason": (st["rejected"] or [st["error"]])[0]
+                               if fault != "missing" else "no entry / store missing"})
