@@ -365,11 +365,11 @@ class OpenAIIngress:
         if n >= self.max_context:
             raise APIError(f"prompt has {n} tokens but the context holds {self.max_context} "
                            "(prompt + max_tokens); shorten the prompt", param="prompt",
-                           code="context_length_exceeded")
+                           code="PromptTooLongError")
         if n + params.max_tokens > self.max_context:
             raise APIError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
                            f"of {self.max_context} tokens; lower max_tokens to at most "
-                           f"{self.max_context - n}", param="max_tokens", code="context_length_exceeded")
+                           f"{self.max_context - n}", param="max_tokens", code="PromptTooLongError")
         return {"prompt": prompt, "params": asdict(params)}, n
 
     def _overloaded(self, e: BaseException) -> APIError:

@@ -61,3 +61,22 @@ def make_checkpoint(out: Path, variant: str, seed: int = 0, **sizes) -> Path:
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")
     return {v: make_checkpoint(root / v, v, seed=i) for i, v in enumerate(VARIANTS)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ray_isolation():
+    """Each test module that starts Ray gets its own session: shut it down after the module."""
+    yield
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            try:
+                from ray import serve
+
+                serve.shutdown()
+            except Exception:
+                pass
+            ray.shutdown()
