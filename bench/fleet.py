@@ -337,9 +337,36 @@ def app_args_for(args, engine_cfg: dict, hybrid: bool, objective_ms: float) -> d
                        "downscale_delay_s": args.downscale_delay_s,
                        "target_ongoing_requests": args.target_ongoing}
     return {"engine": dict(engine_cfg), "autoscaling": autoscaling,
-            "num_gpus": 1 if args.device == "cuda" else 0, "num_cpus": 1,
+            "num_gpus": args.gpus_per_replica if args.device == "cuda" else 0, "num_cpus": 1,
             "max_ongoing_requests": 8, "max_queued_requests": -1, "graceful_shutdown_timeout_s": 20,
             "router": {"enabled": hybrid, "stats_period_s": 0.5}}
+
+
+def preflight(port: int) -> dict:
+    """One plain and one streaming request before any load: a broken app fails fast, with the
+    replicas' tracebacks from Ray's serve logs in the JSON instead of minutes of failed load."""
+    import glob
+
+    import httpx
+
+    out: dict = {"requests": []}
+    for stream in (False, True):
+        body = {"prompt": "preflight " * 20, "max_tokens": 4, "stream": stream}
+        try:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
+            out["requests"].append({"stream": stream, "status": r.status_code, "body": r.text[:500]})
+        except Exception as e:  # noqa: BLE001
+            out["requests"].append({"stream": stream, "status": None, "body": repr(e)})
+    if not all(p["status"] == 200 for p in out["requests"]):
+        tb = []
+        for f in sorted(glob.glob("/tmp/ray/session_latest/logs/serve/*.log")):
+            lines = Path(f).read_text(errors="replace").splitlines()
+            idx = [i for i, ln in enumerate(lines) if "Traceback" in ln or "Error" in ln]
+            if idx:
+                tb.append(f"== {Path(f).name}\n" + "\n".join(lines[max(0, idx[0] - 2): idx[0] + 40]))
+        out["serve_log_tracebacks"] = "\n".join(tb)[-6000:]
+        print(out["serve_log_tracebacks"], flush=True)
+    return out
 
 
 def run_config(name: str, args, app_args: dict, load: dict, out_tmp: Path, log, budget_end: float) -> dict:
@@ -353,6 +380,10 @@ def run_config(name: str, args, app_args: dict, load: dict, out_tmp: Path, log, 
     serve.run(build_app(app_args), name=APP, route_prefix="/")
     res["startup_s"] = round(time.time() - t0, 2)
     log(f"[{name}] app up in {res['startup_s']} s")
+    res["preflight"] = preflight(args.port)
+    log(f"[{name}] preflight: {json.dumps(res['preflight'])[:600]}")
+    if not all(p["status"] == 200 for p in res["preflight"]["requests"]):
+        raise RuntimeError(f"preflight failed: {res['preflight']}")
 
     phases = [["warmup", args.warmup_s, load["users"]], ["steady", args.steady_s, load["users"]],
               ["step", load["after_s"], load["users"] * args.step_factor]]
@@ -598,6 +629,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     ap.add_argument("--max-context", type=int, default=1024)
     ap.add_argument("--store", default=None, help="artifact store dir (default: fresh temp dir)")
+    ap.add_argument("--gpus-per-replica", type=float, default=1.0,
+                    help="1 = each replica pins one GPU (the issue's setup); 0.5 shares one GPU (a 1-GPU dry run)")
     ap.add_argument("--prompt-mix", default="10-50:50,51-150:30,151-300:15,301-500:5")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--seed-requests", type=int, default=40, help="engine-only reference requests")
@@ -678,7 +711,11 @@ def main(argv=None) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     csv_files: list[tuple[Path, str]] = []
     try:
-        ray.init(num_cpus=max(4, min(16, os.cpu_count() or 4)), num_gpus=2 if args.device == "cuda" else 0,
+        ngpu = 0
+        if args.device == "cuda":
+            import torch
+            ngpu = torch.cuda.device_count()
+        ray.init(num_cpus=max(4, min(16, os.cpu_count() or 4)), num_gpus=ngpu,
                  include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         for name in (["hybrid", "baseline"] if args.baseline else ["hybrid"]):

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = device_info(args.device)
     ray.init(num_cpus=max(2, min(8, os.cpu_count() or 2)), num_gpus=1 if args.device == "cuda" else 0,
-             include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+             include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                 [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}})
     results: dict = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})

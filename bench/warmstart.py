@@ -79,6 +79,8 @@ def child(opts: dict) -> dict:
         kw["buckets"] = _parse_buckets(opts["buckets"])
     if opts.get("max_context"):
         kw["max_context"] = opts["max_context"]
+    if opts.get("cache_dir") and "cache_dir" in EngineConfig.model_fields:
+        kw["cache_dir"] = opts["cache_dir"]     # a fresh local compile cache: only the store carries work
     cfg = EngineConfig(**kw)
     events: list[dict] = []
 
@@ -145,7 +147,10 @@ def child(opts: dict) -> dict:
     eng.shutdown()
     out["shutdown_s"] = time.time() - t_sd
     out["events"] = events
+    # the engine may point TRITON_CACHE_DIR at its own cache dir: count what it compiled/loaded there
+    out["triton_cache_dir"] = os.environ.get("TRITON_CACHE_DIR")
     out["triton_cache_files"] = _count_files(os.environ.get("TRITON_CACHE_DIR"))
+    out["engine_cache_files"] = _count_files(opts.get("cache_dir"))
     return out
 
 
@@ -170,7 +175,7 @@ def _versions() -> dict:
 
 def run_child(args, mode: str, store: str, work: Path, tag: str) -> dict:
     caches = {k: work / f"{tag}-{k.lower()}" for k in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
-                                                      "XDG_CACHE_HOME")}
+                                                      "XDG_CACHE_HOME", "HYBRIDSERVE_CACHE_DIR")}
     for d in caches.values():
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
@@ -180,7 +185,8 @@ def run_child(args, mode: str, store: str, work: Path, tag: str) -> dict:
             "dtype": args.dtype, "layers": args.layers, "buckets": args.buckets,
             "max_context": args.max_context, "prewarm": args.prewarm,
             "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-            "publish_buckets": args.publish_buckets, "capture_timeout": args.capture_timeout}
+            "publish_buckets": args.publish_buckets, "capture_timeout": args.capture_timeout,
+            "cache_dir": str(caches["HYBRIDSERVE_CACHE_DIR"])}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(opts)]
     t_spawn = time.time()
     p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

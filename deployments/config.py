@@ -89,6 +89,10 @@ class AppConfig(BaseModel):
     # test-only
     inject_latency_ms: float = Field(
         0.0, ge=0, description="TEST ONLY: sleep this long in the model replica before each request")
+    inject_latency_file: str | None = Field(
+        None, description="TEST ONLY: path of a file holding a number of milliseconds; when set, each "
+                          "model replica re-reads it (at most every 0.5 s; missing file: 0) and uses it "
+                          "in place of inject_latency_ms, so a test can change the latency at run time")
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":

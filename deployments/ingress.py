@@ -270,8 +270,12 @@ async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 @app.exception_handler(Exception)
 async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    """A bug, not bad input: 500 naming the exception (a replica's own error, not Ray's wrapper) so
+    the report is actionable; the full (remote) traceback goes to the log."""
     logger.exception("unexpected ingress error")
-    return SafeJSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"),
+    cause = exc.cause if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None else exc
+    first = (str(cause).strip().splitlines() or [""])[-1][:200]
+    return SafeJSONResponse(error_body(f"internal error: {type(cause).__name__}: {first}", "server_error"),
                             status_code=500)
 
 

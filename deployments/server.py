@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -92,6 +93,7 @@ class ModelServer:
         self._finish_counts: dict[str, int] = {}
         self.started_at = time.time()
         self._store_events: list[dict] = []
+        self._inject_ms_cached, self._inject_read_at = 0.0, -math.inf  # inject_latency_file
         self.eng.add_listener(self._on_event)
         self._log_store_outcome()
         logger.info("ModelServer %s ready: model=%s device=%s buckets=%s", self.replica_id,
@@ -140,7 +142,7 @@ class ModelServer:
                 if event.get("finish_reason") != "cancelled" or m.ttft_s > 0:
                     self._served.add(m.bucket)
             if self._window is not None:   # as the client sees it: the test-only delay counts too
-                extra = self.cfg.inject_latency_ms / 1e3
+                extra = self._inject_ms() / 1e3
                 self._window.record(m.ttft_s + extra, m.e2e_s + extra)
         if _metrics is not None:
             try:
@@ -225,9 +227,30 @@ class ModelServer:
         meta = {"replica": self.replica_id, "bucket": bucket, "warm": warm, "prompt_tokens": len(ids)}
         return ids, params, meta
 
+    def _inject_ms(self) -> float:
+        """TEST ONLY: the injected latency (ms): ``inject_latency_ms``, or, when
+        ``inject_latency_file`` is set, the number in that file (re-read at most every 0.5 s;
+        missing file: 0; unparsable, e.g. caught mid-write: the last value)."""
+        path = self.cfg.inject_latency_file
+        if not path:
+            return self.cfg.inject_latency_ms
+        now = time.monotonic()
+        if now - self._inject_read_at >= 0.5:   # engine thread and event loop: benign race
+            self._inject_read_at = now
+            try:
+                with open(path) as f:
+                    v = float(f.read().strip() or 0)
+                self._inject_ms_cached = v if math.isfinite(v) and v > 0 else 0.0
+            except FileNotFoundError:
+                self._inject_ms_cached = 0.0
+            except (OSError, ValueError):
+                pass
+        return self._inject_ms_cached
+
     async def _delay(self) -> None:
-        if self.cfg.inject_latency_ms > 0:
-            await asyncio.sleep(self.cfg.inject_latency_ms / 1e3)
+        ms = self._inject_ms()
+        if ms > 0:
+            await asyncio.sleep(ms / 1e3)
 
     @staticmethod
     def _final(meta: dict, finish_reason: str, completion_tokens: int, m: Any) -> dict:

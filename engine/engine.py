@@ -83,7 +83,7 @@ class HybridEngine:
         self._restore_artifacts()
         if self.cuda:
             ops.use_triton(cfg.kernels != "torch", cfg.skinny_matmul)
-            self.stream = torch.cuda.Stream(self.device)
+            self.cuda_stream = torch.cuda.Stream(self.device)
             self._capture_stream = torch.cuda.Stream(self.device)
             self._pool = torch.cuda.graph_pool_handle()
             self._decode_graph: torch.cuda.CUDAGraph | None = None
@@ -214,12 +214,12 @@ class HybridEngine:
 
     def _warm_serving_thread(self) -> None:
         """The engine thread's first CUDA work (cuBLAS handle, workspaces) happens here, not on a request."""
-        with torch.cuda.stream(self.stream), torch.inference_mode():
+        with torch.cuda.stream(self.cuda_stream), torch.inference_mode():
             self.seq_len.fill_(1)
             self._prefill(self.buckets[0])
             self._prefill(1)
             self._decode()
-        self.stream.synchronize()
+        self.cuda_stream.synchronize()
 
     def _graph_pool_bytes(self) -> int:
         """Bytes of the segments that belong to the graphs' shared memory pool."""
@@ -374,7 +374,7 @@ class HybridEngine:
         eos |= set(params.stop_token_ids)
         graph = self._graphs.get(bucket) if self.cuda else None
         path = "graph" if graph is not None else ("jit" if self.cuda else "eager")
-        ctx = torch.cuda.stream(self.stream) if self.cuda else _nullctx()
+        ctx = torch.cuda.stream(self.cuda_stream) if self.cuda else _nullctx()
         with ctx, torch.inference_mode():
             self._ids_host[:n] = torch.tensor(ids, dtype=torch.long)
             self.ids[:n].copy_(self._ids_host[:n], non_blocking=True)

@@ -152,3 +152,20 @@ def test_unknown_preset_and_missing_files(tmp_path, checkpoints):
     empty.mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
         HybridEngine.from_pretrained(str(empty), device="cpu")
+
+
+def test_no_instance_attribute_shadows_a_method():
+    """Every `self.x = ...` in the engine, on any device path (the CUDA-only ones included), must not
+    hide a method: `self.stream = torch.cuda.Stream()` once made `eng.stream()` uncallable on GPU."""
+    import ast
+    import inspect
+
+    import engine.engine as mod
+
+    methods = {n for n, v in vars(HybridEngine).items() if callable(v) or isinstance(v, (staticmethod, property))}
+    assigned = {t.attr for node in ast.walk(ast.parse(inspect.getsource(mod)))
+                if isinstance(node, (ast.Assign, ast.AnnAssign))
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    assert "cuda_stream" in assigned          # the parse sees the CUDA-only branch
+    assert not assigned & methods, assigned & methods

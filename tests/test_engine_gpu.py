@@ -132,3 +132,21 @@ def test_skinny_matmul_matches_cublas(M):
         x = torch.randn(M, K, device="cuda", dtype=torch.float16, generator=g)
         w = torch.randn(N, K, device="cuda", dtype=torch.float16, generator=g) * 0.02
         assert rel_err(kernels.skinny_matmul(x, w), x @ w.t()) < 2e-3, (N, K)
+
+
+def test_stream_on_cuda_matches_generate(gpu_ckpt):
+    import asyncio
+
+    eng = HybridEngine.from_pretrained(str(gpu_ckpt), device="cuda", dtype="float16",
+                                       buckets=[16, 64], max_context=256, prewarm_buckets="all")
+    p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    ids = [1] + list(range(5, 40))
+    full = eng.generate(ids, p)
+
+    async def collect():
+        return [c async for c in eng.stream(ids, p)]
+
+    chunks = asyncio.run(collect())
+    assert [c.token_id for c in chunks if c.token_id is not None] == full.token_ids
+    assert chunks[-1].metrics.path == "graph"
+    eng.shutdown()

@@ -83,11 +83,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3_server():
+def s3_server(tmp_path_factory):
     port = _free_port()
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    # the server logs every request: send it to a file (an unread pipe fills up and the server
+    # blocks mid-request)
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    log_f = open(log_path, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                            stdout=log_f, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:
@@ -96,7 +100,7 @@ def s3_server():
             break
         except Exception:
             if proc.poll() is not None:
-                raise RuntimeError("moto server died: " + proc.stderr.read().decode()[-2000:])
+                raise RuntimeError("moto server died: " + log_path.read_text()[-2000:])
             if time.time() > deadline:
                 proc.kill()
                 raise RuntimeError("moto server did not come up")
@@ -117,6 +121,7 @@ def s3_server():
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    log_f.close()
 
 
 def s3_opts(endpoint: str) -> dict:
