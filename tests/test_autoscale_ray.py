@@ -302,5 +302,6 @@ def test_scales_up_on_injected_latency_and_back_down_after_delay(serve_app):
     near = sorted((round(c.start - t_stop, 2), round(c.end - t_stop, 2), c.kind, c.replica)
                   for c in calls + hold_calls if c.end > t_stop - 4 and c.start < t_stop + 2)
     states = [(round(t - t_stop, 2), s) for t, s in watch.samples if abs(t - t_stop) < 3]
+    print("DEBUG near", near, "\nDEBUG states", states)
     assert spanning, ("no request was in flight on the removed replica when it stopped; "
                       f"requests near it (start, end - t_stop): {near}; states: {states}")
