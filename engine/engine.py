@@ -161,6 +161,10 @@ class HybridEngine:
             costs = {b: round(c * 1e3, 3) for b, c in self._capture_costs.items()}
             if self.artifacts.publish(costs):
                 self._emit({"type": "store", "action": "publish", "reason": self.artifacts.fingerprint})
+                try:   # each publish is a full entry: keep the newest two of this fingerprint
+                    self.artifacts.store.prune(keep=2, fp=self.artifacts.fingerprint)
+                except Exception:
+                    log.exception("artifact store: prune after publish failed")
 
         t = threading.Thread(target=work, name="hybridserve-publish", daemon=True)
         t.start()
