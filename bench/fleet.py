@@ -323,7 +323,7 @@ class Monitor:
 
 # ------------------------------------------------------------------------------------ one config
 def app_args_for(args, engine_cfg: dict, hybrid: bool, objective_ms: float) -> dict:
-    base = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
+    base = {"min_replicas": 1, "max_replicas": args.max_replicas, "initial_replicas": 1,
             "metrics_interval_s": 1.0, "look_back_period_s": 5.0}
     if hybrid:
         autoscaling = {**base, "upscale_delay_s": 0, "downscale_delay_s": 0,
@@ -629,6 +629,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     ap.add_argument("--max-context", type=int, default=1024)
     ap.add_argument("--store", default=None, help="artifact store dir (default: fresh temp dir)")
+    ap.add_argument("--max-replicas", type=int, default=2,
+                    help="autoscaling max (2 for the 2-GPU run, 4 for the 4-GPU scale-out)")
     ap.add_argument("--gpus-per-replica", type=float, default=1.0,
                     help="1 = each replica pins one GPU (the issue's setup); 0.5 shares one GPU (a 1-GPU dry run)")
     ap.add_argument("--prompt-mix", default="10-50:50,51-150:30,151-300:15,301-500:5")
