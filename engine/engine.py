@@ -9,6 +9,7 @@ On CPU the same static functions run eagerly ("eager").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -63,7 +64,7 @@ class HybridEngine:
         self._closed = False
 
         t0 = time.perf_counter()
-        self.args, weights, self.tokenizer, self.model_name = self._load(cfg)
+        self.args, weights, self.tokenizer, self.model_name = self._load(cfg, self.device, self.dtype)
         self.model = Llama(self.args, weights, self.device, self.dtype, cfg.max_context)
         del weights
         self.load_s = time.perf_counter() - t0
@@ -96,15 +97,13 @@ class HybridEngine:
 
     # ---------------------------------------------------------------- loading
     @staticmethod
-    def _load(cfg: EngineConfig) -> tuple[ModelArgs, dict, Tokenizer, str]:
+    def _load(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> tuple[ModelArgs, dict, Tokenizer, str]:
         if cfg.model in PRESETS:
             hf = dict(PRESETS[cfg.model])
             if cfg.num_layers:
                 hf["num_hidden_layers"] = cfg.num_layers
             args = ModelArgs.from_hf(hf)
-            dev = torch.device("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
-            dtype = _DTYPES.get(cfg.dtype, torch.float16 if dev.type == "cuda" else torch.float32)
-            return args, random_weights(args, dev, dtype, cfg.seed), ByteTokenizer(args.vocab_size), cfg.model
+            return args, random_weights(args, device, dtype, cfg.seed), ByteTokenizer(args.vocab_size), cfg.model
         path = Path(cfg.model).expanduser()
         if not path.exists():
             raise ModelLoadError(f"unknown model {cfg.model!r}: not a preset ({', '.join(PRESETS)}) "
@@ -378,7 +377,7 @@ class HybridEngine:
         eos |= set(params.stop_token_ids)
         graph = self._graphs.get(bucket) if self.cuda else None
         path = "graph" if graph is not None else ("jit" if self.cuda else "eager")
-        ctx = torch.cuda.stream(self.cuda_stream) if self.cuda else _nullctx()
+        ctx = torch.cuda.stream(self.cuda_stream) if self.cuda else contextlib.nullcontext()
         with ctx, torch.inference_mode():
             self._ids_host[:n] = torch.tensor(ids, dtype=torch.long)
             self.ids[:n].copy_(self._ids_host[:n], non_blocking=True)
@@ -521,11 +520,3 @@ class HybridEngine:
         if self.cuda:
             self._capture_q.put(None)
             self._capture_thread.join(timeout=30)
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
