@@ -86,6 +86,9 @@ class AppConfig(BaseModel):
                     "requests need 'Authorization: Bearer <key>'. null disables the check")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request omits it")
 
+    latency_window_s: float = Field(30.0, gt=0, description="sliding window of the P99 latency each "
+                                    "replica reports to the autoscaling policy")
+
     # test-only
     inject_latency_ms: float = Field(
         0.0, ge=0, description="TEST ONLY: sleep this long in the model replica before each request")

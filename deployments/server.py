@@ -88,7 +88,7 @@ class ModelServer:
         self._ttft: dict[int, deque] = {}
         self._requests = 0
         self._warm_hits = 0
-        self._window = LatencyWindow(30.0) if LatencyWindow is not None else None
+        self._window = LatencyWindow(self.cfg.latency_window_s) if LatencyWindow is not None else None
         self._finishes: deque = deque(maxlen=64)              # recent (finish_reason, tokens): stats()
         self._finish_counts: dict[str, int] = {}
         self.started_at = time.time()
