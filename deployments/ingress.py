@@ -389,6 +389,18 @@ class OpenAIIngress:
                         + "; nothing was lost on the server, retry the request.", status=503,
                         type_="server_error", code=_REPLICA_GONE, headers=self._retry_after)
 
+    def _retry(self, e: BaseException, attempt: int) -> bool:
+        """A failed model-deployment call: back-pressure -> 503 at once; a dead replica -> True
+        (retry) on the first attempt, 503 after; anything else False (the caller re-raises)."""
+        kind = _ray_failure(e)
+        if kind == _BACKPRESSURE:
+            raise self._overloaded(e) from None
+        if kind == _REPLICA_GONE:
+            if attempt == 0:
+                return True
+            raise self._replica_failed(e, True) from None
+        return False
+
     async def _generate(self, payload: dict, n: int) -> dict:
         """One call to the model deployment. Back-pressure -> 503 + Retry-After at once; a replica
         that dies under the request -> retried once on another (nothing was sent yet), then 503."""
@@ -397,13 +409,8 @@ class OpenAIIngress:
                 out = await self._generate_h.remote(payload, **{TOKENS_KWARG: n})
                 break
             except Exception as e:
-                kind = _ray_failure(e)
-                if kind == _BACKPRESSURE:
-                    raise self._overloaded(e) from None
-                if kind == _REPLICA_GONE:
-                    if attempt == 0:
-                        continue
-                    raise self._replica_failed(e, True) from None
+                if self._retry(e, attempt):
+                    continue
                 raise
         if "error" in out:
             raise APIError(out["error"]["message"], code=out["error"].get("code"))
@@ -426,13 +433,8 @@ class OpenAIIngress:
                         gen.cancel()
                     except Exception:
                         pass
-                kind = _ray_failure(e)
-                if kind == _BACKPRESSURE:
-                    raise self._overloaded(e) from None
-                if kind == _REPLICA_GONE:
-                    if attempt == 0:
-                        continue
-                    raise self._replica_failed(e, True) from None
+                if self._retry(e, attempt):
+                    continue
                 raise
         if "error" in first:
             gen.cancel()

@@ -179,6 +179,13 @@ class HybridEngine:
         self.tok.copy_(torch.argmax(logits).view(1))
         self.pos.copy_(self.seq_len)
 
+    def _step(self, decode_graph) -> None:
+        """Next token: replay the decode graph (CUDA) or run the same function eagerly."""
+        if decode_graph is not None:
+            decode_graph.replay()
+        else:
+            self._decode()
+
     def _decode(self) -> None:
         """One decode step at self.pos from self.tok: the function the decode graph captures."""
         logits = self.model.decode(self.tok, self.pos)
@@ -411,24 +418,22 @@ class HybridEngine:
                     finish = "stop"
                     break
                 out.append(t)
-                full = self.tokenizer.decode(out)
-                cut = min((i for i in (full.find(s) for s in params.stop) if i >= 0), default=-1)
-                if cut >= 0:                            # stop string: emit up to it, never past it
-                    text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:cut])
-                    finish = "stop"
-                    break
-                safe = len(full) - hold - (1 if full.endswith("\ufffd") else 0)  # partial UTF-8 waits
-                if safe > len(text) or on_chunk:
-                    text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:max(safe, len(text))], True)
+                if on_chunk or params.stop:             # else nothing to stream or match: decode at the end
+                    full = self.tokenizer.decode(out)
+                    cut = min((i for i in (full.find(s) for s in params.stop) if i >= 0), default=-1)
+                    if cut >= 0:                        # stop string: emit up to it, never past it
+                        text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:cut])
+                        finish = "stop"
+                        break
+                    safe = len(full) - hold - (1 if full.endswith("\ufffd") else 0)  # partial UTF-8 waits
+                    if safe > len(text) or on_chunk:
+                        text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:max(safe, len(text))], True)
                 if len(out) >= params.max_tokens:
                     break
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
                     break
-                if decode_graph is not None:
-                    decode_graph.replay()
-                else:
-                    self._decode()
+                self._step(decode_graph)
             if cut < 0:                                 # flush text held back for stop strings
                 text = self._emit_text(on_chunk, None, len(out), text, self.tokenizer.decode(out))
         metrics.e2e_s = time.perf_counter() - t_req
