@@ -49,8 +49,10 @@ def summary(xs: list[float]) -> dict:
 
 
 def one_request(client, url: str, prompt: str, max_tokens: int) -> tuple[float, float, dict]:
-    """Returns (client_ttft_ms, client_e2e_ms, hybridserve meta of the final chunk)."""
+    """Returns (client_ttft_ms, client_e2e_ms, hybridserve meta of the final chunk); the meta's
+    timeline gains client_send / client_first (wall clock, s)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    wall0 = time.time()
     t0 = time.perf_counter()
     ttft = None
     meta: dict = {}
@@ -74,7 +76,18 @@ def one_request(client, url: str, prompt: str, max_tokens: int) -> tuple[float, 
                         meta = obj["hybridserve"]
     e2e = (time.perf_counter() - t0) * 1e3
     assert ttft is not None and meta, "no token / no final chunk"
+    meta.setdefault("timeline", {}).update(client_send=wall0, client_first=wall0 + ttft / 1e3)
     return ttft, e2e, meta
+
+
+# wall-clock stages of one streamed request (same host, one clock): where the overhead goes
+HOPS = {
+    "client->ingress": ("client_send", "ingress_in"),
+    "ingress->replica": ("ingress_in", "replica_in"),
+    "replica: queue+prefill+first token": ("replica_in", "replica_first"),
+    "replica->ingress": ("replica_first", "ingress_first"),
+    "ingress->client": ("ingress_first", "client_first"),
+}
 
 
 def device_info(device: str) -> dict:
@@ -102,7 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--port", type=int, default=18200)
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment for every Ray process (e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--topology", choices=["split", "colocated"], default="split")
+    ap.add_argument("--client-port", type=int, default=None,
+                    help="send requests to this port instead of the proxy's (e.g. the ingress replica's own "
+                         "port with RAY_SERVE_ENABLE_DIRECT_INGRESS=1: 30000)")
     args = ap.parse_args(argv)
+    for kv in args.env:
+        k, _, v = kv.partition("=")
+        os.environ[k] = v
     lengths = [int(x) for x in args.lengths.split(",")]
 
     import httpx
@@ -119,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
               "prewarm_buckets": warm if args.device == "cuda" else []}
     if args.layers:
         engine["num_layers"] = args.layers
-    app_args = {"engine": engine, "num_replicas": 1, "num_gpus": 1 if args.device == "cuda" else 0,
+    app_args = {"engine": engine, "num_replicas": 1, "topology": args.topology, "num_gpus": 1 if args.device == "cuda" else 0,
                 "num_cpus": 1, "router": {"stats_period_s": 1.0}}
 
     info = device_info(args.device)
@@ -132,13 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         serve.run(build_app(app_args), name="hybridserve", route_prefix="/")
         startup_s = time.perf_counter() - t0
-        url = f"http://127.0.0.1:{args.port}/v1/completions"
+        cport = args.client_port or args.port
+        url = f"http://127.0.0.1:{cport}/v1/completions"
         with httpx.Client(timeout=600) as client:
             # floor: proxy + ingress round trip without the model (GET /healthz)
             hz = []
             for i in range(args.requests + args.warmup):
                 t = time.perf_counter()
-                client.get(f"http://127.0.0.1:{args.port}/healthz").raise_for_status()
+                client.get(f"http://127.0.0.1:{cport}/healthz").raise_for_status()
                 if i >= args.warmup:
                     hz.append((time.perf_counter() - t) * 1e3)
             results["healthz_roundtrip_ms"] = summary(hz)
@@ -148,8 +172,13 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.warmup):
                     one_request(client, url, prompt, args.max_tokens)
                 client_ttft, engine_ttft, overhead, e2e, paths = [], [], [], [], []
+                hops: dict[str, list[float]] = {h: [] for h in HOPS}
                 for _ in range(args.requests):
                     c, e, meta = one_request(client, url, prompt, args.max_tokens)
+                    tl = meta["timeline"]
+                    for h, (a, b) in HOPS.items():
+                        if a in tl and b in tl:
+                            hops[h].append((tl[b] - tl[a]) * 1e3)
                     client_ttft.append(c)
                     engine_ttft.append(meta["engine_ttft_ms"])
                     overhead.append(c - meta["engine_ttft_ms"])
@@ -159,17 +188,19 @@ def main(argv: list[str] | None = None) -> int:
                     "bucket": meta["bucket"], "paths": {p: paths.count(p) for p in set(paths)},
                     "client_ttft_ms": summary(client_ttft), "engine_ttft_ms": summary(engine_ttft),
                     "overhead_ms": summary(overhead), "client_e2e_ms": summary(e2e),
+                    "hops_ms": {h: summary(v) for h, v in hops.items() if v},
                 }
                 r = results[str(n)]
                 print(f"len {n:5d} bucket {r['bucket']:5d} paths {r['paths']}: client TTFT p50 "
                       f"{r['client_ttft_ms']['p50']:.2f} ms, engine p50 {r['engine_ttft_ms']['p50']:.2f} ms, "
                       f"overhead p50 {r['overhead_ms']['p50']:.2f} / p99 {r['overhead_ms']['p99']:.2f} ms")
+                print("   hops p50 (ms): " + ", ".join(f"{h} {v['p50']:.2f}" for h, v in r["hops_ms"].items()))
     finally:
         serve.shutdown()
         ray.shutdown()
 
     all_over = [v["overhead_ms"]["p50"] for k, v in results.items() if k.isdigit()]
-    tag = info.get("gpu", "cpu").replace("NVIDIA ", "").replace(" ", "-").lower()
+    tag = info.get("gpu", "cpu").replace("NVIDIA ", "").replace(" ", "-").lower() + args.tag
     out = {
         "benchmark": "http-overhead",
         "date": dt.datetime.now().isoformat(timespec="seconds"),
@@ -178,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": "p50 overhead <= 3 ms on an H100",
         "config": {"device": args.device, "preset": args.preset, "layers": args.layers, "lengths": lengths,
                    "requests_per_length": args.requests, "warmup_per_length": args.warmup,
-                   "max_tokens": args.max_tokens, "replicas": 1, "app_args": app_args},
+                   "max_tokens": args.max_tokens, "replicas": 1, "app_args": app_args, "env": args.env},
         "startup_s": round(startup_s, 2),
         "device_info": info,
         "results": results,

@@ -2,7 +2,8 @@
 
 ``build_app(args)`` validates ``args`` (serve_config.yaml ``applications[].args``) as
 :class:`deployments.config.AppConfig` and wires: Ingress (FastAPI) -> ModelServer replicas
-(one HybridEngine each, ``num_gpus`` GPUs each) behind the warm-bucket router.
+(one HybridEngine each, ``num_gpus`` GPUs each) behind the warm-bucket router; or, with
+``topology: colocated``, one deployment whose replicas serve the API next to their engine.
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def model_deployment_options(cfg: AppConfig) -> dict[str, Any]:
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     cfg = load_app_config(args)
     cfg_json = cfg.model_dump(mode="json")
+    if cfg.topology == "colocated":   # the API inside each model replica (deployments/colocated.py)
+        from .colocated import ColocatedServer
+        return serve.deployment(ColocatedServer).options(**model_deployment_options(cfg)).bind(cfg_json)
     model = serve.deployment(ModelServer).options(**model_deployment_options(cfg)).bind(cfg_json)
     ingress = serve.deployment(Ingress).options(
         name="Ingress", num_replicas=cfg.ingress.num_replicas,

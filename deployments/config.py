@@ -76,6 +76,13 @@ class AppConfig(BaseModel):
                                 "in-flight requests to finish before it is stopped")
     max_request_bytes: int = Field(
         4 * 2**20, ge=1024, description="request bodies larger than this get 413 before parsing")
+    topology: Literal["split", "colocated"] = Field(
+        "split", description="split: Ray proxy -> Ingress replicas -> ModelServer replicas (the warm-bucket "
+                             "router sees each prompt's token count); colocated: the OpenAI API is served "
+                             "inside each model replica (one hop fewer, lowest latency; the router has no "
+                             "token count for HTTP requests and balances by load). With "
+                             "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 each colocated replica also listens on its "
+                             "own HTTP port (no proxy hop): see docs/latency.md")
     router: RouterSettings = Field(default_factory=RouterSettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
 

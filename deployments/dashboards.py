@@ -137,7 +137,8 @@ def build_dashboard() -> dict[str, Any]:
         (_q(0.5, f"{H}ttft_seconds", "path"), "P50 {{path}}"),
         (_q(0.99, f"{H}ttft_seconds", "path"), "P99 {{path}}")],
         unit="s", description="hybridserve_ttft_seconds: request start to first token; "
-                              "path = graph (CUDA-graph replay), jit (fallback), eager (CPU).")
+                              "path = graph (CUDA-graph replay), padded (replay of a larger warm bucket), "
+                              "jit (fallback), eager (CPU).")
     L.panel("TTFT P99 by bucket", [
         (_q(0.99, f"{H}ttft_seconds", "bucket"), "bucket {{bucket}}")],
         unit="s", description="hybridserve_ttft_seconds by prefill bucket.")
@@ -162,10 +163,10 @@ def build_dashboard() -> dict[str, Any]:
         (f"sum by (path) (rate({H}requests_total{{{SEL}}}[{RI}]))", "{{path}}")],
         unit="reqps", description="hybridserve_requests_total by path.")
     L.panel("Graph hit ratio", [
-        (f"(sum(rate({H}requests_total{{{SEL},path=\"graph\"}}[{RI}])) or vector(0)) "
+        (f"(sum(rate({H}requests_total{{{SEL},path=~\"graph|padded\"}}[{RI}])) or vector(0)) "
          f"/ sum(rate({H}requests_total{{{SEL}}}[{RI}]))", "graph / all")],
         kind="stat", unit="percentunit", decimals=1,
-        description="Share of requests served by CUDA-graph replay (0 on the CPU engine).")
+        description="Share of requests served by CUDA-graph replay, own bucket or padded (0 on the CPU engine).")
     L.panel("Requests/s by bucket and path", [
         (f"sum by (bucket, path) (rate({H}requests_total{{{SEL}}}[{RI}]))", "{{bucket}} {{path}}")],
         unit="reqps", description="hybridserve_requests_total by prefill bucket and path.")

@@ -485,7 +485,9 @@ class OpenAIIngress:
                     "created": created, "model": self.model_name, "choices": [choice],
                     "usage": out["usage"], "hybridserve": out["meta"]}
             return JSONResponse(body, headers=self._headers(out["meta"]))
+        t_in = time.time()
         first, gen = await self._start_stream(payload, n)
+        first["timeline"] = {"ingress_in": t_in, "ingress_first": time.time()}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(self._sse(first, gen, rid, created, chat, include_usage),
                                  media_type="text/event-stream",
@@ -514,6 +516,8 @@ class OpenAIIngress:
                 chunk = {**base, "choices": [choice]}
                 if done:
                     chunk["hybridserve"] = {**(meta or {}), **item.get("meta", {})}
+                    chunk["hybridserve"]["timeline"] = {**first["timeline"],
+                                                        **chunk["hybridserve"].get("timeline", {})}
                     if include_usage:
                         chunk["usage"] = None
                 yield _sse(chunk)

@@ -81,7 +81,8 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in [
     _h("queue_wait_seconds", "Time a request waited for the engine before it started.",
        ("model", "replica"), LATENCY_BUCKETS_S),
     _c("requests_total", "Finished requests by prefill bucket and path: path=graph is a "
-       "CUDA-graph hit, path=jit a JIT fallback (bucket not warm), path=eager the CPU engine.",
+       "CUDA-graph hit, path=padded a replay of a larger warm bucket's graph, path=jit a JIT "
+       "fallback (no warm graph fits), path=eager the CPU engine.",
        REQ_TAGS + ("finish_reason",)),
     _c("prompt_tokens_total", "Prompt tokens processed.", ("model", "replica")),
     _c("output_tokens_total", "Output tokens generated.", ("model", "replica")),

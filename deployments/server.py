@@ -283,6 +283,7 @@ class ModelServer:
     async def stream(self, request: Any, n_tokens: int | None = None) -> AsyncIterator[dict]:
         """Yields ``{"text", "index", "token_id"}`` per token (the first also carries ``meta``),
         then ``{"text": "", "finish_reason", "usage", "meta"}``; or a single ``{"error"}``."""
+        t_in = time.time()
         await self._delay()
         try:
             ids, params, meta = self._prepare(request)
@@ -291,14 +292,19 @@ class ModelServer:
             return
         gen = self.eng.stream(ids, params)
         first = True
+        timeline = {"replica_in": t_in}
         self._set_in_flight()
         try:
             async for ch in gen:
                 if ch.finish_reason is not None:
-                    yield {"text": ch.text, **self._final(meta, ch.finish_reason, ch.index, ch.metrics)}
+                    out = {"text": ch.text, **self._final(meta, ch.finish_reason, ch.index, ch.metrics)}
+                    out["meta"]["timeline"] = timeline
+                    yield out
                     return
                 out = {"text": ch.text, "index": ch.index, "token_id": ch.token_id}
                 if first:
+                    # wall clock (s) where the request reached this replica and its first token left
+                    timeline["replica_first"] = time.time()
                     out["meta"] = meta
                     first = False
                 yield out

@@ -46,11 +46,13 @@ class SamplingParams:
 class RequestMetrics:
     prompt_tokens: int
     bucket: int                       # prefill bucket of the prompt
-    path: str                         # "graph" (CUDA-graph replay), "jit" (dynamic kernels), "eager" (CPU)
+    path: str                         # "graph" (CUDA-graph replay of its bucket), "padded" (replay of a
+                                      # larger warm bucket's graph), "jit" (dynamic kernels), "eager" (CPU)
     ttft_s: float = 0.0               # request start -> first token on host
     token_times_s: list[float] = field(default_factory=list)  # gap before each token after the first
     e2e_s: float = 0.0
     queue_s: float = 0.0              # time waiting for the engine (batch 1: one request at a time)
+    graph_bucket: int | None = None   # bucket whose graph ran the prefill (differs from bucket if "padded")
 
     @property
     def tpot_s(self) -> float:

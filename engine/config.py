@@ -26,6 +26,9 @@ class EngineConfig(BaseModel):
     kernels: Literal["triton", "torch"] = Field("triton", description="CUDA non-matmul ops: Triton or PyTorch")
     skinny_matmul: bool = Field(True, description="CUDA: Triton GEMV for <= 16 rows (decode) instead of cuBLAS")
     background_capture: bool = True
+    max_pad_factor: float = Field(
+        4.0, ge=0, description="CUDA: a prompt whose bucket has no graph yet replays the smallest warm bucket "
+                               "up to this many times larger (padding) instead of the JIT path; 0 = off")
     num_layers: int | None = Field(None, ge=1, description="presets only: override layer count (benchmarks)")
     seed: int = Field(0, description="seed for random preset weights")
     store: str | None = Field(None, description="artifact store: local dir or fsspec URL (s3://...)")

@@ -1,9 +1,10 @@
 """HybridEngine: CUDA-graph replay where a graph is warm, JIT kernels where it is not.
 
 One request at a time (batch 1). A request's way:
-  tokens -> bucket -> prefill: replay the bucket's graph if captured ("graph"), else run the same
-  prefill eagerly at the exact length with the already-compiled Triton kernels ("jit") and queue the
-  bucket for background capture -> decode: replay the one decode graph per token -> token on host.
+  tokens -> bucket -> prefill: replay the bucket's graph if captured ("graph"), else the graph of a
+  warm bucket at most max_pad_factor times larger ("padded"), else run the same prefill eagerly at
+  the bucket's shape with the already-compiled Triton kernels ("jit"); either way the bucket is
+  queued for background capture -> decode: replay the one decode graph per token -> token on host.
 On CPU the same static functions run eagerly ("eager").
 """
 from __future__ import annotations
@@ -34,6 +35,16 @@ from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 log = logging.getLogger("hybridserve.engine")
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def pick_graph_bucket(bucket: int, graphs, max_pad_factor: float) -> int | None:
+    """The bucket whose graph serves a prompt of this bucket: its own if warm, else the smallest warm
+    bucket at most max_pad_factor times larger (a padded replay costs a few ms more; the JIT path
+    launches every kernel from Python, several times slower), else None (JIT)."""
+    if bucket in graphs:
+        return bucket
+    larger = [b for b in graphs if isinstance(b, int) and bucket < b <= bucket * max_pad_factor]
+    return min(larger) if larger else None
 
 
 class HybridEngine:
@@ -382,8 +393,10 @@ class HybridEngine:
             gen.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
         eos |= set(params.stop_token_ids)
-        graph = self._graphs.get(bucket) if self.cuda else None
-        path = "graph" if graph is not None else ("jit" if self.cuda else "eager")
+        graph_bucket = pick_graph_bucket(bucket, self._graphs, self.config.max_pad_factor) if self.cuda else None
+        graph = self._graphs[graph_bucket] if graph_bucket is not None else None
+        path = ("graph" if graph_bucket == bucket else "padded") if graph is not None else (
+            "jit" if self.cuda else "eager")
         ctx = torch.cuda.stream(self.cuda_stream) if self.cuda else contextlib.nullcontext()
         with ctx, torch.inference_mode():
             self._ids_host[:n] = torch.tensor(ids, dtype=torch.long)
@@ -394,12 +407,13 @@ class HybridEngine:
             else:   # JIT: the same Triton/cuBLAS kernels launched eagerly, at the bucket's shape so every
                 self._prefill(bucket)   # kernel was compiled and loaded at start-up (a new shape can
                                         # lazily load a new cuBLAS kernel: tens of ms on the request)
-            if self.cuda and graph is None and self.config.cuda_graphs and self.config.background_capture:
+            if self.cuda and path != "graph" and self.config.cuda_graphs and self.config.background_capture:
                 self.capture([bucket], wait=False)
             out: list[int] = []
             text = ""                                   # text already emitted
             finish = "length"
-            metrics = RequestMetrics(prompt_tokens=n, bucket=bucket, path=path, queue_s=t_start - t_req)
+            metrics = RequestMetrics(prompt_tokens=n, bucket=bucket, path=path, queue_s=t_start - t_req,
+                                     graph_bucket=graph_bucket)
             hold = max((len(s) for s in params.stop), default=1) - 1  # chars that may start a stop string
             decode_graph = self._decode_graph if self.cuda else None
             cut = -1

@@ -67,6 +67,39 @@ def test_padded_bucket_and_exact_length_prefill_agree():
     assert torch.allclose(exact, eng.logits, atol=1e-5)
 
 
+def test_prefill_at_a_larger_bucket_gives_the_same_logits_and_continuation():
+    """The "padded" path replays a larger warm bucket's graph: same logits, and the KV written at the
+    padding positions is never read (decode continues the same)."""
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=[32, 128], max_context=256))
+    ids = list(range(5, 25))
+    runs = []
+    for L in (32, 128):
+        eng.ids.fill_(7)                              # junk beyond the prompt, as a previous request leaves it
+        eng.ids[: len(ids)] = torch.tensor(ids)
+        eng.seq_len.fill_(len(ids))
+        eng._prefill(L)
+        toks, logits = [int(eng.tok)], [eng.logits.clone()]
+        for _ in range(6):
+            eng._decode()
+            toks.append(int(eng.tok))
+            logits.append(eng.logits.clone())
+        runs.append((toks, torch.stack(logits)))
+    assert runs[0][0] == runs[1][0]
+    assert torch.allclose(runs[0][1], runs[1][1], atol=1e-4)
+
+
+def test_pick_graph_bucket_prefers_own_then_smallest_larger_within_factor():
+    from engine.engine import pick_graph_bucket
+
+    g = {16: object(), 256: object(), 1024: object(), "decode": object()}
+    assert pick_graph_bucket(16, g, 4.0) == 16
+    assert pick_graph_bucket(64, g, 4.0) == 256          # smallest warm bucket <= 4x larger
+    assert pick_graph_bucket(32, g, 4.0) is None          # 256 is 8x: JIT instead
+    assert pick_graph_bucket(384, g, 4.0) == 1024
+    assert pick_graph_bucket(64, g, 0.0) is None          # padding off
+    assert pick_graph_bucket(2048, g, 4.0) is None        # nothing larger
+
+
 def test_sampling_seeded_and_bounded():
     eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
     p = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=7)

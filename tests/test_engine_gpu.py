@@ -123,6 +123,21 @@ def test_graph_replay_equals_jit_and_unseen_bucket_warms_in_background(gpu_ckpt)
     eng.shutdown()
 
 
+def test_unseen_bucket_replays_a_larger_warm_graph_then_its_own(gpu_ckpt):
+    eng = HybridEngine.from_pretrained(str(gpu_ckpt), device="cuda", dtype="float16",
+                                       buckets=[16, 32, 64, 128], max_context=512, prewarm_buckets=[16, 128])
+    ids = [1] + list(range(5, 44))                       # 40 tokens: bucket 64, not warm; 128 is
+    first = eng.generate(ids, GREEDY)
+    assert first.metrics.path == "padded" and first.metrics.bucket == 64 and first.metrics.graph_bucket == 128
+    deadline = time.time() + 60
+    while 64 not in eng.warm_buckets() and time.time() < deadline:
+        time.sleep(0.05)
+    own = eng.generate(ids, GREEDY)
+    assert own.metrics.path == "graph" and own.metrics.graph_bucket == 64
+    assert own.token_ids == first.token_ids
+    eng.shutdown()
+
+
 @pytest.mark.parametrize("M", [1, 5, 16])
 def test_skinny_matmul_matches_cublas(M):
     from engine import kernels

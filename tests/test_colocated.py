@@ -1,0 +1,128 @@
+"""topology: colocated on a real local Ray Serve (CPU, tiny preset), over real HTTP: the OpenAI API
+served inside the model replica, reached through the Ray proxy and, with
+RAY_SERVE_ENABLE_DIRECT_INGRESS=1, on the replica's own port with no proxy in between."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.hs_serve import free_port, wait_http
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[1]
+APP = "hybridserve"
+APP_ARGS = {"engine": {"model": "tiny", "device": "cpu", "buckets": [16, 32, 64], "max_context": 128},
+            "topology": "colocated", "num_replicas": 1, "num_cpus": 1, "router": {"stats_period_s": 0.5}}
+GREEDY = {"temperature": 0, "ignore_eos": True}
+ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+
+
+@pytest.fixture(scope="module")
+def urls():
+    """(proxy URL, the replica's own direct-ingress URL, app handle)."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    direct_port = free_port()
+    env = {**ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + 50)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)                         # Ray processes started below inherit these
+    proxy_port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                 [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
+        serve.run(build_app(APP_ARGS), name=APP, route_prefix="/")
+        direct = f"http://127.0.0.1:{direct_port}"
+        wait_http(direct + "/healthz", 60)
+        yield f"http://127.0.0.1:{proxy_port}", direct, serve.get_app_handle(APP)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _sse(resp: requests.Response) -> list:
+    out = []
+    for block in resp.text.split("\n\n"):
+        if block.strip():
+            data = block[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_one_deployment_serves_http_on_proxy_and_direct_port(urls):
+    from ray import serve
+
+    proxy, direct, _ = urls
+    st = serve.status().applications[APP].deployments
+    assert set(st) == {"ModelServer"}, st            # no separate Ingress deployment
+    req = {"prompt": "Colocated", "max_tokens": 6, **GREEDY}
+    texts = set()
+    for base in (proxy, direct):
+        r = requests.post(base + "/v1/completions", json=req, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 6
+        texts.add(r.json()["choices"][0]["text"])
+        ev = _sse(requests.post(base + "/v1/completions", json={**req, "stream": True}, timeout=60))
+        assert ev[-1] == "[DONE]"
+        texts.add("".join(c["choices"][0]["text"] for c in ev[:-1]))
+        meta = ev[-2]["hybridserve"]
+        tl = meta["timeline"]                          # stages of the request, in order
+        assert tl["ingress_in"] <= tl["replica_in"] <= tl["replica_first"] <= tl["ingress_first"]
+    assert len(texts) == 1                             # proxy, direct, streamed or not: same greedy text
+
+
+def test_bad_request_is_400_and_replica_keeps_serving(urls):
+    _, direct, _ = urls
+    r = requests.post(direct + "/v1/completions", json={"prompt": "x", "max_tokens": 0}, timeout=30)
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    r = requests.post(direct + "/v1/completions", json={"prompt": "y" * 200, "max_tokens": 4}, timeout=30)
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    assert requests.post(direct + "/v1/completions", json={"prompt": "ok", "max_tokens": 2},
+                         timeout=30).status_code == 200
+
+
+def test_python_handle_and_replica_stats(urls):
+    from ray import serve
+
+    _, _, handle = urls
+    out = handle.remote("Hello there", max_tokens=5, **GREEDY).result()
+    chunks = list(handle.options(stream=True).remote("Hello there", stream=True, max_tokens=5, **GREEDY))
+    assert "".join(c["text"] for c in chunks) == out["text"] and out["usage"]["completion_tokens"] == 5
+    stats = serve.get_deployment_handle("ModelServer", APP).stats.remote().result()
+    assert stats["warm_source"] == "cpu_served_standin" and stats["requests"] >= 2
+
+
+def test_client_disconnect_cancels_the_engine_request(urls):
+    import time
+
+    from ray import serve
+
+    _, direct, _ = urls
+    with requests.post(direct + "/v1/completions", stream=True, timeout=60,
+                       json={"prompt": "long", "max_tokens": 100, "stream": True, **GREEDY}) as r:
+        next(r.iter_content(chunk_size=None))        # first token arrived: hang up
+    h = serve.get_deployment_handle("ModelServer", APP)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        fin = h.stats.remote().result()["finishes"]
+        if fin and fin[-1]["finish_reason"] == "cancelled":
+            break
+        time.sleep(0.2)
+    assert fin[-1]["finish_reason"] == "cancelled" and fin[-1]["output_tokens"] < 100, fin[-1]
