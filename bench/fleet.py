@@ -342,6 +342,17 @@ def app_args_for(args, engine_cfg: dict, hybrid: bool, objective_ms: float) -> d
             "router": {"enabled": hybrid, "stats_period_s": 0.5}}
 
 
+DIRECT_PORT0 = 31000   # RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT with --direct-ingress
+
+
+def _answers(port: int) -> bool:
+    import httpx
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def preflight(port: int) -> dict:
     """One plain and one streaming request before any load: a broken app fails fast, with the
     replicas' tracebacks from Ray's serve logs in the JSON instead of minutes of failed load."""
@@ -380,7 +391,14 @@ def run_config(name: str, args, app_args: dict, load: dict, out_tmp: Path, log, 
     serve.run(build_app(app_args), name=APP, route_prefix="/")
     res["startup_s"] = round(time.time() - t0, 2)
     log(f"[{name}] app up in {res['startup_s']} s")
-    res["preflight"] = preflight(args.port)
+    port = args.port
+    if args.direct_ingress:   # the ingress replica's own HTTP port (no proxy hop): find the one answering
+        port = next((p for p in range(DIRECT_PORT0, DIRECT_PORT0 + 50) if _answers(p)), None)
+        if port is None:
+            raise RuntimeError(f"--direct-ingress: no ingress replica answers on ports {DIRECT_PORT0}+")
+        log(f"[{name}] direct ingress on port {port}")
+    res["client_port"] = port
+    res["preflight"] = preflight(port)
     log(f"[{name}] preflight: {json.dumps(res['preflight'])[:600]}")
     if not all(p["status"] == 200 for p in res["preflight"]["requests"]):
         raise RuntimeError(f"preflight failed: {res['preflight']}")
@@ -395,7 +413,7 @@ def run_config(name: str, args, app_args: dict, load: dict, out_tmp: Path, log, 
                HS_PROMPT_MIX=args.prompt_mix, HS_MAX_TOKENS=str(args.max_tokens))
     csv_prefix = out_tmp / name
     cmd = [sys.executable, "-m", "locust", "-f", str(lf), "--headless", "--host",
-           f"http://127.0.0.1:{args.port}", "--csv", str(csv_prefix), "--csv-full-history",
+           f"http://127.0.0.1:{port}", "--csv", str(csv_prefix), "--csv-full-history",
            "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "10"]
     total = sum(p[1] for p in phases)
     log(f"[{name}] locust: {phases} (user rate {load['user_rps']:.3f} req/s), {total:.0f} s")
@@ -658,6 +676,9 @@ def main(argv=None) -> int:
                     help="whole-run wall budget; the baseline's step hold is shortened (or the baseline "
                          "skipped) to fit. 0: no budget")
     ap.add_argument("--port", type=int, default=18300)
+    ap.add_argument("--direct-ingress", action="store_true",
+                    help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1: Locust talks to the ingress replica's own port "
+                         "(no Ray proxy hop)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
     T0 = time.time()
@@ -717,6 +738,10 @@ def main(argv=None) -> int:
         if args.device == "cuda":
             import torch
             ngpu = torch.cuda.device_count()
+        if args.direct_ingress:   # read by the Serve controller and replicas started below
+            os.environ.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
+                              RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(DIRECT_PORT0),
+                              RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(DIRECT_PORT0 + 50))
         ray.init(num_cpus=max(4, min(16, os.cpu_count() or 4)), num_gpus=ngpu,
                  include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
