@@ -94,7 +94,7 @@ class HybridEngine:
         self.graph_mem_bytes = 0
         self._restore_artifacts()
         if self.cuda:
-            ops.use_triton(cfg.kernels != "torch", cfg.skinny_matmul)
+            ops.use_triton(cfg.kernels != "torch", cfg.skinny_matmul, cfg.fused_gemv_norm)
             self.cuda_stream = torch.cuda.Stream(self.device)
             self._capture_stream = torch.cuda.Stream(self.device)
             self._pool = torch.cuda.graph_pool_handle()

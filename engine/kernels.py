@@ -6,6 +6,7 @@ what the artifact store caches (Triton's cache dir) so a new replica compiles no
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -13,12 +14,19 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["n_cols", "eps"])
-def _rms_norm_kernel(X, R, W, OUT, stride, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["n_cols", "eps", "part_stride"])
+def _rms_norm_kernel(X, R, W, OUT, stride, n_cols, eps, part_stride, HAS_RES: tl.constexpr, PARTS: tl.constexpr,
+                     BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(X + row * stride + cols, mask=mask, other=0.0)
+    if PARTS == 0:
+        x = tl.load(X + row * stride + cols, mask=mask, other=0.0)
+    else:  # X: PARTS fp32 split-K partials (PARTS, rows, n_cols) of a linear output: sum, round like its output
+        xs = tl.load(X + row * n_cols + cols, mask=mask, other=0.0)
+        for p in tl.static_range(1, PARTS):
+            xs += tl.load(X + p * part_stride + row * n_cols + cols, mask=mask, other=0.0)
+        x = xs.to(R.dtype.element_ty)
     if HAS_RES:  # residual stream r += x, rounded to the model dtype as the eager model does
         x = (x + tl.load(R + row * stride + cols, mask=mask, other=0.0)).to(R.dtype.element_ty)
         tl.store(R + row * stride + cols, x, mask=mask)
@@ -31,8 +39,8 @@ def _rms_norm_kernel(X, R, W, OUT, stride, n_cols, eps, HAS_RES: tl.constexpr, B
 def rms_norm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
     n = x.shape[-1]
-    _rms_norm_kernel[(x.shape[0],)](x, r if r is not None else x, w, out, x.stride(0), n, eps,
-                                    HAS_RES=r is not None, BLOCK=triton.next_power_of_2(n), num_warps=8)
+    _rms_norm_kernel[(x.shape[0],)](x, r if r is not None else x, w, out, x.stride(0), n, eps, 0,
+                                    HAS_RES=r is not None, PARTS=0, BLOCK=triton.next_power_of_2(n), num_warps=8)
     return out
 
 
@@ -216,3 +224,87 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     _skinny_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x, w, y, M, N, K, BLOCK_M=1 if M == 1 else 16)
     return y
+
+
+# ------------------------------------------------------------------ split-K GEMV + residual + RMSNorm
+# The 4096-row projections (o_proj, down_proj) give the skinny kernel too few programs to keep enough
+# bytes in flight. Split K as well: program (n-block, s) reduces its K-range into fp32 partials
+# P[s, m, n]; the residual-add + RMSNorm that follows every such projection sums the partials (a launch
+# that exists anyway: split-K adds no kernel). GATED fuses silu(gate) * up into the loads of x (down_proj).
+def split_k_for(N: int, K: int, n_sm: int) -> int:
+    """SPLIT_K in {1, 2, 4, 8}, from shapes and SM count only (it must be known on the host under graph
+    capture): the smallest giving >= 4 waves of 16-row blocks, cdiv(N, 16) * SPLIT_K >= 4 * n_sm,
+    while every split keeps >= 1024 columns of K. H100 (132 SMs): o/down 4, qkv/gate_up/lm_head 1."""
+    s = 1
+    while s < 8 and triton.cdiv(N, 16) * s < 4 * n_sm and K >= 2 * s * 1024:
+        s *= 2
+    return s
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@triton.jit
+def _load_act(ptrs, K, mask, GATED: tl.constexpr):
+    """x at ptrs; GATED: ptrs point into the gate half of [gate | up] rows (up is K further on) and
+    x = silu(gate) * up, rounded to the model dtype as silu_mul rounds it."""
+    if GATED:
+        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(ptrs + K, mask=mask, other=0.0)
+        x = (g / (1.0 + tl.exp(-g))).to(u.dtype) * u
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    return x
+
+
+@triton.autotune(configs=_SKINNY_CONFIGS, key=["N", "K", "BLOCK_M", "SPLIT_K", "GATED"], **_AUTOTUNE_CACHE)
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
+def _splitk_kernel(X, W, P, M, N, K, SPLIT_K, BLOCK_M: tl.constexpr, GATED: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """P[s, m, n] = sum of x[m, k] * W[n, k] over split s's K-range (a multiple of BLOCK_K), fp32."""
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = tl.multiple_of(s * k_chunk, BLOCK_K)
+    k_hi = tl.minimum(k_lo + k_chunk, K)
+    x_stride = 2 * K if GATED else K
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
+            x = _load_act(X + k, K, k < K, GATED)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        tl.store(P + s * N + n, acc, mask=nmask)
+    else:
+        m = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
+            x = _load_act(X + m[:, None] * x_stride + k[None, :], K, (m[:, None] < M) & (k[None, :] < K), GATED)
+            acc += tl.dot(x, tl.trans(w))
+        tl.store(P + (s * M + m[:, None]) * N + n[None, :], acc, mask=(m[:, None] < M) & nmask[None, :])
+
+
+def linear_add_rms_norm(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, ln: torch.Tensor, eps: float,
+                        gated: bool = False, split_k: int | None = None) -> torch.Tensor:
+    """r += (silu_mul(x) if gated else x) @ w.T in place; returns rms_norm(r) * ln. x: (M <= 16, K),
+    or (M, 2K) [gate | up] when gated, contiguous; w (N, K); r (M, N) contiguous. Two launches: the
+    split-K GEMV into fp32 partials, then residual + RMSNorm summing them. split_k: override the rule."""
+    M = x.shape[0]
+    N, K = w.shape
+    assert M <= 16 and x.shape[1] == (2 * K if gated else K) and x.is_contiguous() and w.is_contiguous()
+    assert r.shape == (M, N) and r.is_contiguous()
+    s = split_k or split_k_for(N, K, _num_sms(x.device))
+    part = torch.empty((s, M, N), device=x.device, dtype=torch.float32)
+    _splitk_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), s)](
+        x, w, part, M, N, K, s, BLOCK_M=1 if M == 1 else 16, GATED=gated)
+    out = torch.empty_like(r)
+    _rms_norm_kernel[(M,)](part, r, ln, out, r.stride(0), N, eps, M * N, HAS_RES=True, PARTS=s,
+                           BLOCK=triton.next_power_of_2(N), num_warps=8)
+    return out

@@ -137,7 +137,8 @@ class Llama:
                 kv_len: torch.Tensor | None) -> torch.Tensor:
         """Run every decoder layer over L tokens. h: normed input (L, D); r: residual stream (L, D),
         updated in place. kv_len=None means prefill (causal over the L tokens from position 0);
-        otherwise decode of one token attending to kv_len cached positions. Returns the residual."""
+        otherwise decode of one token attending to kv_len cached positions. Returns the final-normed
+        hidden states norm(r) * model.norm (L, D), ready for the LM head."""
         a = self.args
         L = h.shape[0]
         for i, lw in enumerate(self.layers):
@@ -148,31 +149,29 @@ class Llama:
                 attn = ops.prefill_attention(q, self.k_cache[i], self.v_cache[i], L, self.sm_scale)
             else:
                 attn = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], kv_len, self.sm_scale)
-            h = ops.add_rms_norm(ops.linear(attn.reshape(L, -1), lw["wo"]), r, lw["ln2"], a.rms_eps)  # r += o; norm
-            m = ops.linear(ops.silu_mul(ops.linear(h, lw["w13"])), lw["w2"])                # fused gate/up, SiLU*up
-            if i + 1 < len(self.layers):
-                h = ops.add_rms_norm(m, r, self.layers[i + 1]["ln1"], a.rms_eps)
-            else:
-                r.add_(m)
-        return r
+            # r += attn @ wo.T; h = norm(r). Short M: split-K GEMV + norm summing its partials
+            h = ops.linear_add_rms_norm(attn.reshape(L, -1), lw["wo"], r, lw["ln2"], a.rms_eps)
+            gu = ops.linear(h, lw["w13"])                                            # fused gate/up projection
+            ln = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.norm  # next layer's / final norm
+            h = ops.linear_add_rms_norm(gu, lw["w2"], r, ln, a.rms_eps, gated=True)  # r += silu(g)*u @ w2.T; norm
+        return h
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
-        return ops.linear(ops.rms_norm(last, self.norm, self.args.rms_eps), self.lm_head).float().view(-1)
+        return ops.linear(last, self.lm_head).float().view(-1)
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         """ids/positions: (L,) (padded past seq_len); seq_len: (1,) device tensor. Logits (V,) of the
         last real token only."""
         r = self.embed.index_select(0, ids)
         h = ops.rms_norm(r, self.layers[0]["ln1"], self.args.rms_eps)
-        r = self._layers(h, r, positions, None)
-        return self._logits(r.index_select(0, seq_len - 1))
+        h = self._layers(h, r, positions, None)
+        return self._logits(h.index_select(0, seq_len - 1))
 
     def decode(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tok, pos: (1,) device tensors. Writes KV at pos, attends to pos+1 tokens. Logits (V,)."""
         r = self.embed.index_select(0, tok)
         h = ops.rms_norm(r, self.layers[0]["ln1"], self.args.rms_eps)
-        r = self._layers(h, r, pos, pos + 1)
-        return self._logits(r)
+        return self._logits(self._layers(h, r, pos, pos + 1))
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

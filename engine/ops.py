@@ -10,14 +10,18 @@ import torch.nn.functional as F
 _kernels = None
 _enabled = True
 _skinny = True
+_fused = True
 
 
-def use_triton(flag: bool, skinny_matmul: bool | None = None) -> None:
-    """Triton kernels on/off for CUDA tensors; skinny_matmul: Triton GEMV for M <= 16 vs cuBLAS."""
-    global _enabled, _skinny
+def use_triton(flag: bool, skinny_matmul: bool | None = None, fused_gemv_norm: bool | None = None) -> None:
+    """Triton kernels on/off for CUDA tensors; skinny_matmul: Triton GEMV for M <= 16 vs cuBLAS;
+    fused_gemv_norm: split-K GEMV + residual/RMSNorm (linear_add_rms_norm) vs the composition."""
+    global _enabled, _skinny, _fused
     _enabled = flag
     if skinny_matmul is not None:
         _skinny = skinny_matmul
+    if fused_gemv_norm is not None:
+        _fused = fused_gemv_norm
 
 
 def _k(x: torch.Tensor):
@@ -51,6 +55,16 @@ def add_rms_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float) 
         return k.rms_norm(x, r, w, eps)
     r.add_(x)
     return rms_norm(r, w, eps)
+
+
+def linear_add_rms_norm(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, ln: torch.Tensor, eps: float,
+                        gated: bool = False) -> torch.Tensor:
+    """r += (silu_mul(x) if gated else x) @ w.T (in place); returns rms_norm(r) * ln. Short M on CUDA:
+    a split-K GEMV (silu*up fused into its loads) + the residual/RMSNorm kernel summing its partials,
+    2 launches; otherwise the composition of the ops above (the reference)."""
+    if x.shape[0] <= 16 and _skinny and _fused and (k := _k(x)) is not None:
+        return k.linear_add_rms_norm(x.contiguous(), w, r, ln, eps, gated)
+    return add_rms_norm(linear(silu_mul(x) if gated else x, w), r, ln, eps)
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
