@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one go on any CUDA machine: the GPU tests, the GEMV microbenchmark and the
 # latency benchmark (engine A/B + baselines). Results go to ${OUT:-bench/results}/.
-#   bash bench/gpu_suite.sh [engines]        # default engines: hybrid,hybrid-unfused,hf-eager,torch.compile
+#   bash bench/gpu_suite.sh [engines]        # default engines: hybrid,hf-eager,torch.compile (A/B: hybrid-fused, hybrid-cublas)
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-ENGINES=${1:-hybrid,hybrid-unfused,hf-eager,torch.compile}
+ENGINES=${1:-hybrid,hf-eager,torch.compile}
 python3 -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_kernels_gpu.py -p no:cacheprovider 2>&1 \
   | tail -25 | tee "$OUT/gpu-tests.log"
 python3 bench/gemv.py 2>&1 | tee "$OUT/gemv.log"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 _kernels = None
 _enabled = True
 _skinny = True
-_fused = True
+_fused = False
 
 
 def use_triton(flag: bool, skinny_matmul: bool | None = None, fused_gemv_norm: bool | None = None) -> None:

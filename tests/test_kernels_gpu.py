@@ -38,7 +38,7 @@ def reference(x, w, r, ln, gated):
         rr = r.clone()
         return ops.linear_add_rms_norm(x, w, rr, ln, 1e-5, gated=gated), rr
     finally:
-        ops.use_triton(True)
+        ops.use_triton(True, fused_gemv_norm=True)
 
 
 def poison_allocator(n_floats: int) -> None:
@@ -50,7 +50,7 @@ def poison_allocator(n_floats: int) -> None:
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("M", [1, 5, 16])
 def test_linear_add_rms_norm_matches_reference(M, gated):
-    ops.use_triton(True)
+    ops.use_triton(True, fused_gemv_norm=True)
     for N, K in SHAPES:
         x, w, r, ln, bufs = make(M, N, K, gated, seed=M * 7 + gated)
         ref, ref_r = reference(x, w, r, ln, gated)
@@ -92,7 +92,7 @@ def test_split_k_rule():
 
 def test_long_m_takes_the_composition():
     """M > 16 (prefill buckets): cuBLAS linear + the Triton add_rms_norm, exactly as before."""
-    ops.use_triton(True)
+    ops.use_triton(True, fused_gemv_norm=True)
     M, N, K = 17, 1000, 300
     g = torch.Generator(device="cuda").manual_seed(3)
     gu = torch.randn(M, 2 * K, device="cuda", dtype=torch.float16, generator=g)
@@ -108,7 +108,7 @@ def test_long_m_takes_the_composition():
 @pytest.mark.parametrize("gated", [False, True])
 def test_graph_replay_matches_eager(gated):
     """The kernels run inside CUDA-graph capture: SPLIT_K is host-known, scratch comes from the graph pool."""
-    ops.use_triton(True)
+    ops.use_triton(True, fused_gemv_norm=True)
     N, K = 4096, 11008
     x, w, r0, ln, _ = make(1, N, K, gated, seed=9)
     r_eager = r0.clone()
