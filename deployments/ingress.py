@@ -220,11 +220,26 @@ app = FastAPI(title="hybridserve", description="OpenAI-compatible LLM serving on
 _GATE: dict[str, Any] = {"api_key": None, "max_bytes": 4 * 2**20}
 
 
-@app.middleware("http")
-async def _gate(request: Request, call_next):
-    """Before the body is read: API key (401) on /v1/*, and body size (413)."""
-    path = request.url.path
-    if path.startswith("/v1/"):
+class GateMiddleware:
+    """Before the body is read: API key (401) on /v1/*, and body size (413).
+
+    Plain ASGI, not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware relays every
+    response message (each SSE chunk) through an extra task and memory stream, which the H100
+    HTTP-overhead run put at a measurable share of the per-request cost."""
+
+    def __init__(self, app_: Any):
+        self.app = app_
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            refusal = self._refusal(Request(scope))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _refusal(request: Request) -> SafeJSONResponse | None:
         key = _GATE["api_key"]
         if key is not None and request.headers.get("authorization", "") != f"Bearer {key}":
             return SafeJSONResponse(
@@ -242,7 +257,10 @@ async def _gate(request: Request, call_next):
                 return SafeJSONResponse(error_body(
                     f"Request body of {size} bytes exceeds the limit of {_GATE['max_bytes']} bytes; "
                     "shorten the prompt.", param="prompt", code="request_too_large"), status_code=413)
-    return await call_next(request)
+        return None
+
+
+app.add_middleware(GateMiddleware)
 
 
 @app.exception_handler(RequestValidationError)
