@@ -26,8 +26,8 @@ Measured per config (targets from the issue):
   steady.warm_hit_rate   requests after warm-up whose bucket was warm on the chosen replica (>= 95%)
   steady.client_ttft_ms / client_tpot_ms p50/p99 (HTTP SSE, client clock) vs seed.engine_only
   steady.overhead_ms p50 = client TTFT - engine TTFT of the same request  (<= 3 ms)
-  step.recovery_s  step start -> rolling P99 TTFT (10 s window) <= objective and staying so for
-        --hold-s                                                             (<= 60 s)
+  step.recovery_s  step start -> the rolling P99 TTFT (10 s window) is back <= objective for good:
+        the first second after its last breach, with >= --hold-s of good seconds after it  (<= 60 s)
   step.direction_changes  flips of scaling direction over the --steady-after-s of 5x load (<= 1)
 
   # 2xH100 (see docs/fleet.md for the ~9 minute form):
@@ -533,17 +533,8 @@ def analyse(name: str, jsonl: Path, mon: Monitor, stats_before: dict, load: dict
             p99 = pct(w, 99) if w else float("nan")
             roll.append((round(t - t_step, 1), None if math.isnan(p99) else round(p99, 2), len(w), nf))
             t += 1.0
-        good = [p is not None and p <= objective and nf == 0 for (_, p, _, nf) in roll]
-        hold = int(args.hold_s)
-        rec_s = None
-        breached = not all(good)
-        for i in range(len(good)):
-            if all(good[i:i + hold]) and i + hold <= len(good):
-                rec_s = roll[i][0]
-                break
         step["objective_ms"] = objective
-        step["breached"] = breached
-        step["recovery_s"] = (0.0 if not breached else rec_s)
+        step["breached"], step["recovery_s"] = recovery(roll, objective, int(args.hold_s))
         step["rolling_p99_ttft_ms"] = [list(x) for x in roll]     # [t_rel_s, p99, n, failures]
         after = [e for e in events if e["t"] >= t_step]
         dirs = [1 if e["to"] > e["from"] else -1 for e in after]
@@ -574,6 +565,20 @@ def analyse(name: str, jsonl: Path, mon: Monitor, stats_before: dict, load: dict
 
 
 # ------------------------------------------------------------------------------------ report
+def recovery(roll: list, objective: float, hold: int) -> tuple[bool, float | None]:
+    """(breached, recovery_s) from the rolling P99 series [(t_rel_s, p99, n, failures), ...]:
+    recovery is the first point after the LAST bad one (P99 over the objective, or a failure), and
+    only if the good stretch from there lasts >= hold points; never breached -> 0.0; still bad at
+    the end, or too short a good tail -> None."""
+    good = [p is not None and p <= objective and nf == 0 for (_, p, _, nf) in roll]
+    if all(good):
+        return False, 0.0
+    last_bad = max(i for i, g in enumerate(good) if not g)
+    if len(good) - (last_bad + 1) < hold:
+        return True, None
+    return True, roll[last_bad + 1][0]
+
+
 def verdicts(cfg: dict) -> dict:
     s, st = cfg.get("steady", {}), cfg.get("step", {})
 
@@ -672,6 +677,9 @@ def main(argv=None) -> int:
     ap.add_argument("--window-s", type=float, default=10.0, help="rolling P99 window")
     ap.add_argument("--hold-s", type=float, default=10.0, help="P99 must hold this long to count as recovered")
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--configs", default="hybrid,baseline",
+                    help="which configs to run (one per command lets each take a long --steady-after-s)")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--budget-s", type=float, default=0,
                     help="whole-run wall budget; the baseline's step hold is shortened (or the baseline "
                          "skipped) to fit. 0: no budget")
@@ -698,7 +706,7 @@ def main(argv=None) -> int:
 
     info = device_info(args.device)
     tag = (info.get("gpus") or ["cpu"])[0].replace("NVIDIA ", "").split()[0].lower() if args.device == "cuda" else "cpu"
-    stem = f"fleet-{dt.date.today().isoformat()}-{tag}"
+    stem = f"fleet-{dt.date.today().isoformat()}-{tag}{args.tag}"
     res: dict = {"benchmark": "fleet", "issue": 9, "date": dt.datetime.now().isoformat(timespec="seconds"),
                  "device_info": info, "targets": TARGETS, "config": {**vars(args), "store": store,
                                                                      "engine": engine_cfg}, "errors": {}}
@@ -745,7 +753,8 @@ def main(argv=None) -> int:
         ray.init(num_cpus=max(4, min(16, os.cpu_count() or 4)), num_gpus=ngpu,
                  include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        for name in (["hybrid", "baseline"] if args.baseline else ["hybrid"]):
+        names = [n for n in args.configs.split(",") if n in ("hybrid", "baseline")]
+        for name in [n for n in names if args.baseline or n != "baseline"]:
             cfg_load = dict(load)
             if name == "baseline" and budget_end != float("inf"):
                 left = budget_end - time.time() - 60 - args.warmup_s - args.steady_s - 30
