@@ -83,10 +83,14 @@ def one_request(client, url: str, prompt: str, max_tokens: int) -> tuple[float, 
 # wall-clock stages of one streamed request (same host, one clock): where the overhead goes
 HOPS = {
     "client->ingress": ("client_send", "ingress_in"),
+    "  client->ASGI app": ("client_send", "http_in"),
+    "  ASGI app->handler (parse, validate, tokenize)": ("http_in", "ingress_in"),
     "ingress->replica": ("ingress_in", "replica_in"),
     "replica: queue+prefill+first token": ("replica_in", "replica_first"),
     "replica->ingress": ("replica_first", "ingress_first"),
     "ingress->client": ("ingress_first", "client_first"),
+    "  ingress->first SSE chunk built": ("ingress_first", "sse_first"),
+    "  first SSE chunk->client": ("sse_first", "client_first"),
 }
 
 
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="environment for every Ray process (e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--topology", choices=["split", "colocated"], default="split")
+    ap.add_argument("--app", action="append", default=[], metavar="KEY=JSON",
+                    help="extra AppConfig field, e.g. user_code_thread=false access_log=false")
     ap.add_argument("--client-port", type=int, default=None,
                     help="send requests to this port instead of the proxy's (e.g. the ingress replica's own "
                          "port with RAY_SERVE_ENABLE_DIRECT_INGRESS=1: 30000)")
@@ -126,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     for kv in args.env:
         k, _, v = kv.partition("=")
         os.environ[k] = v
+    # a stopping direct-ingress replica waits 30 s for load balancers by default: nothing to wait for here,
+    # and a replica still draining would load the next run's machine
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     lengths = [int(x) for x in args.lengths.split(",")]
 
     import httpx
@@ -142,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
               "prewarm_buckets": warm if args.device == "cuda" else []}
     if args.layers:
         engine["num_layers"] = args.layers
+    extra = {k: json.loads(v) for k, v in (kv.partition("=")[::2] for kv in args.app)}
     app_args = {"engine": engine, "num_replicas": 1, "topology": args.topology, "num_gpus": 1 if args.device == "cuda" else 0,
-                "num_cpus": 1, "router": {"stats_period_s": 1.0}}
+                "num_cpus": 1, "router": {"stats_period_s": 1.0}, **extra}
 
     info = device_info(args.device)
     ray.init(num_cpus=max(2, min(8, os.cpu_count() or 2)), num_gpus=1 if args.device == "cuda" else 0,

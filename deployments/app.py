@@ -20,6 +20,13 @@ from .server import ModelServer
 ROUTER_CLASS = "deployments.router:WarmBucketRouter"
 
 
+def _actor_options(cfg: AppConfig, **resources: Any) -> dict[str, Any]:
+    opts: dict[str, Any] = dict(resources)
+    if "runtime_env" in cfg.replica_runtime():     # merged by Ray with the job's runtime_env
+        opts["runtime_env"] = cfg.replica_runtime()["runtime_env"]
+    return opts
+
+
 def model_deployment_options(cfg: AppConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "name": "ModelServer",
@@ -30,7 +37,8 @@ def model_deployment_options(cfg: AppConfig) -> dict[str, Any]:
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
         "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
         "graceful_shutdown_wait_loop_s": 0.5,
-        "ray_actor_options": {"num_gpus": cfg.num_gpus, "num_cpus": cfg.num_cpus},
+        "ray_actor_options": _actor_options(cfg, num_gpus=cfg.num_gpus, num_cpus=cfg.num_cpus),
+        "logging_config": cfg.replica_runtime()["logging_config"],
         # loading a 7B checkpoint and compiling/capturing takes minutes on first start
         "health_check_timeout_s": 120,
     }
@@ -65,6 +73,7 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
         # the ingress relays streams: let in-flight ones finish on scale-down/redeploy too
         graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=0.5,
-        ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+        ray_actor_options=_actor_options(cfg, num_cpus=cfg.ingress.num_cpus),
+        logging_config=cfg.replica_runtime()["logging_config"],
     ).bind(model, cfg_json)
     return ingress

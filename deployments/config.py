@@ -83,6 +83,13 @@ class AppConfig(BaseModel):
                              "token count for HTTP requests and balances by load). With "
                              "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 each colocated replica also listens on its "
                              "own HTTP port (no proxy hop): see docs/latency.md")
+    user_code_thread: bool = Field(
+        False, description="Ray Serve runs each replica's request handlers on a separate event-loop thread "
+                          "(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, Ray's default). false (ours): on the replica's "
+                          "own loop, which saves a thread hop per ASGI message (lower HTTP overhead); safe here "
+                          "because no handler blocks: the engine runs on its own thread. Set per deployment "
+                          "through runtime_env")
+    access_log: bool = Field(True, description="Ray Serve's per-request access log lines in the replicas")
     router: RouterSettings = Field(default_factory=RouterSettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
 
@@ -128,6 +135,13 @@ class AppConfig(BaseModel):
         if self.served_model_name:
             return self.served_model_name
         return os.path.basename(os.path.normpath(self.engine.model)) or self.engine.model
+
+    def replica_runtime(self) -> dict[str, Any]:
+        """Deployment options every hybridserve deployment shares: event-loop threading and access log."""
+        out: dict[str, Any] = {"logging_config": {"enable_access_log": self.access_log}}
+        if not self.user_code_thread:
+            out["runtime_env"] = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+        return out
 
     def resolved_device(self) -> str:
         """The device the replicas will use ('auto' resolves by num_gpus)."""

@@ -231,6 +231,7 @@ class GateMiddleware:
         self.app = app_
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        scope["hs_http_in"] = time.time()   # the request's timeline starts here (before body parsing)
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             refusal = self._refusal(Request(scope))
             if refusal is not None:
@@ -480,14 +481,14 @@ class OpenAIIngress:
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
         self._auth(request)
-        return await self._respond(body, chat=False)
+        return await self._respond(body, chat=False, http_in=request.scope.get("hs_http_in"))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._auth(request)
-        return await self._respond(body, chat=True)
+        return await self._respond(body, chat=True, http_in=request.scope.get("hs_http_in"))
 
-    async def _respond(self, req: _Common, chat: bool):
+    async def _respond(self, req: _Common, chat: bool, http_in: float | None = None):
         payload, n = self._prepare(req)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -506,6 +507,8 @@ class OpenAIIngress:
         t_in = time.time()
         first, gen = await self._start_stream(payload, n)
         first["timeline"] = {"ingress_in": t_in, "ingress_first": time.time()}
+        if http_in is not None:
+            first["timeline"]["http_in"] = http_in
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(self._sse(first, gen, rid, created, chat, include_usage),
                                  media_type="text/event-stream",
@@ -538,7 +541,11 @@ class OpenAIIngress:
                                                         **chunk["hybridserve"].get("timeline", {})}
                     if include_usage:
                         chunk["usage"] = None
+                if item is first:
+                    first["timeline"]["sse_first"] = time.time()
                 yield _sse(chunk)
+                if item is first:
+                    first["timeline"]["sse_first_sent"] = time.time()
                 if done:
                     if include_usage:
                         yield _sse({**base, "choices": [], "usage": item["usage"]})

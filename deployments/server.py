@@ -321,6 +321,7 @@ class ModelServer:
         with self._lock:
             finishes, counts = list(self._finishes), dict(self._finish_counts)
         return {**self.record_routing_stats(), "engine": self.eng.stats(), "pid": os.getpid(),
+                "user_code_thread": os.environ.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1") != "0",
                 "store": self.store_status(),
                 "started_at": self.started_at, "finishes": finishes, "finish_counts": counts}
 

@@ -107,6 +107,7 @@ def test_python_handle_and_replica_stats(urls):
     assert "".join(c["text"] for c in chunks) == out["text"] and out["usage"]["completion_tokens"] == 5
     stats = serve.get_deployment_handle("ModelServer", APP).stats.remote().result()
     assert stats["warm_source"] == "cpu_served_standin" and stats["requests"] >= 2
+    assert stats["user_code_thread"] is False     # AppConfig.user_code_thread reached the replica's env
 
 
 def test_client_disconnect_cancels_the_engine_request(urls):
