@@ -308,6 +308,8 @@ _ASGI_TYPES = {"http", "websocket", "lifespan"}
 class OpenAIIngress:
     def __init__(self, model: DeploymentHandle, app_config: dict | AppConfig):
         self.cfg = app_config if isinstance(app_config, AppConfig) else AppConfig.model_validate(app_config)
+        if self.cfg.handle_transport == "grpc" and isinstance(model, DeploymentHandle):
+            model = model.options(_by_reference=False)      # Serve's replica-to-replica gRPC transport
         self.model = model
         # handles bound once: per-request .options()/attribute lookups build new handle objects
         self._generate_h = model.generate

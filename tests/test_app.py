@@ -276,7 +276,7 @@ def test_routing_stats_contract(app):
         assert isinstance(stats[key], typ), key
     assert stats["buckets"] == BUCKETS
     assert stats["warm_source"] == "cpu_served_standin"
-    assert stats["user_code_thread"] is False       # AppConfig default, through the replica's runtime_env
+    assert stats["user_code_thread"] is True        # AppConfig default (Ray's own)
     assert set(stats["ttft_ms_p50"]) <= set(stats["warm_buckets"])
 
 
