@@ -45,14 +45,17 @@ def wait_http(url: str, timeout_s: float = 120.0) -> None:
 
 @contextlib.contextmanager
 def serve_app(http_port: int, metrics_port: int | None = None, app_args: dict | None = None,
-              app_name: str = "hybridserve") -> Iterator[str]:
-    """Start Ray (num_cpus=4, no dashboard) + Serve + the app; yield its base URL; tear down."""
+              app_name: str = "hybridserve", env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start Ray (num_cpus=4, no dashboard) + Serve + the app; yield its base URL; tear down.
+    ``env``: variables for every Ray process started here (restored afterwards)."""
     import ray
     from ray import serve
 
     from deployments.app import build_app
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
     init_kw: dict[str, Any] = dict(num_cpus=4, include_dashboard=False, log_to_driver=False,
                                    configure_logging=False)
     if metrics_port is not None:
@@ -76,3 +79,8 @@ def serve_app(http_port: int, metrics_port: int | None = None, app_args: dict | 
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

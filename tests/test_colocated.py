@@ -4,17 +4,14 @@ RAY_SERVE_ENABLE_DIRECT_INGRESS=1, on the replica's own port with no proxy in be
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.hs_serve import free_port, wait_http
+from tests.hs_serve import free_port, serve_app, wait_http
 
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parents[1]
 APP = "hybridserve"
 APP_ARGS = {"engine": {"model": "tiny", "device": "cpu", "buckets": [16, 32, 64], "max_context": 128},
             "topology": "colocated", "user_code_thread": False, "num_replicas": 1, "num_cpus": 1, "router": {"stats_period_s": 0.5}}
@@ -25,36 +22,15 @@ ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
 @pytest.fixture(scope="module")
 def urls():
     """(proxy URL, the replica's own direct-ingress URL, app handle)."""
-    import ray
     from ray import serve
-
-    from deployments.app import build_app
 
     direct_port = free_port()
     env = {**ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + 50)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)                         # Ray processes started below inherit these
-    proxy_port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                 [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
-        serve.run(build_app(APP_ARGS), name=APP, route_prefix="/")
+    with serve_app(free_port(), app_args=APP_ARGS, app_name=APP, env=env) as proxy:
         direct = f"http://127.0.0.1:{direct_port}"
         wait_http(direct + "/healthz", 60)
-        yield f"http://127.0.0.1:{proxy_port}", direct, serve.get_app_handle(APP)
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        yield proxy, direct, serve.get_app_handle(APP)
 
 
 def _sse(resp: requests.Response) -> list:

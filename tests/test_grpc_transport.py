@@ -4,19 +4,15 @@ still 400, back-pressure still a fast 503 with Retry-After."""
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.hs_serve import free_port
+from tests.hs_serve import free_port, serve_app
 
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parents[1]
-APP = "hybridserve"
 APP_ARGS = {"engine": {"model": "tiny", "device": "cpu", "buckets": [16, 32, 64], "max_context": 128},
             "handle_transport": "grpc", "num_replicas": 1, "num_cpus": 1, "max_ongoing_requests": 2,
             "max_queued_requests": 2, "inject_latency_ms": 150, "retry_after_s": 2,
@@ -26,24 +22,8 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def base():
-    import ray
-    from ray import serve
-
-    from deployments.app import build_app
-
-    port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                 [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(APP_ARGS), name=APP, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+    with serve_app(free_port(), app_args=APP_ARGS) as url:
+        yield url
 
 
 def test_stream_and_plain_agree_and_errors_are_400(base):
