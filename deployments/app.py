@@ -21,10 +21,8 @@ ROUTER_CLASS = "deployments.router:WarmBucketRouter"
 
 
 def _actor_options(cfg: AppConfig, **resources: Any) -> dict[str, Any]:
-    opts: dict[str, Any] = dict(resources)
-    if "runtime_env" in cfg.replica_runtime():     # merged by Ray with the job's runtime_env
-        opts["runtime_env"] = cfg.replica_runtime()["runtime_env"]
-    return opts
+    runtime_env = cfg.replica_runtime().get("runtime_env")   # merged by Ray with the job's runtime_env
+    return {**resources, "runtime_env": runtime_env} if runtime_env else dict(resources)
 
 
 def model_deployment_options(cfg: AppConfig) -> dict[str, Any]:

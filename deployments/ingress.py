@@ -546,8 +546,6 @@ class OpenAIIngress:
                 if item is first:
                     first["timeline"]["sse_first"] = time.time()
                 yield _sse(chunk)
-                if item is first:
-                    first["timeline"]["sse_first_sent"] = time.time()
                 if done:
                     if include_usage:
                         yield _sse({**base, "choices": [], "usage": item["usage"]})

@@ -23,7 +23,7 @@ import bisect
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 logger = logging.getLogger("ray.serve")

@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any, AsyncIterator
 
 from engine import EngineInputError, HybridEngine, SamplingParams

@@ -22,7 +22,6 @@ requests wait at the ingress instead and the replicas' P99 is the injected laten
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -36,8 +35,8 @@ ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
-from hs_serve import TINY_APP_ARGS, wait_http  # noqa: E402
+from hs_serve import TINY_APP_ARGS  # noqa: E402
+from hs_serve import serve_app as hs_serve_app  # noqa: E402
 
 pytestmark = [
     pytest.mark.ray,
@@ -46,7 +45,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning"),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
 APP = "hs_autoscale_test"
 DEPLOYMENT = "ModelServer"
 HTTP_PORT = 28000
@@ -221,23 +219,10 @@ def serve_app(tmp_path_factory):
             "engine": {**TINY_APP_ARGS["engine"], "max_context": MAX_CONTEXT},
             "graceful_shutdown_timeout_s": 30.0,  # the drain budget: longer than any request here
             "autoscaling": AUTOSCALING, "inject_latency_file": str(latency_file)}
-    # Ray adds the driver's working directory to the workers' sys.path: the replicas and the
-    # Serve controller (the policy imports `autoscale`) import the repository's packages.
-    old_cwd = os.getcwd()
-    os.chdir(REPO)
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
-        serve.run(build_app(args), name=APP, route_prefix="/")
-        wait_http(BASE + "/v1/models")
+    with hs_serve_app(HTTP_PORT, app_args=args, app_name=APP):   # Ray + Serve + the app, torn down after
         yield latency_file
-    finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-        os.chdir(old_cwd)
 
 
 # ---------------------------------------------------------------------------- test
