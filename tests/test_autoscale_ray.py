@@ -278,9 +278,20 @@ def test_scales_up_on_injected_latency_and_back_down_after_delay(serve_app):
         # Not before the downscale delay (+ the 30 s window must first flush the slow samples).
         assert t_stop - t_clear >= POLICY_KWARGS["downscale_delay_s"], t_stop - t_clear
 
-        # Stays at 1 with fast traffic.
+        # Stays at 1 with fast traffic.  The one replica left may still be generating a long
+        # request (seconds, one request at a time), with the short ones queued behind it: wait
+        # until short requests started after the scale-down have come back, then check again.
         holds.halt()
-        time.sleep(3.0)
+        t_after = t_one + 0.5
+        deadline = time.time() + 60.0
+        while time.time() < deadline:
+            with traffic._lock:
+                n_after = sum(1 for c in traffic.calls if c.start > t_after)
+            if n_after >= 5:
+                break
+            time.sleep(0.1)
+        assert n_after >= 5, f"only {n_after} short requests started after the scale-down"
+        time.sleep(1.0)
         assert running(watch.samples[-1][1]) == 1 and live(watch.samples[-1][1]) == 1
     finally:
         hold_calls = holds.stop() if holds is not None else []
@@ -296,7 +307,7 @@ def test_scales_up_on_injected_latency_and_back_down_after_delay(serve_app):
     assert all(c.tokens == HOLD_TOKENS for c in hold_calls)
     # Drain: long requests in flight on the removed replica when the scale-down began
     # finished there, in full.
-    survivors = {c.replica for c in calls + hold_calls if c.start > t_one + 0.5}
+    survivors = {c.replica for c in calls + hold_calls if c.start > t_after}
     assert len(survivors) == 1, survivors
     spanning = [
         c for c in hold_calls
