@@ -30,7 +30,7 @@ from .errors import EmptyPromptError, EngineInputError, ModelLoadError, PromptTo
 from .model import Llama, ModelArgs, load_checkpoint, random_weights
 from .presets import PRESETS
 from .sampling import sample
-from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from .tokenizer import ByteTokenizer, HFTokenizer, IncrementalText, Tokenizer
 
 log = logging.getLogger("hybridserve.engine")
 
@@ -416,6 +416,7 @@ class HybridEngine:
                                      graph_bucket=graph_bucket)
             hold = max((len(s) for s in params.stop), default=1) - 1  # chars that may start a stop string
             decode_graph = self._decode_graph if self.cuda else None
+            detok = IncrementalText(self.tokenizer)
             cut = -1
             t_prev = t_start
             while True:
@@ -432,22 +433,28 @@ class HybridEngine:
                     finish = "stop"
                     break
                 out.append(t)
+                last = len(out) >= params.max_tokens
+                cancelled = cancel is not None and cancel.is_set()
+                if not (last or cancelled):
+                    # Launch the next token's step now (it reads self.tok on the device): the host's text
+                    # work and the chunk for token t below overlap the GPU's step instead of delaying it.
+                    # A stop string found below wastes this one step; nothing reads its output.
+                    self._step(decode_graph)
                 if on_chunk or params.stop:             # else nothing to stream or match: decode at the end
-                    full = self.tokenizer.decode(out)
+                    full = detok.add(t)
                     cut = min((i for i in (full.find(s) for s in params.stop) if i >= 0), default=-1)
                     if cut >= 0:                        # stop string: emit up to it, never past it
                         text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:cut])
                         finish = "stop"
                         break
-                    safe = len(full) - hold - (1 if full.endswith("\ufffd") else 0)  # partial UTF-8 waits
+                    safe = len(full) - hold                   # chars that may start a stop string wait
                     if safe > len(text) or on_chunk:
                         text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:max(safe, len(text))], True)
-                if len(out) >= params.max_tokens:
+                if last:
                     break
-                if cancel is not None and cancel.is_set():
+                if cancelled:
                     finish = "cancelled"
                     break
-                self._step(decode_graph)
             if cut < 0:                                 # flush text held back for stop strings
                 text = self._emit_text(on_chunk, None, len(out), text, self.tokenizer.decode(out))
         metrics.e2e_s = time.perf_counter() - t_req
@@ -509,7 +516,7 @@ class HybridEngine:
                 self._count(-1)
 
         self._count(1)
-        fut = loop.run_in_executor(self._executor, work)
+        loop.run_in_executor(self._executor, work)
         try:
             while True:
                 item = await q.get()

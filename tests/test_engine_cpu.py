@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import pytest
@@ -119,6 +120,8 @@ def test_stop_strings_and_stop_tokens():
     stop = base.text[3:5]
     res = eng.generate("stop test", SamplingParams(max_tokens=30, temperature=0, stop=[stop]))
     assert res.finish_reason == "stop" and res.text == base.text[: base.text.index(stop)]
+    # the step launched before the stop string was seen leaves nothing behind for the next request
+    assert eng.generate("stop test", SamplingParams(max_tokens=30, temperature=0)).token_ids == base.token_ids
     res = eng.generate("stop test", SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[base.token_ids[4]]))
     assert res.finish_reason == "stop" and res.token_ids == base.token_ids[: base.token_ids.index(base.token_ids[4])]
 
@@ -137,6 +140,73 @@ def test_stream_matches_generate_and_carries_metrics():
     last = chunks[-1]
     assert last.finish_reason == full.finish_reason and last.metrics.ttft_s > 0
     assert len(last.metrics.token_times_s) == len(full.token_ids) - 1
+
+
+def test_next_step_runs_before_the_host_emits_the_token():
+    """The decode step of token i+1 is launched before token i is turned into text and emitted, so on
+    CUDA the host's work overlaps the GPU's step."""
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
+    events: list[str] = []
+    step, emit = eng._step, eng._emit_text
+    eng._step = lambda g: (events.append("step"), step(g))[1]
+    eng._emit_text = lambda *a: (events.append("chunk"), emit(*a))[1]
+    n = 6
+
+    async def collect():
+        return [c async for c in eng.stream("overlap", SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))]
+
+    chunks = asyncio.run(collect())
+    assert len([c for c in chunks if c.token_id is not None]) == n
+    # token k's chunk comes after k + 1 steps (its successor's step), the last token's after none more
+    chunk_at = [i for i, e in enumerate(events) if e == "chunk"]
+    for k in range(n):
+        assert events[: chunk_at[k]].count("step") == min(k + 1, n - 1), events
+
+
+def metaspace_tokenizer(out):
+    """A LLaMA-2-style (sentencepiece) tokenizer: '▁' marks spaces, the decoder drops the first one, and
+    bytes fall back to <0xNN> tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import CORPUS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1)])
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    spec = json.loads(tok.to_str())           # the byte tokens <0x00>..<0xFF> as ordinary vocabulary
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    tok = Tokenizer.from_str(json.dumps(spec))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("source", ["bytes", "hf-bytelevel", "hf-sentencepiece"])
+def test_incremental_text_matches_full_decode(checkpoints, tmp_path, source):
+    """IncrementalText (a short window decoded per token) gives, after every token, the full decode of
+    the tokens up to the last one that completed a character; multi-byte characters split over tokens,
+    and the sentencepiece decoder's dropped first space does not eat the spaces after it."""
+    from engine.tokenizer import ByteTokenizer, HFTokenizer, IncrementalText
+
+    text = "héllo wörld, the quick ✓ fox 日本語 jumps — over the lazy dog 🚀 done"
+    tok = (ByteTokenizer(512) if source == "bytes" else
+           HFTokenizer(checkpoints["gqa"], (2,)) if source == "hf-bytelevel" else
+           HFTokenizer(metaspace_tokenizer(tmp_path), (2,)))
+    ids = tok.encode(text)
+    assert len(ids) > 40
+    inc = IncrementalText(tok)
+    clean = ""      # the full decode at the last token that ended a character
+    for i, t in enumerate(ids, 1):
+        full = tok.decode(ids[:i])
+        clean = clean if full.endswith("\ufffd") else full
+        assert inc.add(t) == clean, i
+    assert inc.text == tok.decode(ids) == text
 
 
 def test_closing_stream_cancels_generation():

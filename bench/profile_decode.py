@@ -1,0 +1,339 @@
+"""Where one decode step's time goes, and what the decode GEMV can reach (issue 3's next levers, measured).
+
+    python bench/profile_decode.py                               # CUDA, LLaMA-2-7B shapes
+    python bench/profile_decode.py --device cpu --preset tiny    # plumbing check, no GEMV sweep
+
+Writes bench/results/profile-decode-<date>-<gpu|cpu>.json with:
+  1. step: the decode graph replayed back to back (CUDA events, per step) vs the sum of the GPU time of
+     the kernels in one step (torch.profiler over eager steps and over graph replays), per kernel family:
+     launches and µs per step. step - kernels = the gaps between kernels inside the graph.
+  2. streaming: per-token times (engine side, token on the host) of engine.stream() (text + a chunk per
+     token on the host, overlapped with the next step) vs generate() (no text work), and how the
+     streamed per-token time changes from the first to the last 100 tokens of a 1,024-token reply.
+  3. gemv: each 7B weight shape at M=1 over a wider config grid than the autotuner's, vs the autotuned
+     pick, cuBLAS, and a read-only pass over the same bytes (the bandwidth roof of that size).
+Medians and P99 over repeated runs; nothing is one run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine import EngineConfig, HybridEngine, SamplingParams  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FAMILIES = [  # (substring of the kernel name, family): first match wins
+    ("_skinny_kernel", "gemv (triton)"), ("_splitk_kernel", "gemv split-k (triton)"),
+    ("_rms_norm_kernel", "rms_norm (+residual)"), ("_rope_cache_kernel", "rope + kv write"),
+    ("_decode_attn_split", "attention split"), ("_decode_attn_reduce", "attention reduce"),
+    ("_silu_mul", "silu*up"), ("gemv", "gemv (cublas)"), ("gemm", "gemm (cublas)"), ("cutlass", "gemm (cublas)"),
+    ("nvjet", "gemm (cublas)"), ("argmax", "argmax"), ("reduce", "argmax"), ("index", "embedding"),
+    ("copy", "copy / fill"), ("fill", "copy / fill"), ("elementwise", "elementwise"),
+]
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    return next((f for key, f in FAMILIES if key.lower() in low), "other")
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+def summ(xs: list[float], nd: int = 3) -> dict:
+    return {"p50": round(statistics.median(xs), nd), "p99": round(pct(xs, 99), nd), "n": len(xs)}
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+# ------------------------------------------------------------------------------ 1. the step
+def kernel_table(prof, steps: int, cuda: bool) -> dict:
+    """Per family: launches and device µs per step, from the profiler's kernel events."""
+    fam_us: dict[str, float] = defaultdict(float)
+    fam_n: dict[str, int] = defaultdict(int)
+    names: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        us = (getattr(e, "self_device_time_total", None) if cuda else None)
+        if cuda:
+            if not us or e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+        else:
+            if e.key.startswith("ProfilerStep") or not e.key.startswith("aten::"):
+                continue
+            us = e.self_cpu_time_total
+        f = family(e.key)
+        fam_us[f] += us / steps
+        fam_n[f] += e.count // steps if e.count >= steps else 0
+        names[e.key[:90]] += us / steps
+    total = sum(fam_us.values())
+    return {"kernel_us_per_step": round(total, 1),
+            "families": {f: {"us": round(fam_us[f], 1), "launches": fam_n[f], "share": round(fam_us[f] / total, 3)}
+                         for f in sorted(fam_us, key=fam_us.get, reverse=True)},
+            "top_kernels_us": {k: round(v, 1) for k, v in sorted(names.items(), key=lambda kv: -kv[1])[:15]}}
+
+
+def profile_step(eng: HybridEngine, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = eng.cuda
+    rng = random.Random(0)
+    ids = [1] + [rng.randrange(3, eng.args.vocab_size) for _ in range(99)]
+    eng.generate(ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))   # pos ~ 101, KV filled
+    out: dict = {}
+    if cuda:
+        g = eng._decode_graph
+        with torch.cuda.stream(eng.cuda_stream), torch.inference_mode():
+            for _ in range(10):
+                g.replay()
+            per = []
+            for _ in range(5):       # back to back: GPU time of the graph, no host sync inside
+                eng.pos.fill_(101)
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(steps):
+                    g.replay()
+                b.record()
+                b.synchronize()
+                per.append(a.elapsed_time(b) * 1e3 / steps)
+            out["graph_step_us"] = summ(per, 1)
+            eng.pos.fill_(101)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    g.replay()
+                torch.cuda.synchronize()
+        out["graph_replay_kernels"] = kernel_table(prof, steps, True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    ctx = torch.cuda.stream(eng.cuda_stream) if cuda else torch.inference_mode()
+    with ctx, torch.inference_mode():
+        eng.pos.fill_(101)
+        for _ in range(3):
+            eng._decode()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                eng._decode()
+            if cuda:
+                torch.cuda.synchronize()
+        out["eager_step_ms_under_profiler"] = round((time.perf_counter() - t0) * 1e3 / steps, 3)
+    out["eager_kernels"] = kernel_table(prof, steps, cuda)
+    if cuda and "graph_replay_kernels" in out:
+        busy = out["graph_replay_kernels"]["kernel_us_per_step"] or out["eager_kernels"]["kernel_us_per_step"]
+        out["graph_gap_us_per_step"] = round(out["graph_step_us"]["p50"] - busy, 1)
+        out["weight_bytes"] = eng.model.weight_bytes()
+        out["graph_step_tb_s"] = round(eng.model.weight_bytes() / (out["graph_step_us"]["p50"] * 1e-6) / 1e12, 3)
+    return out
+
+
+# ------------------------------------------------------------------------------ 2. streaming
+def streaming(eng: HybridEngine, requests: int, n_out: int, long_out: int, long_reqs: int) -> dict:
+    rng = random.Random(1)
+    vocab = eng.args.vocab_size
+
+    def ids(n: int) -> list[int]:
+        return [1] + [rng.randrange(3, vocab) for _ in range(n - 1)]
+
+    async def stream_one(p: list[int], n: int) -> tuple[list[float], list[float]]:
+        arrivals, metrics = [], None
+        async for c in eng.stream(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)):
+            if c.token_id is not None:
+                arrivals.append(time.perf_counter())
+            if c.metrics is not None:
+                metrics = c.metrics
+        assert len(arrivals) == n and len(metrics.token_times_s) == n - 1, (len(arrivals), n)
+        return metrics.token_times_s, [b - a for a, b in zip(arrivals, arrivals[1:])]
+
+    plain, streamed, consumer = [], [], []
+    for _ in range(requests):
+        r = eng.generate(ids(32), SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True))
+        plain += r.metrics.token_times_s
+        tt, arr = asyncio.run(stream_one(ids(32), n_out))
+        streamed += tt
+        consumer += arr
+    first, last = [], []
+    for _ in range(long_reqs):
+        tt, _ = asyncio.run(stream_one(ids(32), long_out))
+        first += tt[:100]
+        last += tt[-100:]
+    ms = lambda xs: [x * 1e3 for x in xs]  # noqa: E731
+    return {"tokens_per_request": n_out, "requests": requests,
+            "tpot_ms_generate": summ(ms(plain)), "tpot_ms_stream_engine": summ(ms(streamed)),
+            "tpot_ms_stream_consumer": summ(ms(consumer)),
+            "long_reply": {"tokens": long_out, "requests": long_reqs, "tpot_ms_first_100": summ(ms(first)),
+                           "tpot_ms_last_100": summ(ms(last))}}
+
+
+# ------------------------------------------------------------------------------ 3. GEMV sweep
+GRID = [(bn, bk, w, s) for bn in (2, 4, 8, 16, 32) for bk in (256, 512, 1024, 2048)
+        for w, s in ((4, 3), (4, 5), (8, 3), (8, 4)) if bn * bk <= 16384 and bn * bk >= 1024]
+
+
+def gemv_acc2d_kernel():
+    """Candidate for the engine's M=1 GEMV: fp32 products accumulate in a (BLOCK_N, BLOCK_K) tile and are
+    reduced across lanes once, after the K loop, instead of one cross-lane reduction per K block."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gemv_acc2d(X, W, Y, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
+            x = tl.load(X + k, mask=k < K, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        tl.store(Y + n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=nmask)
+
+    return _gemv_acc2d
+
+
+def gemv_sweep(hidden: int, inter: int, heads: int, kv_heads: int, vocab: int, on_row=None) -> dict:
+    import triton
+    from triton.testing import do_bench
+
+    from engine import kernels as K
+
+    acc2d = gemv_acc2d_kernel()
+
+    hd = hidden // heads
+    shapes = {"qkv": ((heads + 2 * kv_heads) * hd, hidden), "o": (hidden, hidden), "gate_up": (2 * inter, hidden),
+              "down": (hidden, inter), "lm_head": (vocab, hidden)}
+    res: dict = {"grid": len(GRID)}
+    for name, (N, Kd) in shapes.items():
+        w = torch.randn(N, Kd, device="cuda", dtype=torch.float16) * 0.02
+        x = torch.randn(1, Kd, device="cuda", dtype=torch.float16)
+        y = torch.empty(1, N, device="cuda", dtype=torch.float16)
+        nbytes = w.numel() * 2
+        ref = x.float() @ w.float().t()
+
+        def gbs(us: float) -> float:
+            return round(nbytes / (us * 1e-6) / 1e9, 0)
+
+        row = {"N": N, "K": Kd, "MB": round(nbytes / 1e6, 1)}
+        us = do_bench(lambda: K.skinny_matmul(x, w), warmup=10, rep=40) * 1e3
+        row["autotuned"] = {"us": round(us, 1), "GB_s": gbs(us), "config": str(K._skinny_kernel.best_config)}
+        us = do_bench(lambda: x @ w.t(), warmup=10, rep=40) * 1e3
+        row["cublas"] = {"us": round(us, 1), "GB_s": gbs(us)}
+        flat = w.view(-1)
+        us = do_bench(lambda: flat.sum(dtype=torch.float32), warmup=10, rep=40) * 1e3
+        row["read_roof"] = {"us": round(us, 1), "GB_s": gbs(us)}
+        for variant in ("skinny", "acc2d"):
+            best = None
+            for bn, bk, nw, ns in GRID:
+                try:
+                    if variant == "skinny":
+                        def run(bn=bn, bk=bk, nw=nw, ns=ns):
+                            K._skinny_kernel.fn[(triton.cdiv(N, bn),)](x, w, y, 1, N, Kd, BLOCK_M=1, BLOCK_N=bn,
+                                                                        BLOCK_K=bk, num_warps=nw, num_stages=ns)
+                    else:
+                        if bn * bk > 8192:       # the fp32 tile lives in registers
+                            continue
+
+                        def run(bn=bn, bk=bk, nw=nw, ns=ns):
+                            acc2d[(triton.cdiv(N, bn),)](x, w, y, N, Kd, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw,
+                                                         num_stages=ns)
+                    y.zero_()
+                    run()
+                    err = (y.float() - ref).abs().max().item()
+                    if err > 1e-2:
+                        log(f"  {name} {variant} {bn}x{bk} w{nw} s{ns}: wrong result (err {err:.2g})")
+                        continue
+                    us = do_bench(run, warmup=5, rep=25) * 1e3
+                except Exception as e:  # a config the compiler refuses (registers / shared memory)
+                    log(f"  {name} {variant} {bn}x{bk} w{nw} s{ns}: {type(e).__name__}")
+                    continue
+                if best is None or us < best["us"]:
+                    best = {"us": round(us, 1), "GB_s": gbs(us),
+                            "config": f"BLOCK_N={bn} BLOCK_K={bk} warps={nw} stages={ns}"}
+            row[f"best_{variant}"] = best
+        res[name] = row
+        if on_row:
+            on_row(res)          # partial results survive a cut-off run
+        b1, b2 = row["best_skinny"] or {}, row["best_acc2d"] or {}
+        log(f"  {name:8s} autotuned {row['autotuned']['GB_s']:5.0f} GB/s | best skinny {b1.get('GB_s', 0):5.0f} "
+            f"({b1.get('config')}) | best acc2d {b2.get('GB_s', 0):5.0f} ({b2.get('config')}) | "
+            f"cublas {row['cublas']['GB_s']:5.0f} | read roof {row['read_roof']['GB_s']:5.0f} GB/s")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--preset", default="llama-2-7b")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=50, help="decode steps per profiled window")
+    ap.add_argument("--requests", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--long-tokens", type=int, default=1024)
+    ap.add_argument("--long-requests", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: step,streaming,gemv")
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+    skip = set(filter(None, a.skip.split(",")))
+    cuda = a.device == "cuda"
+    info = {"date": dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "preset": a.preset, "layers": a.layers}
+    if cuda:
+        import triton
+        info["triton"] = triton.__version__
+    gpu = info["device"].split()[1].lower() if cuda and len(info["device"].split()) > 1 else a.device
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"profile-decode-{info['date'][:10]}-{gpu}{a.tag}.json"
+    out: dict = {"benchmark": "profile-decode", **info}
+
+    def save() -> None:
+        path.write_text(json.dumps(out, indent=1))
+
+    t0 = time.perf_counter()
+    eng = HybridEngine(EngineConfig(model=a.preset, device=a.device, num_layers=a.layers, max_context=1280,
+                                    buckets=[16, 128], prewarm_buckets=[16, 128] if cuda else []))
+    out["engine_start_s"] = round(time.perf_counter() - t0, 1)
+    log(f"engine up in {out['engine_start_s']} s")
+    def part(name: str, fn) -> None:
+        """One part; an error is recorded and the next part still runs (a lease is short)."""
+        if name in skip:
+            return
+        try:
+            out[name] = fn()
+        except Exception as e:
+            import traceback
+            out[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+        save()
+        log(name, json.dumps(out[name])[:3000])
+
+    part("step", lambda: profile_step(eng, a.steps))
+    part("streaming", lambda: streaming(eng, a.requests, a.tokens, a.long_tokens, a.long_requests))
+    if cuda:
+        ar = eng.args
+        eng.shutdown()
+        del eng
+        torch.cuda.empty_cache()
+        part("gemv", lambda: gemv_sweep(ar.hidden_size, ar.intermediate_size, ar.n_heads, ar.n_kv_heads,
+                                        ar.vocab_size, on_row=lambda r: (out.__setitem__("gemv", r), save())))
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    save()
+    log(f"wrote {path} ({out['wall_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
