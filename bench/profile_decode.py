@@ -173,12 +173,14 @@ def streaming(eng: HybridEngine, requests: int, n_out: int, long_out: int, long_
         tt, _ = asyncio.run(stream_one(ids(32), long_out))
         first += tt[:100]
         last += tt[-100:]
-    ms = lambda xs: [x * 1e3 for x in xs]  # noqa: E731
+    def ms(xs: list[float]) -> dict | None:
+        return summ([x * 1e3 for x in xs]) if xs else None
+
     return {"tokens_per_request": n_out, "requests": requests,
-            "tpot_ms_generate": summ(ms(plain)), "tpot_ms_stream_engine": summ(ms(streamed)),
-            "tpot_ms_stream_consumer": summ(ms(consumer)),
-            "long_reply": {"tokens": long_out, "requests": long_reqs, "tpot_ms_first_100": summ(ms(first)),
-                           "tpot_ms_last_100": summ(ms(last))}}
+            "tpot_ms_generate": ms(plain), "tpot_ms_stream_engine": ms(streamed),
+            "tpot_ms_stream_consumer": ms(consumer),
+            "long_reply": {"tokens": long_out, "requests": long_reqs, "tpot_ms_first_100": ms(first),
+                           "tpot_ms_last_100": ms(last)}}
 
 
 # ------------------------------------------------------------------------------ 3. GEMV sweep

@@ -184,7 +184,8 @@ def decode_attention(q, k_cache, v_cache, kv_len, sm_scale):
 # dot products in registers; M <= 16 rows of x (a short prefill bucket) share each weight load.
 _SKINNY_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                    for bn, bk, w, s in [(8, 512, 4, 4), (16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 8, 3),
-                                        (4, 1024, 4, 4), (8, 1024, 8, 3), (16, 128, 4, 6), (64, 128, 8, 4)]]
+                                        (4, 1024, 4, 4), (8, 1024, 8, 3), (16, 128, 4, 6), (64, 128, 8, 4),
+                                        (2, 2048, 8, 4), (2, 2048, 8, 3), (4, 2048, 4, 3), (2, 1024, 4, 4)]]
 
 
 # autotune results go to Triton's cache dir when this Triton supports it: the artifact store ships them
