@@ -24,6 +24,13 @@ How it decides (``ratio`` = fleet P99 / objective, the worse of TTFT and, if set
   (load per remaining replica, see below) at or under ``target_ratio``.
 * **in between**: hysteresis band; hold and restart both timers, so steady load that
   wanders around never moves the fleet.
+* ``queue_signal`` (off by default): the P99 of *finished* requests lags a load step by the
+  time the queued ones take to finish.  With it on, each replica's queue also predicts the
+  TTFT of its newest waiting request, ``(queued - 1) * mean_service_ms`` (queued = its
+  in-flight requests plus its share of those Ray holds before the replicas), and the fleet's
+  ``queue_ratio`` (the max over replicas, / objective) counts as a breach when > 1: such a
+  breach is not "subsiding" (the recent window cannot see it yet), it still waits
+  ``upscale_delay_s``, and it blocks a scale-down while above ``downscale_headroom``.
 * bounds always win: a target outside [min, max] is clamped at once.
 
 Fleet P99 (``fleet_p99="max"``, the default) is the maximum of the replica P99s, taken
@@ -115,6 +122,11 @@ class LatencyPolicyConfig(BaseModel):
     min_recent_samples: int = Field(
         default=3, ge=1, description="Fleet samples the recent sub-window needs to be trusted."
     )
+    queue_signal: bool = Field(
+        default=False,
+        description="Also scale up when the queued requests predict a TTFT above the objective "
+        "((queued - 1) x mean service time), before their slow samples finish.",
+    )
     scale_down_when_idle: bool = Field(
         default=True, description="A fleet with no traffic at all counts as well under the objective."
     )
@@ -156,6 +168,7 @@ class ReplicaStats:
     p99_ttft_recent_ms: Optional[float] = None
     p99_e2e_recent_ms: Optional[float] = None
     recent_samples: Optional[float] = None
+    mean_service_ms: Optional[float] = None  # None where the replica doesn't report it
 
     @classmethod
     def from_snapshot(cls, replica_id: str, snap: Dict[str, float]) -> "ReplicaStats":
@@ -175,6 +188,7 @@ class ReplicaStats:
             request_rate=num("request_rate"),
             in_flight=num("in_flight"),
             samples=num("samples"),
+            mean_service_ms=num("mean_service_ms", None),
             p99_ttft_recent_ms=num("p99_ttft_recent_ms", None),
             p99_e2e_recent_ms=num("p99_e2e_recent_ms", None),
             recent_samples=num("recent_samples", None),
@@ -253,6 +267,7 @@ class FleetStats:
     counted_replicas: int
     recent_ratio: Optional[float] = None  # None: not reported / too few recent samples
     recent_samples: float = 0.0
+    queue_ratio: float = 0.0  # predicted TTFT of the newest queued request / objective (max)
 
 
 def fleet_stats(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> FleetStats:
@@ -286,7 +301,23 @@ def fleet_stats(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> FleetStats
                 recent_ratio, max((r.p99_e2e_recent_ms or 0.0) for r in live) / cfg.p99_e2e_ms
             )
     return FleetStats(ttft, e2e, samples, rate, in_flight, ratio, len(counted),
-                      recent_ratio, recent_n)
+                      recent_ratio, recent_n, queue_ratio(snapshot, counted, cfg))
+
+
+def queue_ratio(snapshot: FleetSnapshot, counted: Sequence[ReplicaStats], cfg: LatencyPolicyConfig) -> float:
+    """Max over replicas of the predicted TTFT of the newest queued request, / objective: it waits
+    for the (queued - 1) requests ahead of it, each holding the engine mean_service_ms (batch 1).
+    queued = the replica's in-flight requests + an even share of those Ray holds before replicas
+    (ongoing_requests - sum of in-flight). Replicas without enough samples or no service time: 0."""
+    reps = list(snapshot.replicas)
+    outside = 0.0
+    if snapshot.ongoing_requests is not None and reps:
+        outside = max(0.0, snapshot.ongoing_requests - sum(r.in_flight for r in reps)) / len(reps)
+    worst = 0.0
+    for r in counted:
+        if r.mean_service_ms:
+            worst = max(worst, max(0.0, r.in_flight + outside - 1.0) * r.mean_service_ms)
+    return worst / cfg.p99_ttft_ms
 
 
 def bounds(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> Tuple[int, int]:
@@ -334,6 +365,7 @@ def decide(
         "ratio": round(fs.ratio, 4),
         "recent_ratio": None if fs.recent_ratio is None else round(fs.recent_ratio, 4),
         "recent_samples": fs.recent_samples,
+        "queue_ratio": round(fs.queue_ratio, 4),
         "samples": fs.samples,
         "counted_replicas": fs.counted_replicas,
         "request_rate": round(fs.request_rate, 3),
@@ -362,10 +394,14 @@ def decide(
         return out(base, "hold", "insufficient_samples", breach_since=None, low_since=None)
 
     ratio = 0.0 if (idle and not enough) else fs.ratio
+    queued = fs.queue_ratio if cfg.queue_signal else 0.0
+    queue_breach = queued > 1.0 >= ratio
+    ratio = max(ratio, queued)
 
     # 3. Breach: scale up.
     subsiding = (
         ratio > 1.0
+        and not queued > 1.0          # queued requests: their slow samples are still to come
         and cfg.confirm_with_recent
         and fs.recent_ratio is not None
         and fs.recent_ratio <= 1.0
@@ -386,12 +422,12 @@ def decide(
             return out(base, "hold", "upscale_cooldown", breach_since=breach_since, low_since=None)
         if base >= hi:
             return out(base, "hold", "at_max", breach_since=breach_since, low_since=None)
-        excess = ratio if fs.recent_ratio is None else min(ratio, fs.recent_ratio)
+        excess = ratio if (fs.recent_ratio is None or queued > 1.0) else min(ratio, fs.recent_ratio)
         want = math.ceil(max(base, 1) * excess / cfg.target_ratio)
         target = max(base + 1, min(want, base + cfg.max_step_up, hi))
         target = min(target, hi)
         inputs["proportional_target"] = want
-        return out(target, "up", "p99_above_objective",
+        return out(target, "up", "queue_predicts_breach" if queue_breach else "p99_above_objective",
                    breach_since=None, low_since=None, last_scale_up_at=now, up_ready_at=None)
 
     # 4. Well under: maybe scale down.

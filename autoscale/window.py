@@ -16,6 +16,9 @@ key              meaning
 ``request_rate`` requests finished per second over the window
 ``in_flight``    requests running or waiting on this replica right now
 ``samples``      number of requests in the window (the P99s are 0.0 when this is 0)
+``mean_service_ms`` mean time a request of the window held the engine (e2e less its wait
+                 for the engine); with ``in_flight`` it predicts the TTFT of requests
+                 queued now, before they finish (the policy's ``queue_signal``)
 ``p99_ttft_recent_ms`` / ``p99_e2e_recent_ms`` / ``recent_samples``: the same over the
                  last ``recent_s`` seconds only (default window_s / 6).  The policy uses
                  them to confirm a breach is still happening, so a short spike isn't
@@ -40,6 +43,7 @@ SNAPSHOT_KEYS = (
     "request_rate",
     "in_flight",
     "samples",
+    "mean_service_ms",
     "p99_ttft_recent_ms",
     "p99_e2e_recent_ms",
     "recent_samples",
@@ -84,20 +88,23 @@ class LatencyWindow:
             raise ValueError(f"recent_s must be > 0, got {recent_s}")
         self._clock = clock
         self._lock = threading.Lock()
-        self._samples: Deque[Tuple[float, float, float]] = deque(maxlen=max_samples)
+        self._samples: Deque[Tuple[float, float, float, float]] = deque(maxlen=max_samples)
         self._in_flight = 0
         self._started = clock()
 
     # ------------------------------------------------------------------ feeding
-    def record(self, ttft_s: float, e2e_s: float, now: Optional[float] = None) -> None:
-        """Record one finished request (latencies in seconds)."""
+    def record(self, ttft_s: float, e2e_s: float, now: Optional[float] = None,
+               service_s: Optional[float] = None) -> None:
+        """Record one finished request (latencies in seconds). service_s: the time it held the
+        engine (default e2e_s, i.e. no wait)."""
         ttft_s = float(ttft_s)
         e2e_s = float(e2e_s)
-        if not (math.isfinite(ttft_s) and math.isfinite(e2e_s)) or ttft_s < 0 or e2e_s < 0:
+        service_s = e2e_s if service_s is None else float(service_s)
+        if not all(math.isfinite(v) and v >= 0 for v in (ttft_s, e2e_s, service_s)):
             return  # a broken measurement must not poison the P99
         t = self._clock() if now is None else float(now)
         with self._lock:
-            self._samples.append((t, ttft_s, e2e_s))
+            self._samples.append((t, ttft_s, e2e_s, service_s))
 
     def set_in_flight(self, n: int) -> None:
         """Set the replica's current in-flight (running + waiting) request count."""
@@ -126,6 +133,7 @@ class LatencyWindow:
             "request_rate": n / span,
             "in_flight": float(in_flight),
             "samples": float(n),
+            "mean_service_ms": (sum(r[3] for r in rows) / n * 1000.0) if n else 0.0,
             "p99_ttft_recent_ms": percentile([r[1] for r in recent], 99) * 1000.0,
             "p99_e2e_recent_ms": percentile([r[2] for r in recent], 99) * 1000.0,
             "recent_samples": float(len(recent)),

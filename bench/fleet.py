@@ -331,7 +331,7 @@ def app_args_for(args, engine_cfg: dict, hybrid: bool, objective_ms: float) -> d
                                   "policy_kwargs": {"p99_ttft_ms": objective_ms,
                                                     "upscale_delay_s": args.upscale_delay_s,
                                                     "downscale_delay_s": args.downscale_delay_s,
-                                                    "min_samples": 10}}}
+                                                    "min_samples": 10, "queue_signal": args.queue_signal}}}
     else:
         autoscaling = {**base, "upscale_delay_s": args.upscale_delay_s,
                        "downscale_delay_s": args.downscale_delay_s,
@@ -670,6 +670,8 @@ def main(argv=None) -> int:
     ap.add_argument("--objective-x", type=float, default=4.0)
     ap.add_argument("--upscale-delay-s", type=float, default=5.0)
     ap.add_argument("--downscale-delay-s", type=float, default=60.0)
+    ap.add_argument("--queue-signal", action=argparse.BooleanOptionalAction, default=False,
+                    help="hybrid: the latency policy also scales on the TTFT its queues predict (leading signal)")
     ap.add_argument("--target-ongoing", type=float, default=1.0, help="baseline: target_ongoing_requests")
     ap.add_argument("--warmup-s", type=float, default=20)
     ap.add_argument("--steady-s", type=float, default=60)

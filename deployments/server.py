@@ -143,7 +143,8 @@ class ModelServer:
                     self._served.add(m.bucket)
             if self._window is not None:   # as the client sees it: the test-only delay counts too
                 extra = self._inject_ms() / 1e3
-                self._window.record(m.ttft_s + extra, m.e2e_s + extra)
+                self._window.record(m.ttft_s + extra, m.e2e_s + extra,
+                                    service_s=max(0.0, m.e2e_s - m.queue_s) + extra)
         if _metrics is not None:
             try:
                 _metrics.observe_event(event, self.replica_id, self.eng.model_name)

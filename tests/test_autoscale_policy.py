@@ -573,3 +573,86 @@ def test_adapter_scale_up_value_and_stale_or_missing_stats():
     # a replica that never reported our keys is left out; stopped replicas aren't read
     ctx = _ctx(_raw({"a": slow, "gone": slow}, 1000.0), ["a", "b"])
     assert [r.replica_id for r in snapshot_from_context(ctx).replicas] == ["a"]
+
+
+# ------------------------------------------------------------------ queue signal (leading)
+QCFG = CFG.model_copy(update={"queue_signal": True})
+
+
+def queued(p99, in_flight, service_ms, n=1, ongoing=None, recent=None):
+    """n replicas with P99 TTFT p99 (ms), in_flight requests each, mean service time service_ms."""
+    reps = tuple(ReplicaStats(f"r{i}", p99, p99 * 4, 10.0, in_flight, 100.0,
+                              p99_ttft_recent_ms=recent, p99_e2e_recent_ms=recent and recent * 4,
+                              recent_samples=None if recent is None else 50.0, mean_service_ms=service_ms)
+                 for i in range(n))
+    return FleetSnapshot(reps, n, n, ongoing_requests=ongoing)
+
+
+def test_window_reports_mean_service_time():
+    clock = FakeClock()
+    w = LatencyWindow(window_s=10, clock=clock)
+    w.record(0.01, 0.30, service_s=0.10)   # waited 200 ms, held the engine 100 ms
+    w.record(0.01, 0.30)                   # no service time given: e2e
+    assert w.snapshot()["mean_service_ms"] == pytest.approx(200.0)
+    w.record(0.01, 0.30, service_s=float("nan"))   # broken: dropped, like a broken latency
+    assert w.snapshot()["samples"] == 2.0
+
+
+def test_queue_signal_scales_up_before_the_p99_shows_the_queue():
+    # P99 of finished requests 30 ms (0.6 of the 50 ms objective: in the band), but 6 requests wait
+    # on the replica, 20 ms each: the newest will see ~100 ms TTFT -> queue ratio 2.0.
+    snap = queued(30.0, 6.0, 20.0)
+    d, st = decide(snap, PolicyState(), QCFG, 100.0)
+    assert (d.direction, d.reason) == ("hold", "breach_waiting_delay")   # the delay still applies
+    assert d.inputs["queue_ratio"] == pytest.approx(2.0)
+    d, _ = decide(snap, st, QCFG, 100.0 + QCFG.upscale_delay_s)
+    assert (d.direction, d.reason, d.target_replicas) == ("up", "queue_predicts_breach", 3)  # ceil(2.0/0.8)
+    # off (the default): the same fleet holds in the band
+    d, _ = decide(snap, st, CFG, 100.0 + CFG.upscale_delay_s)
+    assert (d.direction, d.reason) == ("hold", "within_band")
+
+
+def test_queue_signal_counts_requests_ray_holds_before_the_replicas():
+    # 1 in flight on each of 2 replicas (max_ongoing_requests 1), 10 more queued at the handles:
+    # 5 per replica wait behind the running one -> (1 + 5 - 1) * 20 ms = 100 ms -> ratio 2.0
+    snap = queued(30.0, 1.0, 20.0, n=2, ongoing=12.0)
+    d, _ = decide(snap, PolicyState(breach_since=0.0), QCFG, 100.0)
+    assert d.inputs["queue_ratio"] == pytest.approx(2.0) and d.direction == "up"
+    # without the outside queue, one running request per replica predicts no wait at all
+    d, _ = decide(queued(30.0, 1.0, 20.0, n=2, ongoing=2.0), PolicyState(breach_since=0.0), QCFG, 100.0)
+    assert d.inputs["queue_ratio"] == 0.0 and (d.direction, d.reason) == ("hold", "within_band")
+
+
+def test_queue_breach_is_not_subsiding_and_blocks_a_scale_down():
+    # long window breached, recent window fine (would be "subsiding"), but a queue is building
+    d, _ = decide(queued(80.0, 6.0, 20.0, recent=20.0), PolicyState(breach_since=0.0), QCFG, 100.0)
+    assert d.direction == "up"
+    d, _ = decide(queued(80.0, 1.0, 20.0, recent=20.0), PolicyState(breach_since=0.0), QCFG, 100.0)
+    assert d.reason == "breach_subsiding"
+    # P99 far under the objective for long enough, 2 replicas: a scale-down, unless the queue
+    # predicts 0.8 of the objective (above the 0.6 headroom)
+    calm = PolicyState(low_since=0.0)
+    d, _ = decide(queued(5.0, 1.0, 20.0, n=2), calm, QCFG, 1000.0)
+    assert d.direction == "down"
+    d, _ = decide(queued(5.0, 3.0, 20.0, n=2), calm, QCFG, 1000.0)
+    assert d.direction == "hold" and d.inputs["queue_ratio"] == pytest.approx(0.8)
+
+
+def test_adapter_passes_the_window_service_time_to_the_queue_signal():
+    """A real LatencyWindow snapshot goes through Ray's context into the policy: its mean service
+    time and in-flight count scale the deployment up while the P99 is still under the objective."""
+    from autoscale.ray_policy import STATE_KEY, LatencyAutoscalingPolicy, snapshot_from_context
+
+    clock = FakeClock()
+    w = LatencyWindow(window_s=30, clock=clock)
+    clock.t += 30
+    for _ in range(40):
+        w.record(0.030, 0.120, service_s=0.020)     # 30 ms TTFT (objective 50), 20 ms on the engine
+    w.set_in_flight(6)
+    raw = _raw({"a": w.snapshot()}, 1000.0)
+    assert snapshot_from_context(_ctx(raw, ["a"])).replicas[0].mean_service_ms == pytest.approx(20.0)
+    pol = LatencyAutoscalingPolicy(p99_ttft_ms=50, upscale_delay_s=0, min_samples=10, queue_signal=True)
+    n, state = pol(_ctx(raw, ["a"], current_time=1000.0))
+    assert n == 3 and state[STATE_KEY]["last_reason"] == "queue_predicts_breach"   # ceil(2.0 / 0.8)
+    n, _ = LatencyAutoscalingPolicy(p99_ttft_ms=50, upscale_delay_s=0, min_samples=10)(_ctx(raw, ["a"]))
+    assert n == 1
