@@ -555,7 +555,7 @@ def analyse(name: str, jsonl: Path, mon: Monitor, stats_before: dict, load: dict
             f"new replica 1st req +{step.get('first_request_on_new_replica_rel_s')} s "
             f"({step.get('first_request_on_new_replica', {}).get('path')}), decision->graph "
             f"{step.get('decision_to_first_graph_request_s')} s, recovery {step['recovery_s']} s "
-            f"(breached {breached}), direction changes {step['direction_changes']} over "
+            f"(breached {step['breached']}), direction changes {step['direction_changes']} over "
             f"{step['seconds_at_step_load']} s, errors {step['errors']}")
     out["timeline"] = [{"t": round(e["t"], 2), "active": e["active"], "states": e["states"], "status": e["status"]}
                        for i, e in enumerate(mon.timeline)
