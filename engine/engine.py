@@ -4,7 +4,9 @@ One request at a time (batch 1). A request's way:
   tokens -> bucket -> prefill: replay the bucket's graph if captured ("graph"), else the graph of a
   warm bucket at most max_pad_factor times larger ("padded"), else run the same prefill eagerly at
   the bucket's shape with the already-compiled Triton kernels ("jit"); either way the bucket is
-  queued for background capture -> decode: replay the one decode graph per token -> token on host.
+  queued for background capture -> decode: replay the one decode graph per token -> token on host;
+  the next step is launched before the host turns that token into text (IncrementalText: a short
+  window per token) and streams it, so the host's work runs under the GPU's step.
 On CPU the same static functions run eagerly ("eager").
 """
 from __future__ import annotations
