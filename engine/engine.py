@@ -412,13 +412,13 @@ class HybridEngine:
             if self.cuda and path != "graph" and self.config.cuda_graphs and self.config.background_capture:
                 self.capture([bucket], wait=False)
             out: list[int] = []
+            detok = IncrementalText(self.tokenizer, out)   # reads `out` as it grows
             text = ""                                   # text already emitted
             finish = "length"
             metrics = RequestMetrics(prompt_tokens=n, bucket=bucket, path=path, queue_s=t_start - t_req,
                                      graph_bucket=graph_bucket)
             hold = max((len(s) for s in params.stop), default=1) - 1  # chars that may start a stop string
             decode_graph = self._decode_graph if self.cuda else None
-            detok = IncrementalText(self.tokenizer)
             cut = -1
             t_prev = t_start
             while True:
@@ -443,7 +443,7 @@ class HybridEngine:
                     # A stop string found below wastes this one step; nothing reads its output.
                     self._step(decode_graph)
                 if on_chunk or params.stop:             # else nothing to stream or match: decode at the end
-                    full = detok.add(t)
+                    full = detok.update()
                     cut = min((i for i in (full.find(s) for s in params.stop) if i >= 0), default=-1)
                     if cut >= 0:                        # stop string: emit up to it, never past it
                         text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:cut])

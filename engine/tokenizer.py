@@ -31,17 +31,17 @@ class IncrementalText:
     the whole list (O(1) per token, not O(n): a 2,000-token reply would otherwise re-decode ~2M tokens).
     The window runs from the token before the last emitted piece (vLLM's prefix/read offsets): decoding
     with that context keeps the spaces a tokenizer strips at a sequence start. A token that ends inside
-    a multi-byte character adds nothing until the character is complete."""
+    a multi-byte character adds nothing until the character is complete. `ids` is the caller's list,
+    read, never copied: call update() after each append."""
 
-    def __init__(self, tokenizer: "Tokenizer"):
+    def __init__(self, tokenizer: "Tokenizer", ids: list[int]):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids = ids
         self.text = ""
         self._prefix = self._read = 0
 
-    def add(self, tok: int) -> str:
-        """Append one token; returns the whole text so far."""
-        self.ids.append(tok)
+    def update(self) -> str:
+        """The whole text of self.ids so far (call once per appended token)."""
         dec = self.tokenizer.decode
         before = dec(self.ids[self._prefix:self._read]) if self._read > self._prefix else ""
         after = dec(self.ids[self._prefix:])

@@ -200,12 +200,14 @@ def test_incremental_text_matches_full_decode(checkpoints, tmp_path, source):
            HFTokenizer(metaspace_tokenizer(tmp_path), (2,)))
     ids = tok.encode(text)
     assert len(ids) > 40
-    inc = IncrementalText(tok)
+    seen: list[int] = []
+    inc = IncrementalText(tok, seen)
     clean = ""      # the full decode at the last token that ended a character
     for i, t in enumerate(ids, 1):
+        seen.append(t)
         full = tok.decode(ids[:i])
         clean = clean if full.endswith("\ufffd") else full
-        assert inc.add(t) == clean, i
+        assert inc.update() == clean, i
     assert inc.text == tok.decode(ids) == text
 
 
