@@ -1,10 +1,10 @@
 """Decode GEMV microbenchmark on the LLaMA-2-7B weight shapes (fp16; weights rotate over 4 copies, > L2).
 1. the Triton skinny matmul vs cuBLAS, per shape and M;
-2. linear + residual + RMSNorm for the 4096-row projections (o, down, down with silu*up fused in):
-   cuBLAS linear + add_rms_norm (+ silu_mul) vs skinny + add_rms_norm (+ silu_mul) vs split-K + norm
-   (engine.kernels.linear_add_rms_norm: 2 kernels).
+2. the fusions the model uses at <= 16 rows, each vs its two-launch composition, timed inside a CUDA graph
+   (4 calls per replay, one per weight copy): RMSNorm in the GEMV's loads (qkv, gate_up: ops.norm_linear),
+   the residual add in its epilogue (o: ops.linear_residual) and silu(gate) * up in its loads as well (down).
 Prints microseconds and achieved weight bandwidth (weight bytes / time); checks every Triton result
-against the torch reference. --sweep also times split-K + norm at each SPLIT_K in {1, 2, 4, 8}."""
+against the torch reference."""
 from __future__ import annotations
 
 import argparse
@@ -20,15 +20,15 @@ from engine import kernels, ops  # noqa: E402
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
           "lm_head": (32000, 4096)}
-FUSED = {"o": (4096, 4096, False), "down": (4096, 11008, False), "down+silu": (4096, 11008, True)}
+FUSED = {"qkv+norm": (12288, 4096, "norm"), "gate_up+norm": (22016, 4096, "norm"), "o+res": (4096, 4096, "res"),
+         "down+silu+res": (4096, 11008, "gated")}
 EPS = 1e-5
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("--sweep", action="store_true", help="also time split-K + norm at SPLIT_K = 1, 2, 4, 8")
 args = ap.parse_args()
 t_start = time.time()
 dev, dt = torch.device("cuda"), torch.float16
-n_sm = kernels._num_sms(dev)
+n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
 
 
 def bench(fn) -> float:
@@ -71,36 +71,40 @@ for name, (N, K) in SHAPES.items():
         print(f"{name:10s} {M:3d} {us_gbs(t_cb, gb)} {us_gbs(t_tr, gb)}  {err:.1e}")
     del ws
 
-print("\n2. r += x @ w.T; out = rms_norm(r) * ln   (x = silu(gate) * up for down+silu)")
-print(f"{'shape':10s} {'M':>3s} {'S':>2s} {'cublas+norm':>11s} {'GB/s':>6s} {'skinny+norm':>11s} {'GB/s':>6s} "
-      f"{'splitK+norm':>11s} {'GB/s':>6s}  err(out, r)")
-for name, (N, K, gated) in FUSED.items():
+print("\n2. fused vs composition, in a CUDA graph (us per call)")
+print(f"{'op':14s} {'M':>3s} {'composition':>11s} {'GB/s':>6s} {'fused':>11s} {'GB/s':>6s}  err")
+
+
+def graph_us(fn) -> float:
+    return triton.testing.do_bench_cudagraph(lambda: [fn(i) for i in range(4)], rep=200) * 1e3 / 4
+
+
+for name, (N, K, kind) in FUSED.items():
     ws = weights(N, K)
-    nxt = rotation(ws)
-    ln = 1 + 0.1 * torch.randn(N, device=dev, dtype=dt)
-    S = kernels.split_k_for(N, K, n_sm)
     gb = N * K * 2 / 1e9
+    ln = 1 + 0.1 * torch.randn(K, device=dev, dtype=dt)
     for M in (1, 16):
-        x = torch.randn(M, 2 * K if gated else K, device=dev, dtype=dt)
+        x = torch.randn(M, 2 * K if kind == "gated" else K, device=dev, dtype=dt)
         r0 = torch.randn(M, N, device=dev, dtype=dt)
-        ops.use_triton(False)                                             # torch reference composition
-        r_ref = r0.clone()
-        ref = ops.linear_add_rms_norm(x, ws[0], r_ref, ln, EPS, gated=gated)
-        ops.use_triton(True)
         r = r0.clone()
-        out = kernels.linear_add_rms_norm(x, ws[0], r, ln, EPS, gated=gated)
-        errs = f"{rel(out, ref):.1e} {rel(r, r_ref):.1e}"
-        act = (lambda: kernels.silu_mul(x)) if gated else (lambda: x)
-        t_cb = bench(lambda: kernels.rms_norm(act() @ nxt().t(), r, ln, EPS))
-        t_sk = bench(lambda: kernels.rms_norm(kernels.skinny_matmul(act(), nxt()), r, ln, EPS))
-        t_sp = bench(lambda: kernels.linear_add_rms_norm(x, nxt(), r, ln, EPS, gated=gated))
-        print(f"{name:10s} {M:3d} {S:2d} {us_gbs(t_cb, gb):>18s} {us_gbs(t_sk, gb):>18s} {us_gbs(t_sp, gb):>18s}"
-              f"  {errs}")
-        if args.sweep:
-            for s in (1, 2, 4, 8):
-                r.copy_(r0)
-                e = rel(kernels.linear_add_rms_norm(x, ws[0], r, ln, EPS, gated=gated, split_k=s), ref)
-                t = bench(lambda: kernels.linear_add_rms_norm(x, nxt(), r, ln, EPS, gated=gated, split_k=s))
-                print(f"{'':10s} {'':3s} {s:2d} {'':>37s} {us_gbs(t, gb):>18s}  {e:.1e}")
-    del ws
+        if kind == "norm":
+            ops.use_triton(False)
+            ref = ops.norm_linear(x, ln, EPS, ws[0])
+            ops.use_triton(True)
+            err = rel(ops.norm_linear(x, ln, EPS, ws[0]), ref)
+            comp = lambda i: kernels.skinny_matmul(kernels.rms_norm(x, ln, EPS), ws[i])  # noqa: E731
+            fused = lambda i: kernels.skinny_matmul(x, ws[i], ln=ln, eps=EPS)  # noqa: E731
+        else:
+            gated = kind == "gated"
+            ops.use_triton(False)
+            r_ref = r0.clone()
+            ops.linear_residual(x, ws[0], r_ref, gated=gated)
+            ops.use_triton(True)
+            ops.linear_residual(x, ws[0], r, gated=gated)
+            err = rel(r, r_ref)
+            act = (lambda: kernels.silu_mul(x)) if gated else (lambda: x)
+            comp = lambda i: r.add_(kernels.skinny_matmul(act(), ws[i]))  # noqa: E731
+            fused = lambda i: kernels.skinny_matmul(x, ws[i], residual=r, gated=gated)  # noqa: E731
+        t_c, t_f = graph_us(comp), graph_us(fused)
+        print(f"{name:14s} {M:3d} {t_c:11.1f} {gb / t_c * 1e6:6.0f} {t_f:11.1f} {gb / t_f * 1e6:6.0f}  {err:.1e}")
 print(f"\n({time.time() - t_start:.0f} s)")

@@ -2,7 +2,7 @@
 # Everything GPU-side in one go on any CUDA machine: the GPU tests, the GEMV microbenchmark, the
 # decode-step profile (kernels, streaming TPOT, GEMV config sweep) and the latency benchmark
 # (engine A/B + baselines). Results go to ${OUT:-bench/results}/.
-#   bash bench/gpu_suite.sh [engines]        # default engines: hybrid,hf-eager,torch.compile (A/B: hybrid-fused, hybrid-cublas)
+#   bash bench/gpu_suite.sh [engines]        # default engines: hybrid,hf-eager,torch.compile (A/B: hybrid-unfused, hybrid-cublas)
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"

@@ -35,8 +35,7 @@ from engine import EngineConfig, HybridEngine, SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = [  # (substring of the kernel name, family): first match wins
-    ("_skinny_kernel", "gemv (triton)"), ("_splitk_kernel", "gemv split-k (triton)"),
-    ("_rms_norm_kernel", "rms_norm (+residual)"), ("_rope_cache_kernel", "rope + kv write"),
+    ("_skinny_kernel", "gemv (triton)"), ("_rms_norm_kernel", "rms_norm"), ("_rope_cache_kernel", "rope + kv write"),
     ("_decode_attn_split", "attention split"), ("_decode_attn_reduce", "attention reduce"),
     ("_silu_mul", "silu*up"), ("gemv", "gemv (cublas)"), ("gemm", "gemm (cublas)"), ("cutlass", "gemm (cublas)"),
     ("nvjet", "gemm (cublas)"), ("argmax", "argmax"), ("reduce", "argmax"), ("index", "embedding"),
@@ -88,13 +87,35 @@ def kernel_table(prof, steps: int, cuda: bool) -> dict:
             "top_kernels_us": {k: round(v, 1) for k, v in sorted(names.items(), key=lambda kv: -kv[1])[:15]}}
 
 
-def profile_step(eng: HybridEngine, steps: int) -> dict:
+VARIANTS = {  # A/B of the decode step's levers (bench/NOTES.md steps 10-11); each sets engine or kernel knobs
+    "default": {},
+    "unfused-norm": {"fused_gemv_norm": False},     # an RMSNorm kernel before each projection
+    "silu-kernel": {"ops.GATE_IN_GEMV": False},     # silu(gate) * up as its own kernel before the down GEMV
+    "attn-8x64": {"kernels.ATTN_SPLITS": 8, "kernels.ATTN_BLOCK_N": 64},   # fewer, longer attention splits
+}
+
+
+def apply_variant(name: str) -> dict:
+    """Module knobs are set here; returns the EngineConfig overrides."""
+    from engine import kernels, ops
+    cfg = {}
+    for k, v in VARIANTS[name].items():
+        mod, _, attr = k.rpartition(".")
+        if mod:
+            setattr({"ops": ops, "kernels": kernels}[mod], attr, v)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def profile_step(eng: HybridEngine, steps: int, context: int = 100) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = eng.cuda
     rng = random.Random(0)
-    ids = [1] + [rng.randrange(3, eng.args.vocab_size) for _ in range(99)]
-    eng.generate(ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))   # pos ~ 101, KV filled
+    ids = [1] + [rng.randrange(3, eng.args.vocab_size) for _ in range(context - 1)]
+    eng.generate(ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))   # KV filled past context
+    pos = context + 1
     out: dict = {}
     if cuda:
         g = eng._decode_graph
@@ -103,7 +124,7 @@ def profile_step(eng: HybridEngine, steps: int) -> dict:
                 g.replay()
             per = []
             for _ in range(5):       # back to back: GPU time of the graph, no host sync inside
-                eng.pos.fill_(101)
+                eng.pos.fill_(pos)
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
                 for _ in range(steps):
@@ -112,7 +133,7 @@ def profile_step(eng: HybridEngine, steps: int) -> dict:
                 b.synchronize()
                 per.append(a.elapsed_time(b) * 1e3 / steps)
             out["graph_step_us"] = summ(per, 1)
-            eng.pos.fill_(101)
+            eng.pos.fill_(pos)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(steps):
@@ -122,7 +143,7 @@ def profile_step(eng: HybridEngine, steps: int) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     ctx = torch.cuda.stream(eng.cuda_stream) if cuda else torch.inference_mode()
     with ctx, torch.inference_mode():
-        eng.pos.fill_(101)
+        eng.pos.fill_(pos)
         for _ in range(3):
             eng._decode()
         if cuda:
@@ -290,6 +311,8 @@ def main() -> None:
     ap.add_argument("--long-requests", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: step,streaming,gemv")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--variant", default="default", choices=list(VARIANTS), help="engine/kernel knobs (A/B)")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[100], help="KV positions of the profiled steps")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     cuda = a.device == "cuda"
@@ -301,14 +324,15 @@ def main() -> None:
     gpu = info["device"].split()[1].lower() if cuda and len(info["device"].split()) > 1 else a.device
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"profile-decode-{info['date'][:10]}-{gpu}{a.tag}.json"
-    out: dict = {"benchmark": "profile-decode", **info}
+    out: dict = {"benchmark": "profile-decode", **info, "variant": a.variant, "knobs": VARIANTS[a.variant]}
+    overrides = apply_variant(a.variant) if cuda else {}
 
     def save() -> None:
         path.write_text(json.dumps(out, indent=1))
 
     t0 = time.perf_counter()
     eng = HybridEngine(EngineConfig(model=a.preset, device=a.device, num_layers=a.layers, max_context=1280,
-                                    buckets=[16, 128], prewarm_buckets=[16, 128] if cuda else []))
+                                    buckets=[16, 128], prewarm_buckets=[16, 128] if cuda else [], **overrides))
     out["engine_start_s"] = round(time.perf_counter() - t0, 1)
     log(f"engine up in {out['engine_start_s']} s")
     def part(name: str, fn) -> None:
@@ -323,7 +347,9 @@ def main() -> None:
         save()
         log(name, json.dumps(out[name])[:3000])
 
-    part("step", lambda: profile_step(eng, a.steps))
+    part("step", lambda: profile_step(eng, a.steps, a.contexts[0]))
+    for c in a.contexts[1:]:
+        part(f"step_context_{c}", lambda c=c: profile_step(eng, a.steps, c))
     part("streaming", lambda: streaming(eng, a.requests, a.tokens, a.long_tokens, a.long_requests))
     if cuda:
         ar = eng.args

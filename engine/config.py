@@ -25,9 +25,8 @@ class EngineConfig(BaseModel):
     cuda_graphs: bool = True
     kernels: Literal["triton", "torch"] = Field("triton", description="CUDA non-matmul ops: Triton or PyTorch")
     skinny_matmul: bool = Field(True, description="CUDA: Triton GEMV for <= 16 rows (decode) instead of cuBLAS")
-    fused_gemv_norm: bool = Field(False, description="CUDA, <= 16 rows: o/down projections as split-K GEMV "
-                                                    "+ residual/RMSNorm summing its partials (SiLU*up fused in). "
-                                                    "Off: no end-to-end gain on H100 (bench/NOTES.md step 5)")
+    fused_gemv_norm: bool = Field(True, description="CUDA, <= 16 rows: each RMSNorm runs inside the GEMV that "
+                                                   "reads its output (no norm kernels); off: an RMSNorm kernel first")
     background_capture: bool = True
     max_pad_factor: float = Field(
         4.0, ge=0, description="CUDA: a prompt whose bucket has no graph yet replays the smallest warm bucket "

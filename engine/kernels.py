@@ -6,7 +6,6 @@ what the artifact store caches (Triton's cache dir) so a new replica compiles no
 """
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -14,33 +13,23 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["n_cols", "eps", "part_stride"])
-def _rms_norm_kernel(X, R, W, OUT, stride, n_cols, eps, part_stride, HAS_RES: tl.constexpr, PARTS: tl.constexpr,
-                     BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["n_cols", "eps"])
+def _rms_norm_kernel(X, W, OUT, stride, n_cols, eps, BLOCK: tl.constexpr):
+    """One program per row: OUT = W * (x * rstd), x * rstd rounded to the model dtype as the eager model
+    rounds it. Used where the GEMV cannot take the norm into its loads (prefill buckets > 16 rows)."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    if PARTS == 0:
-        x = tl.load(X + row * stride + cols, mask=mask, other=0.0)
-    else:  # X: PARTS fp32 split-K partials (PARTS, rows, n_cols) of a linear output: sum, round like its output
-        xs = tl.load(X + row * n_cols + cols, mask=mask, other=0.0)
-        for p in tl.static_range(1, PARTS):
-            xs += tl.load(X + p * part_stride + row * n_cols + cols, mask=mask, other=0.0)
-        x = xs.to(R.dtype.element_ty)
-    if HAS_RES:  # residual stream r += x, rounded to the model dtype as the eager model does
-        x = (x + tl.load(R + row * stride + cols, mask=mask, other=0.0)).to(R.dtype.element_ty)
-        tl.store(R + row * stride + cols, x, mask=mask)
-    xf = x.to(tl.float32)
+    xf = tl.load(X + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
     w = tl.load(W + cols, mask=mask, other=0.0)
     tl.store(OUT + row * stride + cols, w * (xf * rstd).to(OUT.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
     n = x.shape[-1]
-    _rms_norm_kernel[(x.shape[0],)](x, r if r is not None else x, w, out, x.stride(0), n, eps, 0,
-                                    HAS_RES=r is not None, PARTS=0, BLOCK=triton.next_power_of_2(n), num_warps=8)
+    _rms_norm_kernel[(x.shape[0],)](x, w, out, x.stride(0), n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8)
     return out
 
 
@@ -105,15 +94,18 @@ def rope_and_cache(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv, hd
 @triton.jit(do_not_specialize=["sm_scale", "stride_kh"])
 def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scale,
                               GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HD: tl.constexpr,
-                              CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr):
-    """Flash-decoding, split over the sequence. Program (kv_head, split) attends the GROUP query
-    heads that share this kv head over positions [split*CHUNK, min(+CHUNK, LEN)): the valid length
-    comes from device memory, so one CUDA graph serves every position and reads only valid KV."""
+                              BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr):
+    """Flash-decoding, split over the sequence. The valid length comes from device memory (one CUDA graph
+    serves every position, only valid KV is read) and so does the split size: the length is cut into
+    N_SPLITS chunks of whole BLOCK_N tiles, so a short context spreads over several programs per head
+    instead of queueing behind one (a chunk sized for the whole cache left all but one split idle).
+    Program (kv_head, split) attends the GROUP query heads sharing this kv head over its chunk."""
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     length = tl.load(LEN)
-    start = split * CHUNK
-    end = tl.minimum(start + CHUNK, length)
+    chunk = tl.cdiv(tl.cdiv(length, N_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HD)
     q = tl.load(Q + (kvh * GROUP + g)[:, None] * HD + d[None, :], mask=g[:, None] < GROUP, other=0.0)
@@ -136,7 +128,7 @@ def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scal
         m = m_new
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+    lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))   # empty split: weight 0
     heads = kvh * GROUP + g
     gmask = g < GROUP
     tl.store(O_PART + (heads[:, None] * N_SPLITS + split) * HD + d[None, :], out, mask=gmask[:, None])
@@ -155,15 +147,16 @@ def _decode_attn_reduce_kernel(O_PART, LSE_PART, OUT, HD: tl.constexpr, N_SPLITS
     tl.store(OUT + h * HD + d, out.to(OUT.dtype.element_ty))
 
 
-_CHUNK = 256
+ATTN_SPLITS = 16      # programs per kv head (power of 2); each takes 1/16 of the live length
+ATTN_BLOCK_N = 32     # positions per tile: at 100 positions, 4 splits of one tile each
 _scratch: dict = {}
 
 
 def decode_attention(q, k_cache, v_cache, kv_len, sm_scale):
     H, hd = q.shape[1], q.shape[2]
-    n_kv, T = k_cache.shape[0], k_cache.shape[1]
+    n_kv = k_cache.shape[0]
     group = H // n_kv
-    n_splits = triton.next_power_of_2(triton.cdiv(T, _CHUNK))
+    n_splits, block_n = ATTN_SPLITS, ATTN_BLOCK_N
     key = (q.device, H, hd, n_splits)
     if key not in _scratch:  # fixed scratch, allocated outside any graph capture at warm-up
         _scratch[key] = (torch.empty((H, n_splits, hd), device=q.device, dtype=torch.float32),
@@ -172,8 +165,8 @@ def decode_attention(q, k_cache, v_cache, kv_len, sm_scale):
     out = torch.empty((1, H, hd), device=q.device, dtype=q.dtype)
     _decode_attn_split_kernel[(n_kv, n_splits)](
         q, k_cache, v_cache, kv_len, o_part, lse_part, k_cache.stride(0), sm_scale,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd, CHUNK=_CHUNK,
-        BLOCK_N=64, N_SPLITS=n_splits, num_warps=4)
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd,
+        BLOCK_N=block_n, N_SPLITS=n_splits, num_warps=4)
     _decode_attn_reduce_kernel[(H,)](o_part, lse_part, out, HD=hd, N_SPLITS=n_splits, num_warps=4)
     return out
 
@@ -193,60 +186,6 @@ _AUTOTUNE_CACHE = ({"cache_results": True}
                    if "cache_results" in inspect.signature(triton.autotune).parameters else {})
 
 
-@triton.autotune(configs=_SKINNY_CONFIGS, key=["N", "K", "BLOCK_M"], **_AUTOTUNE_CACHE)
-@triton.jit(do_not_specialize=["M"])
-def _skinny_kernel(X, W, Y, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
-            x = tl.load(X + k, mask=k < K, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-        tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=nmask)
-    else:
-        m = tl.arange(0, BLOCK_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
-            x = tl.load(X + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
-            acc += tl.dot(x, tl.trans(w))
-        tl.store(Y + m[:, None] * N + n[None, :], acc.to(Y.dtype.element_ty), mask=(m[:, None] < M) & nmask[None, :])
-
-
-def skinny_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (M <= 16, K) contiguous @ w (N, K).T -> (M, N)."""
-    M, K = x.shape
-    N = w.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    _skinny_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x, w, y, M, N, K, BLOCK_M=1 if M == 1 else 16)
-    return y
-
-
-# ------------------------------------------------------------------ split-K GEMV + residual + RMSNorm
-# The 4096-row projections (o_proj, down_proj) give the skinny kernel too few programs to keep enough
-# bytes in flight. Split K as well: program (n-block, s) reduces its K-range into fp32 partials
-# P[s, m, n]; the residual-add + RMSNorm that follows every such projection sums the partials (a launch
-# that exists anyway: split-K adds no kernel). GATED fuses silu(gate) * up into the loads of x (down_proj).
-def split_k_for(N: int, K: int, n_sm: int) -> int:
-    """SPLIT_K in {1, 2, 4, 8}, from shapes and SM count only (it must be known on the host under graph
-    capture): the smallest giving >= 4 waves of 16-row blocks, cdiv(N, 16) * SPLIT_K >= 4 * n_sm,
-    while every split keeps >= 1024 columns of K. H100 (132 SMs): o/down 4, qkv/gate_up/lm_head 1."""
-    s = 1
-    while s < 8 and triton.cdiv(N, 16) * s < 4 * n_sm and K >= 2 * s * 1024:
-        s *= 2
-    return s
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 @triton.jit
 def _load_act(ptrs, K, mask, GATED: tl.constexpr):
     """x at ptrs; GATED: ptrs point into the gate half of [gate | up] rows (up is K further on) and
@@ -260,52 +199,76 @@ def _load_act(ptrs, K, mask, GATED: tl.constexpr):
     return x
 
 
-@triton.autotune(configs=_SKINNY_CONFIGS, key=["N", "K", "BLOCK_M", "SPLIT_K", "GATED"], **_AUTOTUNE_CACHE)
-@triton.jit(do_not_specialize=["M", "SPLIT_K"])
-def _splitk_kernel(X, W, P, M, N, K, SPLIT_K, BLOCK_M: tl.constexpr, GATED: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """P[s, m, n] = sum of x[m, k] * W[n, k] over split s's K-range (a multiple of BLOCK_K), fp32."""
+# restore_value: autotuning runs every config on the live arguments, and with RES each run adds into Y
+@triton.autotune(configs=_SKINNY_CONFIGS, key=["N", "K", "BLOCK_M", "NORM", "RES", "GATED"], restore_value=["Y"],
+                 **_AUTOTUNE_CACHE)
+@triton.jit(do_not_specialize=["M", "eps"])
+def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr,
+                   GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y = act(x) @ W.T for M <= 16 rows. Every program walks all of K, so it sees each row of x whole:
+    NORM: the RMSNorm of x runs inside the K loop (x * LN feeds the dot, sum(x^2) accumulates beside it,
+          the dot is scaled by rstd at the end): no norm kernel, no normed copy of x.
+    RES:  Y is the residual stream: Y += result in place (rounded as the eager model rounds r + y).
+    GATED: x = silu(gate) * up read from [gate | up] rows (the down projection): no SiLU kernel."""
     pid = tl.program_id(0)
-    s = tl.program_id(1)
-    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = tl.multiple_of(s * k_chunk, BLOCK_K)
-    k_hi = tl.minimum(k_lo + k_chunk, K)
-    x_stride = 2 * K if GATED else K
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
+    x_stride = 2 * K if GATED else K
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N,), tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        ss = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
-            x = _load_act(X + k, K, k < K, GATED)
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-        tl.store(P + s * N + n, acc, mask=nmask)
+            x = _load_act(X + k, K, k < K, GATED).to(tl.float32)
+            if NORM:
+                ss += x * x
+                x = x * tl.load(LN + k, mask=k < K, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        if NORM:
+            acc = acc * (1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps))
+        y = acc.to(Y.dtype.element_ty)
+        if RES:
+            y = (y + tl.load(Y + n, mask=nmask, other=0.0)).to(Y.dtype.element_ty)
+        tl.store(Y + n, y, mask=nmask)
     else:
         m = tl.arange(0, BLOCK_M)
+        mmask = m < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        ss = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
-            x = _load_act(X + m[:, None] * x_stride + k[None, :], K, (m[:, None] < M) & (k[None, :] < K), GATED)
+            x = _load_act(X + m[:, None] * x_stride + k[None, :], K, mmask[:, None] & (k[None, :] < K), GATED)
+            if NORM:
+                xf = x.to(tl.float32)
+                ss += tl.sum(xf * xf, axis=1)
+                x = (xf * tl.load(LN + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(w.dtype)
             acc += tl.dot(x, tl.trans(w))
-        tl.store(P + (s * M + m[:, None]) * N + n[None, :], acc, mask=(m[:, None] < M) & nmask[None, :])
+        if NORM:
+            acc = acc * (1.0 / tl.sqrt(ss / K + eps))[:, None]
+        ptrs = Y + m[:, None] * N + n[None, :]
+        ymask = mmask[:, None] & nmask[None, :]
+        y = acc.to(Y.dtype.element_ty)
+        if RES:
+            y = (y + tl.load(ptrs, mask=ymask, other=0.0)).to(Y.dtype.element_ty)
+        tl.store(ptrs, y, mask=ymask)
 
 
-def linear_add_rms_norm(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, ln: torch.Tensor, eps: float,
-                        gated: bool = False, split_k: int | None = None) -> torch.Tensor:
-    """r += (silu_mul(x) if gated else x) @ w.T in place; returns rms_norm(r) * ln. x: (M <= 16, K),
-    or (M, 2K) [gate | up] when gated, contiguous; w (N, K); r (M, N) contiguous. Two launches: the
-    split-K GEMV into fp32 partials, then residual + RMSNorm summing them. split_k: override the rule."""
+def skinny_matmul(x: torch.Tensor, w: torch.Tensor, ln: torch.Tensor | None = None, eps: float = 0.0,
+                  residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """x (M <= 16, K), or (M, 2K) [gate | up] when gated, contiguous; w (N, K) contiguous.
+    Returns act(x) @ w.T (M, N), where act = silu(gate) * up if gated, then rms_norm(.) * ln if ln is given;
+    with residual (M, N) contiguous: residual += that, in place, and returns residual. One launch."""
     M = x.shape[0]
     N, K = w.shape
     assert M <= 16 and x.shape[1] == (2 * K if gated else K) and x.is_contiguous() and w.is_contiguous()
-    assert r.shape == (M, N) and r.is_contiguous()
-    s = split_k or split_k_for(N, K, _num_sms(x.device))
-    part = torch.empty((s, M, N), device=x.device, dtype=torch.float32)
-    _splitk_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), s)](
-        x, w, part, M, N, K, s, BLOCK_M=1 if M == 1 else 16, GATED=gated)
-    out = torch.empty_like(r)
-    _rms_norm_kernel[(M,)](part, r, ln, out, r.stride(0), N, eps, M * N, HAS_RES=True, PARTS=s,
-                           BLOCK=triton.next_power_of_2(N), num_warps=8)
-    return out
+    if residual is None:
+        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    else:
+        assert residual.shape == (M, N) and residual.is_contiguous()
+        y = residual
+    _skinny_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+        x, ln if ln is not None else w, w, y, M, N, K, eps, BLOCK_M=1 if M == 1 else 16,
+        NORM=ln is not None, RES=residual is not None, GATED=gated)
+    return y

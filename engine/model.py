@@ -133,45 +133,40 @@ class Llama:
     def kv_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
-    def _layers(self, h: torch.Tensor, r: torch.Tensor, positions: torch.Tensor,
-                kv_len: torch.Tensor | None) -> torch.Tensor:
-        """Run every decoder layer over L tokens. h: normed input (L, D); r: residual stream (L, D),
-        updated in place. kv_len=None means prefill (causal over the L tokens from position 0);
-        otherwise decode of one token attending to kv_len cached positions. Returns the final-normed
-        hidden states norm(r) * model.norm (L, D), ready for the LM head."""
+    def _layers(self, r: torch.Tensor, positions: torch.Tensor, kv_len: torch.Tensor | None) -> torch.Tensor:
+        """Run every decoder layer over L tokens. r: the residual stream (L, D), updated in place and
+        returned. kv_len=None means prefill (causal over the L tokens from position 0); otherwise decode
+        of one token attending to kv_len cached positions. Each RMSNorm happens inside the projection
+        that reads it (norm_linear) and each residual add inside the projection that writes it
+        (linear_residual): on CUDA at <= 16 rows that is one GEMV launch each, no norm kernels."""
         a = self.args
-        L = h.shape[0]
+        L = r.shape[0]
         for i, lw in enumerate(self.layers):
-            qkv = ops.linear(h, lw["wqkv"])                                          # fused QKV projection
+            qkv = ops.norm_linear(r, lw["ln1"], a.rms_eps, lw["wqkv"])              # norm + fused QKV
             q = ops.rope_and_cache(qkv, positions, self.cos, self.sin, self.k_cache[i], self.v_cache[i],
                                    a.n_heads, a.n_kv_heads, a.head_dim)      # (L, H, hd); K,V -> cache
             if kv_len is None:
                 attn = ops.prefill_attention(q, self.k_cache[i], self.v_cache[i], L, self.sm_scale)
             else:
                 attn = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], kv_len, self.sm_scale)
-            # r += attn @ wo.T; h = norm(r). Short M: split-K GEMV + norm summing its partials
-            h = ops.linear_add_rms_norm(attn.reshape(L, -1), lw["wo"], r, lw["ln2"], a.rms_eps)
-            gu = ops.linear(h, lw["w13"])                                            # fused gate/up projection
-            ln = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.norm  # next layer's / final norm
-            h = ops.linear_add_rms_norm(gu, lw["w2"], r, ln, a.rms_eps, gated=True)  # r += silu(g)*u @ w2.T; norm
-        return h
+            ops.linear_residual(attn.reshape(L, -1), lw["wo"], r)                   # r += attn @ wo.T
+            gu = ops.norm_linear(r, lw["ln2"], a.rms_eps, lw["w13"])                # norm + fused gate/up
+            ops.linear_residual(gu, lw["w2"], r, gated=True)                        # r += silu(g)*u @ w2.T
+        return r
 
-    def _logits(self, last: torch.Tensor) -> torch.Tensor:
-        return ops.linear(last, self.lm_head).float().view(-1)
+    def _logits(self, r_last: torch.Tensor) -> torch.Tensor:
+        """The final norm and the LM head, for the rows given (the last prompt position only)."""
+        return ops.norm_linear(r_last, self.norm, self.args.rms_eps, self.lm_head).float().view(-1)
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         """ids/positions: (L,) (padded past seq_len); seq_len: (1,) device tensor. Logits (V,) of the
         last real token only."""
-        r = self.embed.index_select(0, ids)
-        h = ops.rms_norm(r, self.layers[0]["ln1"], self.args.rms_eps)
-        h = self._layers(h, r, positions, None)
-        return self._logits(h.index_select(0, seq_len - 1))
+        r = self._layers(self.embed.index_select(0, ids), positions, None)
+        return self._logits(r.index_select(0, seq_len - 1))
 
     def decode(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tok, pos: (1,) device tensors. Writes KV at pos, attends to pos+1 tokens. Logits (V,)."""
-        r = self.embed.index_select(0, tok)
-        h = ops.rms_norm(r, self.layers[0]["ln1"], self.args.rms_eps)
-        return self._logits(self._layers(h, r, pos, pos + 1))
+        return self._logits(self._layers(self.embed.index_select(0, tok), pos, pos + 1))
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

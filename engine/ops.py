@@ -10,12 +10,14 @@ import torch.nn.functional as F
 _kernels = None
 _enabled = True
 _skinny = True
-_fused = False
+_fused = True
+GATE_IN_GEMV = True   # short M: silu(gate) * up computed in the down GEMV's loads (no SiLU kernel)
 
 
 def use_triton(flag: bool, skinny_matmul: bool | None = None, fused_gemv_norm: bool | None = None) -> None:
     """Triton kernels on/off for CUDA tensors; skinny_matmul: Triton GEMV for M <= 16 vs cuBLAS;
-    fused_gemv_norm: split-K GEMV + residual/RMSNorm (linear_add_rms_norm) vs the composition."""
+    fused_gemv_norm: the GEMV applies the RMSNorm of its input in its own loads (norm_linear) vs an
+    RMSNorm kernel first."""
     global _enabled, _skinny, _fused
     _enabled = flag
     if skinny_matmul is not None:
@@ -35,36 +37,47 @@ def _k(x: torch.Tensor):
     return _kernels
 
 
+def _gemv(x: torch.Tensor):
+    """The kernel module when x is short enough for the Triton GEMV (decode, buckets <= 16 rows)."""
+    return _k(x) if x.shape[0] <= 16 and _skinny else None
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ w (N, K).T. Short M (decode, small buckets) on CUDA: the Triton skinny matmul."""
-    if x.shape[0] <= 16 and _skinny and (k := _k(x)) is not None:
+    if (k := _gemv(x)) is not None:
         return k.skinny_matmul(x.contiguous(), w)
     return x @ w.t()
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     if (k := _k(x)) is not None:
-        return k.rms_norm(x, None, w, eps)
+        return k.rms_norm(x, w, eps)
     xf = x.float()
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def add_rms_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """r += x (the residual stream, in place); returns rms_norm(r) * w."""
-    if (k := _k(x)) is not None:
-        return k.rms_norm(x, r, w, eps)
-    r.add_(x)
-    return rms_norm(r, w, eps)
+def norm_linear(x: torch.Tensor, ln: torch.Tensor, eps: float, w: torch.Tensor) -> torch.Tensor:
+    """rms_norm(x) * ln @ w.T. Short M on CUDA (fused_gemv_norm): one GEMV that normalises x in its own
+    loads; otherwise an RMSNorm, then the matmul (the reference)."""
+    if _fused and (k := _gemv(x)) is not None:
+        return k.skinny_matmul(x.contiguous(), w, ln=ln, eps=eps)
+    return linear(rms_norm(x, ln, eps), w)
 
 
-def linear_add_rms_norm(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, ln: torch.Tensor, eps: float,
-                        gated: bool = False) -> torch.Tensor:
-    """r += (silu_mul(x) if gated else x) @ w.T (in place); returns rms_norm(r) * ln. Short M on CUDA:
-    a split-K GEMV (silu*up fused into its loads) + the residual/RMSNorm kernel summing its partials,
-    2 launches; otherwise the composition of the ops above (the reference)."""
-    if x.shape[0] <= 16 and _skinny and _fused and (k := _k(x)) is not None:
-        return k.linear_add_rms_norm(x.contiguous(), w, r, ln, eps, gated)
-    return add_rms_norm(linear(silu_mul(x) if gated else x, w), r, ln, eps)
+def linear_residual(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, gated: bool = False) -> None:
+    """r += act(x) @ w.T in place (the residual stream), act = silu(gate) * up of x = [gate | up] when gated.
+    Short M on CUDA: the GEMV adds into r in its epilogue (and computes silu * up in its loads); longer M
+    on CUDA: silu_mul, then one cuBLAS addmm into r; CPU: the eager model's r + linear(act)."""
+    if (k := _gemv(x)) is not None:
+        if gated and not GATE_IN_GEMV:
+            x, gated = silu_mul(x), False
+        k.skinny_matmul(x.contiguous(), w, residual=r, gated=gated)
+        return
+    act = silu_mul(x) if gated else x
+    if r.is_cuda:
+        r.addmm_(act, w.t())
+    else:
+        r.add_(linear(act, w))
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
