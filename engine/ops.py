@@ -11,7 +11,7 @@ _kernels = None
 _enabled = True
 _skinny = True
 _fused = True
-GATE_IN_GEMV = True   # short M: silu(gate) * up computed in the down GEMV's loads (no SiLU kernel)
+GATE_IN_GEMV = True   # one row: silu(gate) * up computed in the down GEMV's loads (no SiLU kernel)
 
 
 def use_triton(flag: bool, skinny_matmul: bool | None = None, fused_gemv_norm: bool | None = None) -> None:
@@ -57,19 +57,22 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def norm_linear(x: torch.Tensor, ln: torch.Tensor, eps: float, w: torch.Tensor) -> torch.Tensor:
-    """rms_norm(x) * ln @ w.T. Short M on CUDA (fused_gemv_norm): one GEMV that normalises x in its own
-    loads; otherwise an RMSNorm, then the matmul (the reference)."""
-    if _fused and (k := _gemv(x)) is not None:
+    """rms_norm(x) * ln @ w.T. One row (decode) on CUDA (fused_gemv_norm): one GEMV that normalises x in
+    its own loads; otherwise an RMSNorm, then the matmul (the reference). Only at one row: every GEMV
+    program re-reads all of x, so the per-element norm work grows with M while the weight work does not
+    (at 16 rows it would cost more than the norm kernel it saves)."""
+    if _fused and x.shape[0] == 1 and (k := _gemv(x)) is not None:
         return k.skinny_matmul(x.contiguous(), w, ln=ln, eps=eps)
     return linear(rms_norm(x, ln, eps), w)
 
 
 def linear_residual(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, gated: bool = False) -> None:
     """r += act(x) @ w.T in place (the residual stream), act = silu(gate) * up of x = [gate | up] when gated.
-    Short M on CUDA: the GEMV adds into r in its epilogue (and computes silu * up in its loads); longer M
+    Short M on CUDA: the GEMV adds into r in its epilogue (and at one row computes silu * up in its loads:
+    like the norm, that work is repeated by every program, so at more rows silu_mul runs first); longer M
     on CUDA: silu_mul, then one cuBLAS addmm into r; CPU: the eager model's r + linear(act)."""
     if (k := _gemv(x)) is not None:
-        if gated and not GATE_IN_GEMV:
+        if gated and not (GATE_IN_GEMV and x.shape[0] == 1):
             x, gated = silu_mul(x), False
         k.skinny_matmul(x.contiguous(), w, residual=r, gated=gated)
         return

@@ -68,9 +68,9 @@ def test_linear_residual_matches_reference(M, gated):
 
 
 def test_unfused_norm_and_long_m_take_the_composition():
-    """fused_gemv_norm off, or M > 16 (prefill buckets): the RMSNorm kernel, then the matmul."""
+    """fused_gemv_norm off, or more than one row (prefill buckets): the RMSNorm kernel, then the matmul."""
     g = torch.Generator(device="cuda").manual_seed(3)
-    for M, fused in ((1, False), (17, True)):
+    for M, fused in ((1, False), (5, True), (17, True)):
         ops.use_triton(True, skinny_matmul=True, fused_gemv_norm=fused)
         x = torch.randn(M, 300, device="cuda", dtype=torch.float16, generator=g)
         w = torch.randn(1000, 300, device="cuda", dtype=torch.float16, generator=g) * 0.02
