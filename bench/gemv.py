@@ -89,11 +89,11 @@ for name, (N, K, kind) in FUSED.items():
         r = r0.clone()
         if kind == "norm":
             ops.use_triton(False)
-            ref = ops.norm_linear(x, EPS, ws[0])
+            ref = ops.norm_linear(x, ln, EPS, ws[0])
             ops.use_triton(True)
-            err = rel(ops.norm_linear(x, EPS, ws[0]), ref)
-            comp = lambda i: kernels.skinny_matmul(kernels.rms_norm(x, None, EPS), ws[i])  # noqa: E731
-            fused = lambda i: kernels.skinny_matmul(x, ws[i], norm_eps=EPS)  # noqa: E731
+            err = rel(ops.norm_linear(x, ln, EPS, ws[0]), ref)
+            comp = lambda i: kernels.skinny_matmul(kernels.rms_norm(x, ln, EPS), ws[i])  # noqa: E731
+            fused = lambda i: kernels.skinny_matmul(x, ws[i], ln=ln, eps=EPS)  # noqa: E731
         else:
             gated = kind == "gated"
             ops.use_triton(False)

@@ -14,25 +14,22 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["n_cols", "eps"])
-def _rms_norm_kernel(X, W, OUT, stride, n_cols, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per row: OUT = x * rstd rounded to the model dtype as the eager model rounds it, times W
-    if HAS_W. Used where the GEMV cannot take the norm into its loop (prefill buckets of > 1 row)."""
+def _rms_norm_kernel(X, W, OUT, stride, n_cols, eps, BLOCK: tl.constexpr):
+    """One program per row: OUT = W * (x * rstd), x * rstd rounded to the model dtype as the eager model
+    rounds it. Used where the GEMV cannot take the norm into its loads (prefill buckets > 16 rows)."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     xf = tl.load(X + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    y = (xf * rstd).to(OUT.dtype.element_ty)
-    if HAS_W:
-        y = tl.load(W + cols, mask=mask, other=0.0) * y
-    tl.store(OUT + row * stride + cols, y, mask=mask)
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    tl.store(OUT + row * stride + cols, w * (xf * rstd).to(OUT.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
     n = x.shape[-1]
-    _rms_norm_kernel[(x.shape[0],)](x, w if w is not None else x, out, x.stride(0), n, eps, HAS_W=w is not None,
-                                    BLOCK=triton.next_power_of_2(n), num_warps=8)
+    _rms_norm_kernel[(x.shape[0],)](x, w, out, x.stride(0), n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8)
     return out
 
 
@@ -206,11 +203,11 @@ def _load_act(ptrs, K, mask, GATED: tl.constexpr):
 @triton.autotune(configs=_SKINNY_CONFIGS, key=["N", "K", "BLOCK_M", "NORM", "RES", "GATED"], restore_value=["Y"],
                  **_AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["M", "eps"])
-def _skinny_kernel(X, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr,
+def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr,
                    GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Y = act(x) @ W.T for M <= 16 rows. Every program walks all of K, so it sees each row of x whole:
-    NORM: Y = rms_norm(x) @ W.T with the norm's weight folded into W: sum(x^2) accumulates beside the dot
-          products and scales them by rstd at the end: no norm kernel, no normed copy of x.
+    NORM: the RMSNorm of x runs inside the K loop (x * LN feeds the dot, sum(x^2) accumulates beside it,
+          the dot is scaled by rstd at the end): no norm kernel, no normed copy of x.
     RES:  Y is the residual stream: Y += result in place (rounded as the eager model rounds r + y).
     GATED: x = silu(gate) * up read from [gate | up] rows (the down projection): no SiLU kernel."""
     pid = tl.program_id(0)
@@ -226,6 +223,7 @@ def _skinny_kernel(X, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.conste
             x = _load_act(X + k, K, k < K, GATED).to(tl.float32)
             if NORM:
                 ss += x * x
+                x = x * tl.load(LN + k, mask=k < K, other=0.0).to(tl.float32)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         if NORM:
             acc = acc * (1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps))
@@ -245,6 +243,7 @@ def _skinny_kernel(X, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.conste
             if NORM:
                 xf = x.to(tl.float32)
                 ss += tl.sum(xf * xf, axis=1)
+                x = (xf * tl.load(LN + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(w.dtype)
             acc += tl.dot(x, tl.trans(w))
         if NORM:
             acc = acc * (1.0 / tl.sqrt(ss / K + eps))[:, None]
@@ -256,10 +255,10 @@ def _skinny_kernel(X, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.conste
         tl.store(ptrs, y, mask=ymask)
 
 
-def skinny_matmul(x: torch.Tensor, w: torch.Tensor, norm_eps: float | None = None,
+def skinny_matmul(x: torch.Tensor, w: torch.Tensor, ln: torch.Tensor | None = None, eps: float = 0.0,
                   residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """x (M <= 16, K), or (M, 2K) [gate | up] when gated, contiguous; w (N, K) contiguous.
-    Returns act(x) @ w.T (M, N), where act = silu(gate) * up if gated, then rms_norm(.) if norm_eps is given;
+    Returns act(x) @ w.T (M, N), where act = silu(gate) * up if gated, then rms_norm(.) * ln if ln is given;
     with residual (M, N) contiguous: residual += that, in place, and returns residual. One launch."""
     M = x.shape[0]
     N, K = w.shape
@@ -270,6 +269,6 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, norm_eps: float | None = Non
         assert residual.shape == (M, N) and residual.is_contiguous()
         y = residual
     _skinny_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-        x, w, y, M, N, K, norm_eps or 0.0, BLOCK_M=1 if M == 1 else 16,
-        NORM=norm_eps is not None, RES=residual is not None, GATED=gated)
+        x, ln if ln is not None else w, w, y, M, N, K, eps, BLOCK_M=1 if M == 1 else 16,
+        NORM=ln is not None, RES=residual is not None, GATED=gated)
     return y

@@ -86,8 +86,7 @@ def rope_inv_freq(a: ModelArgs) -> torch.Tensor:
 
 
 class Llama:
-    """Weights (fused QKV and gate/up, each RMSNorm's weight folded into the projection after it), rope
-    tables and the two static forward functions."""
+    """Weights (fused QKV and gate/up), rope tables and the two static forward functions."""
 
     def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], device: torch.device,
                  dtype: torch.dtype, max_context: int):
@@ -99,24 +98,19 @@ class Llama:
                 raise ModelLoadError(f"checkpoint lacks tensor {name!r}")
             return weights[name].to(device=device, dtype=dtype)
 
-        def folded(wt: torch.Tensor, ln_name: str) -> torch.Tensor:
-            """W · diag(ln): the RMSNorm weight folded into the projection that reads the norm's output,
-            rms_norm(x) * ln @ W.T == rms_norm(x) @ (W * ln).T (product in fp32, then the model dtype)."""
-            return (wt.float() * w(ln_name).float()).to(dtype).contiguous()
-
         self.embed = w("model.embed_tokens.weight")
-        head = self.embed if a.tie_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
-        self.lm_head = folded(head, "model.norm.weight")     # a copy when tied: the embedding stays unscaled
+        self.norm = w("model.norm.weight")
+        self.lm_head = self.embed if a.tie_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
         self.layers = []
         for i in range(a.n_layers):
             p = f"model.layers.{i}."
             self.layers.append(dict(
-                wqkv=folded(torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
-                            p + "input_layernorm.weight"),
+                wqkv=torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
                 wo=w(p + "self_attn.o_proj.weight"),
-                w13=folded(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
-                           p + "post_attention_layernorm.weight"),
+                w13=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
                 w2=w(p + "mlp.down_proj.weight"),
+                ln1=w(p + "input_layernorm.weight"),
+                ln2=w(p + "post_attention_layernorm.weight"),
             ))
             for x in ("q", "k", "v", "gate", "up"):   # free the unfused copies as we go
                 weights.pop(p + (f"self_attn.{x}_proj.weight" if len(x) == 1 else f"mlp.{x}_proj.weight"), None)
@@ -132,7 +126,7 @@ class Llama:
         self.sm_scale = 1.0 / math.sqrt(a.head_dim)
 
     def weight_bytes(self) -> int:
-        ts = [self.embed, self.lm_head]
+        ts = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         ts += [t for layer in self.layers for t in layer.values()]
         return sum(t.numel() * t.element_size() for t in ts)
 
@@ -148,7 +142,7 @@ class Llama:
         a = self.args
         L = r.shape[0]
         for i, lw in enumerate(self.layers):
-            qkv = ops.norm_linear(r, a.rms_eps, lw["wqkv"])                         # norm + fused QKV
+            qkv = ops.norm_linear(r, lw["ln1"], a.rms_eps, lw["wqkv"])              # norm + fused QKV
             q = ops.rope_and_cache(qkv, positions, self.cos, self.sin, self.k_cache[i], self.v_cache[i],
                                    a.n_heads, a.n_kv_heads, a.head_dim)      # (L, H, hd); K,V -> cache
             if kv_len is None:
@@ -156,13 +150,13 @@ class Llama:
             else:
                 attn = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], kv_len, self.sm_scale)
             ops.linear_residual(attn.reshape(L, -1), lw["wo"], r)                   # r += attn @ wo.T
-            gu = ops.norm_linear(r, a.rms_eps, lw["w13"])                           # norm + fused gate/up
+            gu = ops.norm_linear(r, lw["ln2"], a.rms_eps, lw["w13"])                # norm + fused gate/up
             ops.linear_residual(gu, lw["w2"], r, gated=True)                        # r += silu(g)*u @ w2.T
         return r
 
     def _logits(self, r_last: torch.Tensor) -> torch.Tensor:
         """The final norm and the LM head, for the rows given (the last prompt position only)."""
-        return ops.norm_linear(r_last, self.args.rms_eps, self.lm_head).float().view(-1)
+        return ops.norm_linear(r_last, self.norm, self.args.rms_eps, self.lm_head).float().view(-1)
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
         """ids/positions: (L,) (padded past seq_len); seq_len: (1,) device tensor. Logits (V,) of the

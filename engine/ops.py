@@ -49,24 +49,21 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x @ w.t()
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x * rstd, rounded to x's dtype as the eager LLaMA rounds it, times w if given (None: w folded into
-    the next projection)."""
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     if (k := _k(x)) is not None:
         return k.rms_norm(x, w, eps)
     xf = x.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return normed if w is None else w * normed
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def norm_linear(x: torch.Tensor, eps: float, w: torch.Tensor) -> torch.Tensor:
-    """rms_norm(x) @ w.T, the norm's weight already folded into w (engine.model). One row (decode) on CUDA
-    (fused_gemv_norm): one GEMV that accumulates sum(x^2) beside the dot products and scales them by rstd
-    at the end; otherwise an RMSNorm kernel, then the matmul (the reference). Only at one row: every GEMV
-    program re-reads all of x, so the per-element work grows with M while the weight work does not."""
+def norm_linear(x: torch.Tensor, ln: torch.Tensor, eps: float, w: torch.Tensor) -> torch.Tensor:
+    """rms_norm(x) * ln @ w.T. One row (decode) on CUDA (fused_gemv_norm): one GEMV that normalises x in
+    its own loads; otherwise an RMSNorm, then the matmul (the reference). Only at one row: every GEMV
+    program re-reads all of x, so the per-element norm work grows with M while the weight work does not
+    (at 16 rows it would cost more than the norm kernel it saves)."""
     if _fused and x.shape[0] == 1 and (k := _gemv(x)) is not None:
-        return k.skinny_matmul(x.contiguous(), w, norm_eps=eps)
-    return linear(rms_norm(x, None, eps), w)
+        return k.skinny_matmul(x.contiguous(), w, ln=ln, eps=eps)
+    return linear(rms_norm(x, ln, eps), w)
 
 
 def linear_residual(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, gated: bool = False) -> None:

@@ -45,8 +45,8 @@ def test_norm_linear_matches_reference(M):
     ops.use_triton(True, skinny_matmul=True, fused_gemv_norm=True)
     for N, K in SHAPES:
         x, w, _, ln, (xbuf, wbuf, _) = make(M, N, K, False, seed=M * 7)
-        ref = reference(lambda: ops.norm_linear(x, 1e-5, w))
-        out = ops.norm_linear(x, 1e-5, w)
+        ref = reference(lambda: ops.norm_linear(x, ln, 1e-5, w))
+        out = ops.norm_linear(x, ln, 1e-5, w)
         assert out.shape == (M, N) and not out.isnan().any(), (N, K)
         assert rel_err(out, ref) < 2e-3, (N, K)
         assert xbuf[M:].isnan().all() and wbuf[N:].isnan().all()                      # not read into out
@@ -75,7 +75,7 @@ def test_unfused_norm_and_long_m_take_the_composition():
         x = torch.randn(M, 300, device="cuda", dtype=torch.float16, generator=g)
         w = torch.randn(1000, 300, device="cuda", dtype=torch.float16, generator=g) * 0.02
         ln = torch.randn(300, device="cuda", dtype=torch.float16, generator=g)
-        assert torch.equal(ops.norm_linear(x, 1e-5, w), ops.linear(ops.rms_norm(x, None, 1e-5), w))
+        assert torch.equal(ops.norm_linear(x, ln, 1e-5, w), ops.linear(ops.rms_norm(x, ln, 1e-5), w))
     ops.use_triton(True, skinny_matmul=True, fused_gemv_norm=True)
 
 
@@ -88,7 +88,7 @@ def test_graph_replay_matches_eager(kind):
 
     def op(r):
         if kind == "norm":
-            return ops.norm_linear(x, 1e-5, w)
+            return ops.norm_linear(x, ln, 1e-5, w)
         ops.linear_residual(x, w, r, gated=kind == "gated")
         return r
 
