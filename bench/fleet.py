@@ -681,7 +681,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--configs", default="hybrid,baseline",
                     help="which configs to run (one per command lets each take a long --steady-after-s)")
-    ap.add_argument("--tag", default="", help="suffix of the output file names")
+    ap.add_argument("--tag", default="", help="suffix of the result file names (a leading '-' is added: --tag run1)")
     ap.add_argument("--budget-s", type=float, default=0,
                     help="whole-run wall budget; the baseline's step hold is shortened (or the baseline "
                          "skipped) to fit. 0: no budget")
@@ -691,6 +691,7 @@ def main(argv=None) -> int:
                          "(no Ray proxy hop)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
+    args.tag = "-" + args.tag.lstrip("-") if args.tag else ""   # "--tag -x" would parse as an option
     T0 = time.time()
     budget_end = T0 + args.budget_s if args.budget_s > 0 else float("inf")
 

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment for every Ray process (e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)")
-    ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--tag", default="", help="suffix of the result file names (a leading '-' is added: --tag run1)")
     ap.add_argument("--topology", choices=["split", "colocated"], default="split")
     ap.add_argument("--app", action="append", default=[], metavar="KEY=JSON",
                     help="extra AppConfig field, e.g. user_code_thread=false access_log=false")
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="send requests to this port instead of the proxy's (e.g. the ingress replica's own "
                          "port with RAY_SERVE_ENABLE_DIRECT_INGRESS=1: 30000)")
     args = ap.parse_args(argv)
+    args.tag = "-" + args.tag.lstrip("-") if args.tag else ""   # "--tag -x" would parse as an option
     for kv in args.env:
         k, _, v = kv.partition("=")
         os.environ[k] = v

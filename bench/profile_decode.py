@@ -310,10 +310,11 @@ def main() -> None:
     ap.add_argument("--long-tokens", type=int, default=1024)
     ap.add_argument("--long-requests", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: step,streaming,gemv")
-    ap.add_argument("--tag", default="")
+    ap.add_argument("--tag", default="", help="suffix of the result file names (a leading '-' is added: --tag run1)")
     ap.add_argument("--variant", default="default", choices=list(VARIANTS), help="engine/kernel knobs (A/B)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[100], help="KV positions of the profiled steps")
     a = ap.parse_args()
+    a.tag = "-" + a.tag.lstrip("-") if a.tag else ""   # "--tag -x" would parse as an option
     skip = set(filter(None, a.skip.split(",")))
     cuda = a.device == "cuda"
     info = {"date": dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,

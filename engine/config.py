@@ -25,7 +25,7 @@ class EngineConfig(BaseModel):
     cuda_graphs: bool = True
     kernels: Literal["triton", "torch"] = Field("triton", description="CUDA non-matmul ops: Triton or PyTorch")
     skinny_matmul: bool = Field(True, description="CUDA: Triton GEMV for <= 16 rows (decode) instead of cuBLAS")
-    fused_gemv_norm: bool = Field(True, description="CUDA, <= 16 rows: each RMSNorm runs inside the GEMV that "
+    fused_gemv_norm: bool = Field(True, description="CUDA, decode (one row): each RMSNorm runs inside the GEMV that "
                                                    "reads its output (no norm kernels); off: an RMSNorm kernel first")
     background_capture: bool = True
     max_pad_factor: float = Field(
