@@ -4,6 +4,7 @@
     python bench/profile_decode.py --device cpu --preset tiny    # plumbing check, no GEMV sweep
 
 Writes bench/results/profile-decode-<date>-<gpu|cpu>.json with:
+  0. prefill_16 / prefill_128: the same for the prefill graphs of buckets 16 and 128 (TTFT's GPU part);
   1. step: the decode graph replayed back to back (CUDA events, per step) vs the sum of the GPU time of
      the kernels in one step (torch.profiler over eager steps and over graph replays), per kernel family:
      launches and µs per step. step - kernels = the gaps between kernels inside the graph.
@@ -37,7 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = [  # (substring of the kernel name, family): first match wins
     ("_skinny_kernel", "gemv (triton)"), ("_rms_norm_kernel", "rms_norm"), ("_rope_cache_kernel", "rope + kv write"),
     ("_decode_attn_split", "attention split"), ("_decode_attn_reduce", "attention reduce"),
-    ("_silu_mul", "silu*up"), ("gemv", "gemv (cublas)"), ("gemm", "gemm (cublas)"), ("cutlass", "gemm (cublas)"),
+    ("_silu_mul", "silu*up"), ("flash", "attention (sdpa)"), ("fmha", "attention (sdpa)"), ("gemv", "gemv (cublas)"), ("gemm", "gemm (cublas)"), ("cutlass", "gemm (cublas)"),
     ("nvjet", "gemm (cublas)"), ("argmax", "argmax"), ("reduce", "argmax"), ("index", "embedding"),
     ("copy", "copy / fill"), ("fill", "copy / fill"), ("elementwise", "elementwise"),
 ]
@@ -161,6 +162,48 @@ def profile_step(eng: HybridEngine, steps: int, context: int = 100) -> dict:
         out["graph_gap_us_per_step"] = round(out["graph_step_us"]["p50"] - busy, 1)
         out["weight_bytes"] = eng.model.weight_bytes()
         out["graph_step_tb_s"] = round(eng.model.weight_bytes() / (out["graph_step_us"]["p50"] * 1e-6) / 1e12, 3)
+    return out
+
+
+def profile_prefill(eng: HybridEngine, bucket: int, n_tokens: int, steps: int) -> dict:
+    """The prefill of one bucket, like profile_step: its CUDA graph replayed back to back (CUDA events) and
+    the kernels inside it per family (CUPTI); on CPU the eager prefill under the profiler. TTFT at a short
+    prompt is this plus the host's input copy, the token read and the request bookkeeping."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = eng.cuda
+    rng = random.Random(1)
+    ids = [1] + [rng.randrange(3, eng.args.vocab_size) for _ in range(n_tokens - 1)]
+    r = eng.generate(ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))  # fills ids/seq_len
+    out: dict = {"bucket": bucket, "tokens": n_tokens, "request_ttft_ms": round(r.metrics.ttft_s * 1e3, 3),
+                 "path": r.metrics.path}
+    g = eng._graphs.get(bucket) if cuda else None
+    if g is not None:
+        with torch.cuda.stream(eng.cuda_stream), torch.inference_mode():
+            for _ in range(5):
+                g.replay()
+            per = []
+            for _ in range(5):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(steps):
+                    g.replay()
+                b.record()
+                b.synchronize()
+                per.append(a.elapsed_time(b) * 1e3 / steps)
+            out["graph_us"] = summ(per, 1)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    g.replay()
+                torch.cuda.synchronize()
+        out["graph_kernels"] = kernel_table(prof, steps, True)
+        out["graph_gap_us"] = round(out["graph_us"]["p50"] - out["graph_kernels"]["kernel_us_per_step"], 1)
+    else:
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                eng._prefill(bucket)
+        out["eager_kernels"] = kernel_table(prof, steps, False)
     return out
 
 
@@ -309,7 +352,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--long-tokens", type=int, default=1024)
     ap.add_argument("--long-requests", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: step,streaming,gemv")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: step,prefill_16,prefill_128,streaming,gemv")
     ap.add_argument("--tag", default="", help="suffix of the result file names (a leading '-' is added: --tag run1)")
     ap.add_argument("--variant", default="default", choices=list(VARIANTS), help="engine/kernel knobs (A/B)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[100], help="KV positions of the profiled steps")
@@ -351,6 +394,8 @@ def main() -> None:
     part("step", lambda: profile_step(eng, a.steps, a.contexts[0]))
     for c in a.contexts[1:]:
         part(f"step_context_{c}", lambda c=c: profile_step(eng, a.steps, c))
+    for b, n in ((16, 10), (128, 100)):    # the buckets prewarmed above: TTFT's GPU part at 10 and 100 tokens
+        part(f"prefill_{b}", lambda b=b, n=n: profile_prefill(eng, b, n, a.steps))
     part("streaming", lambda: streaming(eng, a.requests, a.tokens, a.long_tokens, a.long_requests))
     if cuda:
         ar = eng.args
