@@ -119,9 +119,9 @@ def _latest(series: Any) -> Tuple[Optional[float], Optional[float]]:
     best_t, best_v = None, None
     try:
         for p in series:
-            t = float(getattr(p, "timestamp"))
+            t = float(p.timestamp)
             if best_t is None or t >= best_t:
-                best_t, best_v = t, float(getattr(p, "value"))
+                best_t, best_v = t, float(p.value)
     except (TypeError, AttributeError, ValueError):
         return None, None
     return best_t, best_v

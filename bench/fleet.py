@@ -52,7 +52,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import traceback
 from pathlib import Path

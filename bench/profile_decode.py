@@ -38,7 +38,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = [  # (substring of the kernel name, family): first match wins
     ("_skinny_kernel", "gemv (triton)"), ("_rms_norm_kernel", "rms_norm"), ("_rope_cache_kernel", "rope + kv write"),
     ("_decode_attn_split", "attention split"), ("_decode_attn_reduce", "attention reduce"),
-    ("_silu_mul", "silu*up"), ("flash", "attention (sdpa)"), ("fmha", "attention (sdpa)"), ("gemv", "gemv (cublas)"), ("gemm", "gemm (cublas)"), ("cutlass", "gemm (cublas)"),
+    ("_silu_mul", "silu*up"), ("flash", "attention (sdpa)"), ("fmha", "attention (sdpa)"),
+    ("gemv", "gemv (cublas)"), ("gemm", "gemm (cublas)"), ("cutlass", "gemm (cublas)"),
     ("nvjet", "gemm (cublas)"), ("argmax", "argmax"), ("reduce", "argmax"), ("index", "embedding"),
     ("copy", "copy / fill"), ("fill", "copy / fill"), ("elementwise", "elementwise"),
 ]

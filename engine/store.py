@@ -898,7 +898,7 @@ class ArtifactStore:
             if self.local:
                 return time.time() - os.path.getmtime(path)
             newest = 0.0
-            for p, info in self.fs.find(path, detail=True).items():
+            for info in self.fs.find(path, detail=True).values():
                 lm = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
                 if hasattr(lm, "timestamp"):
                     newest = max(newest, lm.timestamp())

@@ -9,13 +9,12 @@ import json
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import numpy as np
 import pytest
 
 from autoscale.policy import (
-    Decision,
     FleetSnapshot,
     LatencyPolicyConfig,
     PolicyState,
@@ -53,7 +52,7 @@ def test_window_snapshot_contract_and_values():
     assert empty["samples"] == 0.0 and empty["p99_ttft_ms"] == 0.0
 
     clock.t += 10  # replica alive for a full window
-    for i in range(99):
+    for _ in range(99):
         w.record(0.010, 0.100)  # 10 ms TTFT, 100 ms e2e
     w.record(0.500, 2.0)
     assert w.snapshot()["p99_ttft_ms"] == pytest.approx(10.0)  # 1 slow of 100: not the P99

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from engine import EngineConfig, HybridEngine, SamplingParams, ops
+from engine import HybridEngine, SamplingParams, ops
 from tests.conftest import make_checkpoint
 
 pytestmark = [pytest.mark.gpu,

@@ -142,7 +142,7 @@ def test_every_panel_has_data(tmp_path: Path):
         try:
             wait_http(f"http://127.0.0.1:{PROM_PORT}/-/ready", timeout_s=60)
             th.start()
-            feeder = _gpu_only_events(DEADLINE_S)
+            feeder = _gpu_only_events(DEADLINE_S)  # noqa: F841 (the ref keeps the feeding task alive)
             deadline = time.monotonic() + DEADLINE_S
             missing = queries
             t0 = time.monotonic()

@@ -10,7 +10,6 @@ records them.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import statistics
@@ -491,7 +490,7 @@ def test_backpressure_burst_gets_fast_503(cluster):
     assert set(codes) <= {200, 503}, codes
     assert rejected and served, codes
     assert len(served) >= 2, codes
-    for dt, h, t in rejected:
+    for _dt, h, t in rejected:
         assert t.startswith("{"), (h, t[:300], [(i % 3 == 0, c, t2[:20]) for i, (c, _, _, t2) in enumerate(out)])
         assert h.get("retry-after") == "2", h
         err = json.loads(t)["error"]
