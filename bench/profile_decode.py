@@ -11,8 +11,10 @@ Writes bench/results/profile-decode-<date>-<gpu|cpu>.json with:
   2. streaming: per-token times (engine side, token on the host) of engine.stream() (text + a chunk per
      token on the host, overlapped with the next step) vs generate() (no text work), and how the
      streamed per-token time changes from the first to the last 100 tokens of a 1,024-token reply.
-  3. gemv: each 7B weight shape at M=1 over a wider config grid than the autotuner's, vs the autotuned
-     pick, cuBLAS, and a read-only pass over the same bytes (the bandwidth roof of that size).
+  3. gemv: each 7B weight shape at M=1 over a wider config grid than the autotuner's, plain and in the
+     fused form the engine runs at decode, vs the autotuned pick, cuBLAS, and a read-only pass over the
+     same bytes (the bandwidth roof of that size). The step part also records the autotuner's pick for
+     every GEMV key the engine tuned (gemv_autotune_picks).
 Medians and P99 over repeated runs; nothing is one run.
 """
 from __future__ import annotations
@@ -253,34 +255,39 @@ GRID = [(bn, bk, w, s) for bn in (2, 4, 8, 16, 32) for bk in (256, 512, 1024, 20
         for w, s in ((4, 3), (4, 5), (8, 3), (8, 4)) if bn * bk <= 16384 and bn * bk >= 1024]
 
 
-def gemv_acc2d_kernel():
-    """Candidate for the engine's M=1 GEMV: fp32 products accumulate in a (BLOCK_N, BLOCK_K) tile and are
-    reduced across lanes once, after the K loop, instead of one cross-lane reduction per K block."""
+FUSED = {"qkv": "norm", "gate_up": "norm", "lm_head": "norm", "o": "res", "down": "gated+res"}   # as the engine runs them
+
+
+def fused_launch(name: str, x, w, y, ln, bn: int, bk: int, nw: int, ns: int):
+    """One launch of the skinny kernel at a fixed config, plain (name "plain") or as the engine fuses that
+    projection at decode (FUSED): x is [gate | up] for gated, y is the residual for res (added into)."""
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def _gemv_acc2d(X, W, Y, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
-            x = tl.load(X + k, mask=k < K, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        tl.store(Y + n, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=nmask)
+    from engine import kernels as K
+    kind = "plain" if name == "plain" else FUSED[name]
+    N, Kd = w.shape
+    K._skinny_kernel.fn[(triton.cdiv(N, bn),)](
+        x, ln if "norm" in kind else w, w, y, 1, N, Kd, 1e-5, BLOCK_M=1, NORM="norm" in kind, RES="res" in kind,
+        GATED="gated" in kind, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
 
-    return _gemv_acc2d
+
+def fused_reference(name: str, x, w, ln):
+    kind = FUSED[name]
+    xf = x.float()
+    if "gated" in kind:
+        g, u = xf.chunk(2, dim=-1)
+        xf = (g / (1 + torch.exp(-g))).half().float() * u
+    if "norm" in kind:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * ln.float()
+    return xf @ w.float().t()
 
 
 def gemv_sweep(hidden: int, inter: int, heads: int, kv_heads: int, vocab: int, on_row=None) -> dict:
-    import triton
+    """Each 7B shape at M=1 over GRID: the plain GEMV (what the autotuner picks vs the best config) and the
+    fused form the engine runs at decode (norm in the loads / residual epilogue / silu*up in the loads)."""
     from triton.testing import do_bench
 
     from engine import kernels as K
-
-    acc2d = gemv_acc2d_kernel()
 
     hd = hidden // heads
     shapes = {"qkv": ((heads + 2 * kv_heads) * hd, hidden), "o": (hidden, hidden), "gate_up": (2 * inter, hidden),
@@ -289,14 +296,17 @@ def gemv_sweep(hidden: int, inter: int, heads: int, kv_heads: int, vocab: int, o
     for name, (N, Kd) in shapes.items():
         w = torch.randn(N, Kd, device="cuda", dtype=torch.float16) * 0.02
         x = torch.randn(1, Kd, device="cuda", dtype=torch.float16)
+        xg = torch.randn(1, 2 * Kd, device="cuda", dtype=torch.float16)      # [gate | up] for the gated form
+        ln = 1 + 0.1 * torch.randn(Kd, device="cuda", dtype=torch.float16)
         y = torch.empty(1, N, device="cuda", dtype=torch.float16)
         nbytes = w.numel() * 2
-        ref = x.float() @ w.float().t()
+        xf_in = xg if "gated" in FUSED[name] else x
+        refs = {"plain": x.float() @ w.float().t(), "fused": fused_reference(name, xf_in, w, ln)}
 
         def gbs(us: float) -> float:
             return round(nbytes / (us * 1e-6) / 1e9, 0)
 
-        row = {"N": N, "K": Kd, "MB": round(nbytes / 1e6, 1)}
+        row = {"N": N, "K": Kd, "MB": round(nbytes / 1e6, 1), "fused_as": FUSED[name]}
         us = do_bench(lambda: K.skinny_matmul(x, w), warmup=10, rep=40) * 1e3
         row["autotuned"] = {"us": round(us, 1), "GB_s": gbs(us), "config": str(K._skinny_kernel.best_config)}
         us = do_bench(lambda: x @ w.t(), warmup=10, rep=40) * 1e3
@@ -304,25 +314,17 @@ def gemv_sweep(hidden: int, inter: int, heads: int, kv_heads: int, vocab: int, o
         flat = w.view(-1)
         us = do_bench(lambda: flat.sum(dtype=torch.float32), warmup=10, rep=40) * 1e3
         row["read_roof"] = {"us": round(us, 1), "GB_s": gbs(us)}
-        for variant in ("skinny", "acc2d"):
+        for variant in ("plain", "fused"):
             best = None
+            xin = x if variant == "plain" else xf_in
             for bn, bk, nw, ns in GRID:
+                def run(bn=bn, bk=bk, nw=nw, ns=ns):
+                    fused_launch("plain" if variant == "plain" else name, xin, w, y, ln, bn, bk, nw, ns)
                 try:
-                    if variant == "skinny":
-                        def run(bn=bn, bk=bk, nw=nw, ns=ns):
-                            K._skinny_kernel.fn[(triton.cdiv(N, bn),)](x, w, y, 1, N, Kd, BLOCK_M=1, BLOCK_N=bn,
-                                                                        BLOCK_K=bk, num_warps=nw, num_stages=ns)
-                    else:
-                        if bn * bk > 8192:       # the fp32 tile lives in registers
-                            continue
-
-                        def run(bn=bn, bk=bk, nw=nw, ns=ns):
-                            acc2d[(triton.cdiv(N, bn),)](x, w, y, N, Kd, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw,
-                                                         num_stages=ns)
-                    y.zero_()
+                    y.zero_()             # the residual form adds into y: from zero it equals the product
                     run()
-                    err = (y.float() - ref).abs().max().item()
-                    if err > 1e-2:
+                    err = (y.float() - refs[variant]).abs().max().item()
+                    if err > 1e-2 * max(1.0, refs[variant].abs().max().item()):
                         log(f"  {name} {variant} {bn}x{bk} w{nw} s{ns}: wrong result (err {err:.2g})")
                         continue
                     us = do_bench(run, warmup=5, rep=25) * 1e3
@@ -336,9 +338,9 @@ def gemv_sweep(hidden: int, inter: int, heads: int, kv_heads: int, vocab: int, o
         res[name] = row
         if on_row:
             on_row(res)          # partial results survive a cut-off run
-        b1, b2 = row["best_skinny"] or {}, row["best_acc2d"] or {}
-        log(f"  {name:8s} autotuned {row['autotuned']['GB_s']:5.0f} GB/s | best skinny {b1.get('GB_s', 0):5.0f} "
-            f"({b1.get('config')}) | best acc2d {b2.get('GB_s', 0):5.0f} ({b2.get('config')}) | "
+        b1, b2 = row["best_plain"] or {}, row["best_fused"] or {}
+        log(f"  {name:8s} autotuned {row['autotuned']['GB_s']:5.0f} GB/s | best plain {b1.get('GB_s', 0):5.0f} "
+            f"({b1.get('config')}) | best fused ({FUSED[name]}) {b2.get('GB_s', 0):5.0f} ({b2.get('config')}) | "
             f"cublas {row['cublas']['GB_s']:5.0f} | read roof {row['read_roof']['GB_s']:5.0f} GB/s")
     return res
 
@@ -393,6 +395,9 @@ def main() -> None:
         log(name, json.dumps(out[name])[:3000])
 
     part("step", lambda: profile_step(eng, a.steps, a.contexts[0]))
+    if cuda:   # which config the autotuner chose for each GEMV key (N, K, BLOCK_M, NORM, RES, GATED, dtypes)
+        from engine import kernels
+        out["gemv_autotune_picks"] = {str(k): str(v) for k, v in kernels._skinny_kernel.cache.items()}
     for c in a.contexts[1:]:
         part(f"step_context_{c}", lambda c=c: profile_step(eng, a.steps, c))
     for b, n in ((16, 10), (128, 100)):    # the buckets prewarmed above: TTFT's GPU part at 10 and 100 tokens
