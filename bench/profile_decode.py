@@ -345,7 +345,7 @@ def gemv_sweep(hidden: int, inter: int, heads: int, kv_heads: int, vocab: int, o
     return res
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--preset", default="llama-2-7b")
@@ -357,9 +357,10 @@ def main() -> None:
     ap.add_argument("--long-requests", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: step,prefill_16,prefill_128,streaming,gemv")
     ap.add_argument("--tag", default="", help="suffix of the result file names (a leading '-' is added: --tag run1)")
+    ap.add_argument("--out", default=str(RESULTS), help="directory of the JSON")
     ap.add_argument("--variant", default="default", choices=list(VARIANTS), help="engine/kernel knobs (A/B)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[100], help="KV positions of the profiled steps")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     a.tag = "-" + a.tag.lstrip("-") if a.tag else ""   # "--tag -x" would parse as an option
     skip = set(filter(None, a.skip.split(",")))
     cuda = a.device == "cuda"
@@ -369,8 +370,9 @@ def main() -> None:
         import triton
         info["triton"] = triton.__version__
     gpu = info["device"].split()[1].lower() if cuda and len(info["device"].split()) > 1 else a.device
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"profile-decode-{info['date'][:10]}-{gpu}{a.tag}.json"
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"profile-decode-{info['date'][:10]}-{gpu}{a.tag}.json"
     out: dict = {"benchmark": "profile-decode", **info, "variant": a.variant, "knobs": VARIANTS[a.variant]}
     overrides = apply_variant(a.variant) if cuda else {}
 
@@ -403,10 +405,10 @@ def main() -> None:
     for b, n in ((16, 10), (128, 100)):    # the buckets prewarmed above: TTFT's GPU part at 10 and 100 tokens
         part(f"prefill_{b}", lambda b=b, n=n: profile_prefill(eng, b, n, a.steps))
     part("streaming", lambda: streaming(eng, a.requests, a.tokens, a.long_tokens, a.long_requests))
+    ar = eng.args
+    eng.shutdown()
+    del eng
     if cuda:
-        ar = eng.args
-        eng.shutdown()
-        del eng
         torch.cuda.empty_cache()
         part("gemv", lambda: gemv_sweep(ar.hidden_size, ar.intermediate_size, ar.n_heads, ar.n_kv_heads,
                                         ar.vocab_size, on_row=lambda r: (out.__setitem__("gemv", r), save())))
