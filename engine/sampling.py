@@ -8,7 +8,10 @@ from .api import SamplingParams
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
     """logits: (V,) float32 -> (1,) token id, without a host sync."""
-    x = logits / p.temperature
+    # Shifted by the max (softmax is unchanged) so the scaled logits are <= 0 and the max stays 0, never
+    # inf - inf = nan; temperatures below 1e-6 (down to 5e-324, which is 0 in float32) act as 1e-6: that is
+    # greedy already, up to near-ties within ~1e-5 of the top logit.
+    x = (logits - logits.max()) / max(p.temperature, 1e-6)
     if p.top_k and p.top_k < x.numel():
         kth = torch.topk(x, p.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))

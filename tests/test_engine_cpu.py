@@ -111,6 +111,22 @@ def test_sampling_seeded_and_bounded():
     greedy_top = eng.generate("sample me", SamplingParams(max_tokens=20, temperature=0))
     k1 = eng.generate("sample me", SamplingParams(max_tokens=20, temperature=5.0, top_k=1, seed=1))
     assert k1.token_ids == greedy_top.token_ids          # top_k=1 is greedy at any temperature
+    # the smallest positive temperature / top_p (found by the HTTP fuzz test: logits / 5e-324 overflowed to
+    # inf and the softmax to nan, a 500): sampling is then greedy, no error
+    tiny = eng.generate("sample me", SamplingParams(max_tokens=20, temperature=5e-324, top_p=5e-324, seed=3))
+    assert tiny.token_ids == greedy_top.token_ids
+
+
+def test_sample_survives_extreme_temperatures():
+    from engine.sampling import sample
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([1.0, 3.0, -2.0, 3.0 - 1e-6])
+    for t in (5e-324, 1e-300, 1e-30):
+        assert int(sample(logits, SamplingParams(temperature=t), g)) == 1
+        assert int(sample(logits, SamplingParams(temperature=t, top_p=5e-324), g)) == 1
+    big = sample(logits, SamplingParams(temperature=1e300), g)   # ~uniform, still a valid id
+    assert 0 <= int(big) < 4
 
 
 def test_stop_strings_and_stop_tokens():
