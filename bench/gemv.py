@@ -1,8 +1,9 @@
 """Decode GEMV microbenchmark on the LLaMA-2-7B weight shapes (fp16; weights rotate over 4 copies, > L2).
 1. the Triton skinny matmul vs cuBLAS, per shape and M;
-2. the fusions the model uses at <= 16 rows, each vs its two-launch composition, timed inside a CUDA graph
-   (4 calls per replay, one per weight copy): RMSNorm in the GEMV's loads (qkv, gate_up: ops.norm_linear),
-   the residual add in its epilogue (o: ops.linear_residual) and silu(gate) * up in its loads as well (down).
+2. the fusions the model uses at decode (one row), each vs its two-launch composition, timed inside a CUDA
+   graph (4 calls per replay, one per weight copy): RMSNorm in the GEMV's loads (qkv, gate_up:
+   ops.norm_linear), the residual add in its epilogue (o: ops.linear_residual) and silu(gate) * up in its
+   loads as well (down). The 16-row lines show why prefill buckets keep the composition for norm and SiLU.
 Prints microseconds and achieved weight bandwidth (weight bytes / time); checks every Triton result
 against the torch reference."""
 from __future__ import annotations

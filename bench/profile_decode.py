@@ -112,6 +112,34 @@ def apply_variant(name: str) -> dict:
     return cfg
 
 
+def time_graph(eng: HybridEngine, g, steps: int, reset=lambda: None) -> tuple[dict, dict]:
+    """A CUDA graph replayed back to back on the engine's stream: µs per replay (p50/p99 over 5 windows of
+    `steps`, CUDA events, no host sync inside a window) and its kernels per family (CUPTI, one more window).
+    reset() restores the graph's inputs before each window (the decode graph advances its position)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.cuda.stream(eng.cuda_stream), torch.inference_mode():
+        for _ in range(10):
+            g.replay()
+        per = []
+        for _ in range(5):
+            reset()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(steps):
+                g.replay()
+            b.record()
+            b.synchronize()
+            per.append(a.elapsed_time(b) * 1e3 / steps)
+        reset()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                g.replay()
+            torch.cuda.synchronize()
+    return summ(per, 1), kernel_table(prof, steps, True)
+
+
 def profile_step(eng: HybridEngine, steps: int, context: int = 100) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -122,28 +150,8 @@ def profile_step(eng: HybridEngine, steps: int, context: int = 100) -> dict:
     pos = context + 1
     out: dict = {}
     if cuda:
-        g = eng._decode_graph
-        with torch.cuda.stream(eng.cuda_stream), torch.inference_mode():
-            for _ in range(10):
-                g.replay()
-            per = []
-            for _ in range(5):       # back to back: GPU time of the graph, no host sync inside
-                eng.pos.fill_(pos)
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                for _ in range(steps):
-                    g.replay()
-                b.record()
-                b.synchronize()
-                per.append(a.elapsed_time(b) * 1e3 / steps)
-            out["graph_step_us"] = summ(per, 1)
-            eng.pos.fill_(pos)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(steps):
-                    g.replay()
-                torch.cuda.synchronize()
-        out["graph_replay_kernels"] = kernel_table(prof, steps, True)
+        out["graph_step_us"], out["graph_replay_kernels"] = time_graph(eng, eng._decode_graph, steps,
+                                                                       lambda: eng.pos.fill_(pos))
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     ctx = torch.cuda.stream(eng.cuda_stream) if cuda else torch.inference_mode()
     with ctx, torch.inference_mode():
@@ -182,25 +190,7 @@ def profile_prefill(eng: HybridEngine, bucket: int, n_tokens: int, steps: int) -
                  "path": r.metrics.path}
     g = eng._graphs.get(bucket) if cuda else None
     if g is not None:
-        with torch.cuda.stream(eng.cuda_stream), torch.inference_mode():
-            for _ in range(5):
-                g.replay()
-            per = []
-            for _ in range(5):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                for _ in range(steps):
-                    g.replay()
-                b.record()
-                b.synchronize()
-                per.append(a.elapsed_time(b) * 1e3 / steps)
-            out["graph_us"] = summ(per, 1)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(steps):
-                    g.replay()
-                torch.cuda.synchronize()
-        out["graph_kernels"] = kernel_table(prof, steps, True)
+        out["graph_us"], out["graph_kernels"] = time_graph(eng, g, steps)
         out["graph_gap_us"] = round(out["graph_us"]["p50"] - out["graph_kernels"]["kernel_us_per_step"], 1)
     else:
         with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -407,8 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     part("streaming", lambda: streaming(eng, a.requests, a.tokens, a.long_tokens, a.long_requests))
     ar = eng.args
     eng.shutdown()
-    del eng
     if cuda:
+        del eng                   # the weights' memory goes back before the GEMV sweep allocates its own
         torch.cuda.empty_cache()
         part("gemv", lambda: gemv_sweep(ar.hidden_size, ar.intermediate_size, ar.n_heads, ar.n_kv_heads,
                                         ar.vocab_size, on_row=lambda r: (out.__setitem__("gemv", r), save())))

@@ -16,7 +16,7 @@ import triton.language as tl
 @triton.jit(do_not_specialize=["n_cols", "eps"])
 def _rms_norm_kernel(X, W, OUT, stride, n_cols, eps, BLOCK: tl.constexpr):
     """One program per row: OUT = W * (x * rstd), x * rstd rounded to the model dtype as the eager model
-    rounds it. Used where the GEMV cannot take the norm into its loads (prefill buckets > 16 rows)."""
+    rounds it. Used where the GEMV does not take the norm into its loads (prefill: more than one row)."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols

@@ -138,7 +138,7 @@ class Llama:
         returned. kv_len=None means prefill (causal over the L tokens from position 0); otherwise decode
         of one token attending to kv_len cached positions. Each RMSNorm happens inside the projection
         that reads it (norm_linear) and each residual add inside the projection that writes it
-        (linear_residual): on CUDA at <= 16 rows that is one GEMV launch each, no norm kernels."""
+        (linear_residual): on CUDA at one row (decode) that is one GEMV launch each, no norm kernels."""
         a = self.args
         L = r.shape[0]
         for i, lw in enumerate(self.layers):
