@@ -35,7 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.api import SamplingParams
-from engine.errors import EngineInputError
+from engine.errors import EngineClosedError, EngineInputError
 
 from .config import AppConfig
 from .router import TOKENS_KWARG
@@ -136,7 +136,8 @@ def _ray_failure(e: BaseException) -> str | None:
     cause = e.cause if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None else e
     if isinstance(cause, BackPressureError) or isinstance(e, BackPressureError):
         return _BACKPRESSURE
-    if isinstance(cause, (RayActorError, DeploymentUnavailableError)) or isinstance(e, RayActorError):
+    if isinstance(cause, (RayActorError, DeploymentUnavailableError, EngineClosedError)) or isinstance(
+            e, (RayActorError, EngineClosedError)):   # a replica shutting down drops its queue: retry
         return _REPLICA_GONE
     return None
 

@@ -2,11 +2,11 @@
 from .api import GenerationResult, RequestMetrics, SamplingParams, StreamChunk
 from .config import EngineConfig
 from .engine import HybridEngine
-from .errors import (EmptyPromptError, EngineError, EngineInputError, InvalidSamplingParams, ModelLoadError,
+from .errors import (EmptyPromptError, EngineClosedError, EngineError, EngineInputError, InvalidSamplingParams, ModelLoadError,
                      PromptTooLongError)
 
 __version__ = "0.1.0"
 
 __all__ = ["HybridEngine", "SamplingParams", "EngineConfig", "GenerationResult", "RequestMetrics",
-           "StreamChunk", "EngineError", "EngineInputError", "EmptyPromptError", "PromptTooLongError",
+           "StreamChunk", "EngineError", "EngineClosedError", "EngineInputError", "EmptyPromptError", "PromptTooLongError",
            "InvalidSamplingParams", "ModelLoadError", "__version__"]

@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 from . import ops
 from .api import GenerationResult, RequestMetrics, SamplingParams, StreamChunk
 from .config import EngineConfig
-from .errors import EmptyPromptError, EngineInputError, ModelLoadError, PromptTooLongError
+from .errors import EmptyPromptError, EngineClosedError, EngineInputError, ModelLoadError, PromptTooLongError
 from .model import Llama, ModelArgs, load_checkpoint, random_weights
 from .presets import PRESETS
 from .sampling import sample
@@ -369,17 +370,36 @@ class HybridEngine:
     def _run(self, prompt: str | list[int], params: SamplingParams,
              on_chunk: Callable[[StreamChunk], None] | None = None,
              cancel: threading.Event | None = None, t_req: float | None = None) -> GenerationResult:
-        """t_req: when the request arrived (before any wait for the engine thread): TTFT counts from it."""
-        t_req = t_req or time.perf_counter()
-        ids = self.validate(prompt, params)
-        n = len(ids)
-        bucket = self.bucket_for(n)
-        with self._lock:
-            self._idle.clear()
-            try:
-                return self._generate_locked(ids, bucket, params, on_chunk, cancel, t_req)
-            finally:
-                self._idle.set()
+        """t_req: when the request arrived (before any wait for the engine thread): TTFT counts from it.
+        The caller counted the request in in_flight() on arrival; it leaves the count here, before its
+        finish event goes to the listeners, so no listener sees a finished request still in flight."""
+        try:
+            if self._closed:        # queued behind the shut-down: fail fast, generate nothing
+                raise EngineClosedError("the engine shut down before this request ran; retry it")
+            t_req = t_req or time.perf_counter()
+            ids = self.validate(prompt, params)
+            bucket = self.bucket_for(len(ids))
+            with self._lock:
+                self._idle.clear()
+                try:
+                    res = self._generate_locked(ids, bucket, params, on_chunk, cancel, t_req)
+                finally:
+                    self._idle.set()
+        finally:
+            self._count(-1)
+        self._emit({"type": "request", "metrics": res.metrics, "finish_reason": res.finish_reason,
+                    "output_tokens": len(res.token_ids)})
+        return res
+
+    def _submit(self, *args) -> concurrent.futures.Future:
+        """Count the request as arrived and queue self._run(*args) for the engine thread, which
+        uncounts it."""
+        self._count(1)
+        try:
+            return self._executor.submit(self._run, *args)
+        except RuntimeError:    # the executor is shut down
+            self._count(-1)
+            raise EngineClosedError("the engine is shut down; send the request to another replica") from None
 
     def _count(self, d: int) -> None:
         """in_flight(): requests from arrival (queued for the engine thread) until done."""
@@ -460,9 +480,7 @@ class HybridEngine:
             if cut < 0:                                 # flush text held back for stop strings
                 text = self._emit_text(on_chunk, None, len(out), text, self.tokenizer.decode(out))
         metrics.e2e_s = time.perf_counter() - t_req
-        res = GenerationResult(token_ids=out, text=text, finish_reason=finish, metrics=metrics)
-        self._emit({"type": "request", "metrics": metrics, "finish_reason": finish, "output_tokens": len(out)})
-        return res
+        return GenerationResult(token_ids=out, text=text, finish_reason=finish, metrics=metrics)
 
     @staticmethod
     def _emit_text(on_chunk, tok, index, text: str, upto: str, always: bool = False) -> str:
@@ -477,21 +495,12 @@ class HybridEngine:
         cuBLAS handle and stream serve them all)."""
         params = params or SamplingParams()
         self.validate(prompt, params)
-        self._count(1)
-        try:
-            return self._executor.submit(self._run, prompt, params, None, None, time.perf_counter()).result()
-        finally:
-            self._count(-1)
+        return self._submit(prompt, params, None, None, time.perf_counter()).result()
 
     async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
         params = params or SamplingParams()
         self.validate(prompt, params)
-        self._count(1)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, prompt, params,
-                                                                    None, None, time.perf_counter())
-        finally:
-            self._count(-1)
+        return await asyncio.wrap_future(self._submit(prompt, params, None, None, time.perf_counter()))
 
     async def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
         """Token-by-token chunks; the last one carries finish_reason and metrics. Closing the
@@ -509,16 +518,10 @@ class HybridEngine:
             except RuntimeError:    # the consumer's loop is gone: nobody is listening any more
                 cancel.set()
 
-        def work() -> None:
-            try:
-                push(self._run(prompt, params, push, cancel, t_req))
-            except BaseException as e:  # delivered to the consumer, never lost
-                push(e)
-            finally:
-                self._count(-1)
+        def done(fut: concurrent.futures.Future) -> None:   # the result or the error: never lost
+            push(fut.exception() or fut.result())
 
-        self._count(1)
-        loop.run_in_executor(self._executor, work)
+        self._submit(prompt, params, push, cancel, t_req).add_done_callback(done)
         try:
             while True:
                 item = await q.get()
@@ -543,8 +546,8 @@ class HybridEngine:
     def shutdown(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._closed = True     # the running request finishes; queued ones end with EngineClosedError
+        self._executor.shutdown(wait=True)
         if self.cuda:
             self._capture_q.put(None)
             self._capture_thread.join(timeout=30)

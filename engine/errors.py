@@ -23,3 +23,7 @@ class InvalidSamplingParams(EngineInputError):
 
 class ModelLoadError(EngineError, ValueError):
     """Unknown preset, missing/invalid checkpoint files, unsupported architecture."""
+
+
+class EngineClosedError(EngineError, RuntimeError):
+    """The engine shut down before a queued request ran; nothing was generated, retry it elsewhere."""

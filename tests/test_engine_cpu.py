@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from engine import (EmptyPromptError, EngineConfig, EngineInputError, HybridEngine, InvalidSamplingParams,
+from engine import (EmptyPromptError, EngineClosedError, EngineConfig, EngineInputError, HybridEngine, InvalidSamplingParams,
                     ModelLoadError, PromptTooLongError, SamplingParams)
 from tests.conftest import VARIANTS
 
@@ -242,6 +242,61 @@ def test_closing_stream_cancels_generation():
     eng.generate("next", SamplingParams(max_tokens=2))   # the engine is free again
     first = done[0]
     assert first["finish_reason"] == "cancelled" and first["output_tokens"] < 1000
+
+
+def test_finished_request_is_out_of_in_flight_before_its_event():
+    """A listener (the replica's stats and metrics) never sees a finished request still counted
+    in in_flight(): for generate, generate_async, a full stream and a cancelled one."""
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
+    seen = []
+    eng.add_listener(lambda e: seen.append((e["finish_reason"], eng.in_flight())) if e["type"] == "request" else None)
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def streams():
+        assert [c async for c in eng.stream("full", p)][-1].finish_reason == "length"
+        agen = eng.stream("cut", SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
+        await agen.__anext__()
+        await agen.aclose()
+        while len(seen) < 3:    # the engine thread ends 'cut' at its next step
+            await asyncio.sleep(0.001)
+        return await eng.generate_async("async", p)
+
+    eng.generate("sync", p)
+    asyncio.run(streams())
+    assert [r for r, _ in seen] == ["length", "length", "cancelled", "length"]
+    assert [n for _, n in seen] == [0, 0, 0, 0], seen
+    assert eng.in_flight() == 0
+
+
+def test_shutdown_fails_queued_requests_instead_of_hanging():
+    """Requests still queued when the engine shuts down end with EngineClosedError (a retryable
+    error the ingress maps to 'replica gone'), never a stream that waits forever."""
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
+    long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+
+    async def main():
+        first = asyncio.ensure_future(eng.generate_async("running", long))
+        while eng.in_flight() == 0:
+            await asyncio.sleep(0.001)
+
+        async def consume():
+            return [c async for c in eng.stream("queued", SamplingParams(max_tokens=4))]
+        queued = asyncio.ensure_future(consume())
+        queued_sync = asyncio.ensure_future(eng.generate_async("queued too", SamplingParams(max_tokens=4)))
+        while eng.in_flight() < 3:
+            await asyncio.sleep(0.001)
+        await asyncio.get_running_loop().run_in_executor(None, eng.shutdown)
+        res = await asyncio.wait_for(asyncio.gather(first, queued, queued_sync, return_exceptions=True), 10)
+        return res
+
+    first, queued, queued_sync = asyncio.run(main())
+    assert first.finish_reason == "length" and len(first.token_ids) == 200
+    for r in (queued, queued_sync):
+        assert isinstance(r, EngineClosedError) and "retry" in str(r), r
+    assert eng.in_flight() == 0
+    with pytest.raises(EngineClosedError, match="another replica"):
+        eng.generate("after", SamplingParams(max_tokens=2))
+    assert eng.in_flight() == 0
 
 
 @pytest.mark.parametrize("prompt,params,exc,words", [

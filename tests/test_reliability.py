@@ -396,6 +396,21 @@ def _client_loop(stop: threading.Event, results: list, lock: threading.Lock, i: 
             results.append(rec)
 
 
+def test_engine_shut_down_is_a_retryable_replica_failure():
+    """A replica whose engine shut down under a queued request (EngineClosedError, nothing
+    generated) is treated like a dead replica: the ingress retries once on another."""
+    from ray.exceptions import RayTaskError
+
+    from deployments.ingress import _REPLICA_GONE, _ray_failure
+    from engine import EngineClosedError, EngineInputError
+
+    closed = RayTaskError("ModelServer.generate", "tb", EngineClosedError("shut down")).as_instanceof_cause()
+    assert _ray_failure(closed) == _REPLICA_GONE
+    assert _ray_failure(EngineClosedError("local")) == _REPLICA_GONE
+    bad = RayTaskError("ModelServer.generate", "tb", EngineInputError("bad")).as_instanceof_cause()
+    assert _ray_failure(bad) is None
+
+
 def test_replica_killed_under_load(cluster, tmp_path):
     """SIGKILL one replica's process during a threaded-client run (2 replicas, 6 clients): requests
     in flight on it fail cleanly (or were retried), nothing else fails, Serve restarts it, and the
