@@ -34,7 +34,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.api import SamplingParams
+from engine.api import MAX_LOGPROBS, SamplingParams
 from engine.errors import EngineClosedError, EngineInputError
 
 from .config import AppConfig
@@ -74,7 +74,8 @@ class _Common(_Strict):
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="logprob of each token and of the N likeliest alternatives")
     best_of: int | None = None
     suffix: str | None = None
 
@@ -98,7 +99,7 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
 
 
@@ -198,14 +199,13 @@ def _unsupported(req: _Common) -> None:
     if isinstance(req, CompletionRequest):
         checks += [
             (req.echo, "echo", "echo is not supported; omit it or send false"),
-            (req.logprobs is not None, "logprobs", "logprobs are not supported; omit it"),
             (req.best_of not in (None, 1), "best_of", "only best_of=1 is supported"),
             (req.suffix is not None, "suffix", "suffix is not supported; omit it"),
         ]
     else:
         checks += [
-            (req.logprobs, "logprobs", "logprobs are not supported; omit it or send false"),
-            (req.top_logprobs is not None, "top_logprobs", "top_logprobs are not supported; omit it"),
+            (req.top_logprobs is not None and not req.logprobs, "top_logprobs",
+             "top_logprobs needs logprobs: true; send both, or omit top_logprobs"),
         ]
     for bad, param, msg in checks:
         if bad:
@@ -299,6 +299,37 @@ async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
                             status_code=500)
 
 
+def _logprobs_k(req: _Common) -> int | None:
+    """Alternatives per token the engine computes (None: no logprobs)."""
+    if isinstance(req, ChatCompletionRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return getattr(req, "logprobs", None)
+
+
+def format_logprobs(items: list[dict], chat: bool, offset: int = 0) -> dict:
+    """The engine's per-token logprobs (dicts of engine.TokenLogprobs) in OpenAI's shape: chat
+    ``{"content": [{token, logprob, bytes, top_logprobs}]}``; completions ``{tokens, token_logprobs,
+    top_logprobs, text_offset}`` whose top_logprobs holds the chosen token too (up to N + 1 entries).
+    offset: characters of the completion before these tokens (a stream's earlier chunks)."""
+    if chat:
+        def one(x: dict) -> dict:
+            return {"token": x["token"], "logprob": x["logprob"], "bytes": x["bytes"]}
+        return {"content": [{**one(it["chosen"]), "top_logprobs": [one(a) for a in it["top"]]} for it in items],
+                "refusal": None}
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for it in items:
+        c = it["chosen"]
+        out["tokens"].append(c["token"])
+        out["token_logprobs"].append(c["logprob"])
+        top: dict[str, float] = {}
+        for a in [*it["top"], c]:               # tokens of the same text: the likeliest one's value
+            top.setdefault(a["token"], a["logprob"])
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(c["token"])
+    return out
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
@@ -348,7 +379,8 @@ class OpenAIIngress:
             max_tokens=max_tokens or self.cfg.default_max_tokens,
             temperature=1.0 if req.temperature is None else float(req.temperature),
             top_p=1.0 if req.top_p is None else float(req.top_p),
-            top_k=req.top_k or 0, seed=req.seed, stop=stop, ignore_eos=req.ignore_eos)
+            top_k=req.top_k or 0, seed=req.seed, stop=stop, ignore_eos=req.ignore_eos,
+            logprobs=_logprobs_k(req))
         try:
             p.validate()
         except EngineInputError as e:
@@ -497,11 +529,12 @@ class OpenAIIngress:
         created = int(time.time())
         if not req.stream:
             out = await self._generate(payload, n)
+            lp = format_logprobs(out["logprobs"], chat) if "logprobs" in out else None
             if chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                          "logprobs": None, "finish_reason": _finish(out["finish_reason"])}
+                          "logprobs": lp, "finish_reason": _finish(out["finish_reason"])}
             else:
-                choice = {"text": out["text"], "index": 0, "logprobs": None,
+                choice = {"text": out["text"], "index": 0, "logprobs": lp,
                           "finish_reason": _finish(out["finish_reason"])}
             body = {"id": rid, "object": "chat.completion" if chat else "text_completion",
                     "created": created, "model": self.model_name, "choices": [choice],
@@ -523,19 +556,24 @@ class OpenAIIngress:
         base = {"id": rid, "object": obj, "created": created, "model": self.model_name}
         meta = first.get("meta")
         role_sent = False
+        offset = 0                                  # completion characters of the tokens sent so far
         try:
             item = first
             while True:
                 done = "finish_reason" in item
+                lp = None
+                if "logprobs" in item:
+                    lp = format_logprobs([item["logprobs"]], chat, offset)
+                    offset += len(item["logprobs"]["chosen"]["token"])
                 if chat:
                     delta: dict = {"content": item["text"]} if (item["text"] or not done) else {}
                     if not role_sent:  # the first chunk carries the role (and the first token)
                         delta = {"role": "assistant", "content": item["text"]}
                         role_sent = True
-                    choice = {"index": 0, "delta": delta, "logprobs": None,
+                    choice = {"index": 0, "delta": delta, "logprobs": lp,
                               "finish_reason": _finish(item["finish_reason"]) if done else None}
                 else:
-                    choice = {"text": item["text"], "index": 0, "logprobs": None,
+                    choice = {"text": item["text"], "index": 0, "logprobs": lp,
                               "finish_reason": _finish(item["finish_reason"]) if done else None}
                 chunk = {**base, "choices": [choice]}
                 if done:
@@ -597,8 +635,11 @@ class OpenAIIngress:
             out = await self._generate(payload, n)
         except APIError as e:
             raise EngineInputError(e.message) from None
-        return {"text": out["text"], "finish_reason": _finish(out["finish_reason"]),
-                "usage": out["usage"], "model": self.model_name, "hybridserve": out["meta"]}
+        res = {"text": out["text"], "finish_reason": _finish(out["finish_reason"]),
+               "usage": out["usage"], "model": self.model_name, "hybridserve": out["meta"]}
+        if "logprobs" in out:
+            res["logprobs"] = format_logprobs(out["logprobs"], isinstance(req, ChatCompletionRequest))
+        return res
 
     async def stream(self, request: Any, **overrides: Any) -> AsyncIterator[dict]:
         """Python API, streaming (call with ``handle.options(stream=True)``)."""
@@ -610,6 +651,7 @@ class OpenAIIngress:
             raise EngineInputError(e.message) from None
         meta = first.get("meta")
         item = first
+        chat, offset = isinstance(req, ChatCompletionRequest), 0
         try:
             while True:
                 if "error" in item:
@@ -618,7 +660,11 @@ class OpenAIIngress:
                     yield {"text": item["text"], "finish_reason": _finish(item["finish_reason"]),
                            "usage": item["usage"], "hybridserve": {**(meta or {}), **item["meta"]}}
                     return
-                yield {"text": item["text"], "index": item["index"]}
+                chunk = {"text": item["text"], "index": item["index"]}
+                if "logprobs" in item:
+                    chunk["logprobs"] = format_logprobs([item["logprobs"]], chat, offset)
+                    offset += len(item["logprobs"]["chosen"]["token"])
+                yield chunk
                 try:
                     item = await gen.__anext__()
                 except StopAsyncIteration:

@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Any, AsyncIterator
 
 from engine import EngineInputError, HybridEngine, SamplingParams
@@ -275,8 +275,11 @@ class ModelServer:
             return error_dict(e)
         finally:
             self._set_in_flight()
-        return {"text": res.text, "token_ids": res.token_ids,
-                **self._final(meta, res.finish_reason, len(res.token_ids), res.metrics)}
+        out = {"text": res.text, "token_ids": res.token_ids,
+               **self._final(meta, res.finish_reason, len(res.token_ids), res.metrics)}
+        if res.logprobs is not None:
+            out["logprobs"] = [asdict(lp) for lp in res.logprobs]
+        return out
 
     async def __call__(self, request: Any, n_tokens: int | None = None) -> dict:
         return await self.generate(request, n_tokens=n_tokens)
@@ -303,6 +306,8 @@ class ModelServer:
                     yield out
                     return
                 out = {"text": ch.text, "index": ch.index, "token_id": ch.token_id}
+                if ch.logprobs is not None:
+                    out["logprobs"] = asdict(ch.logprobs)
                 if first:
                     # wall clock (s) where the request reached this replica and its first token left
                     timeline["replica_first"] = time.time()

@@ -1,5 +1,5 @@
 """hybridserve engine: a LLaMA-family engine with CUDA-graph replay and a JIT fallback. No Ray here."""
-from .api import GenerationResult, RequestMetrics, SamplingParams, StreamChunk
+from .api import GenerationResult, Logprob, RequestMetrics, SamplingParams, StreamChunk, TokenLogprobs
 from .config import EngineConfig
 from .engine import HybridEngine
 from .errors import (EmptyPromptError, EngineClosedError, EngineError, EngineInputError, InvalidSamplingParams, ModelLoadError,
@@ -8,5 +8,5 @@ from .errors import (EmptyPromptError, EngineClosedError, EngineError, EngineInp
 __version__ = "0.1.0"
 
 __all__ = ["HybridEngine", "SamplingParams", "EngineConfig", "GenerationResult", "RequestMetrics",
-           "StreamChunk", "EngineError", "EngineClosedError", "EngineInputError", "EmptyPromptError", "PromptTooLongError",
+           "StreamChunk", "Logprob", "TokenLogprobs", "EngineError", "EngineClosedError", "EngineInputError", "EmptyPromptError", "PromptTooLongError",
            "InvalidSamplingParams", "ModelLoadError", "__version__"]

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidSamplingParams
 
+MAX_LOGPROBS = 20                     # alternatives per token (OpenAI chat allows 0..20; vLLM's default cap)
+LOGPROB_FLOOR = -9999.0               # what a -inf logprob is reported as (JSON has no -inf; OpenAI's value)
+
 
 @dataclass
 class SamplingParams:
@@ -17,6 +20,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None       # None: off; k: each token's logprob and the k likeliest alternatives
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -40,6 +44,23 @@ class SamplingParams:
             bad("stop must be a list of non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
             bad("stop_token_ids must be a list of integers")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token), got {self.logprobs!r}")
+
+
+@dataclass
+class Logprob:
+    token_id: int
+    token: str                        # its text; "bytes:\\xe6\\x97" when it is part of a multi-byte character
+    logprob: float                    # log-softmax of the model's raw logits (before temperature/top-k/top-p)
+    bytes: list[int]                  # the token's UTF-8 bytes: join a token run's bytes to rebuild its text
+
+
+@dataclass
+class TokenLogprobs:
+    chosen: Logprob                   # the token the engine emitted
+    top: list[Logprob]                # the k likeliest tokens at that step, likeliest first
 
 
 @dataclass
@@ -65,6 +86,7 @@ class GenerationResult:
     text: str
     finish_reason: str                # "stop" | "length" | "cancelled"
     metrics: RequestMetrics
+    logprobs: list[TokenLogprobs] | None = None   # one per token_ids entry when params.logprobs is set
 
     @property
     def prompt_tokens(self) -> int:
@@ -78,3 +100,4 @@ class StreamChunk:
     index: int                        # position of this token in the output
     finish_reason: str | None = None  # set on the last chunk
     metrics: RequestMetrics | None = None  # set on the last chunk
+    logprobs: TokenLogprobs | None = None  # this chunk's token, when params.logprobs is set

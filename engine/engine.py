@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .api import GenerationResult, RequestMetrics, SamplingParams, StreamChunk
+from .api import (LOGPROB_FLOOR, MAX_LOGPROBS, GenerationResult, Logprob, RequestMetrics, SamplingParams,
+                  StreamChunk, TokenLogprobs)
 from .config import EngineConfig
 from .errors import EmptyPromptError, EngineClosedError, EngineInputError, ModelLoadError, PromptTooLongError
 from .model import Llama, ModelArgs, load_checkpoint, random_weights
@@ -92,6 +93,11 @@ class HybridEngine:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)   # decode position
         self.logits = torch.zeros(self.args.vocab_size, dtype=torch.float32, device=self.device)
         self._ids_host = torch.zeros(maxb, dtype=torch.long, pin_memory=self.cuda)
+        # logprobs (only when a request asks): the chosen + top-k values and ids land here, copied
+        # asynchronously before the next step is launched and read after it, so the step still overlaps
+        self._lp_vals = torch.zeros(MAX_LOGPROBS + 1, dtype=torch.float32, pin_memory=self.cuda)
+        self._lp_ids = torch.zeros(MAX_LOGPROBS, dtype=torch.long, pin_memory=self.cuda)
+        self._lp_event = torch.cuda.Event() if self.cuda else None
 
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-engine")
         self.graph_mem_bytes = 0
@@ -206,6 +212,31 @@ class HybridEngine:
         self.logits.copy_(logits)
         self.tok.copy_(torch.argmax(logits).view(1))
         self.pos.add_(1)
+
+    def _logprobs_launch(self, k: int) -> None:
+        """Queue, on the engine's stream, the log-softmax of self.logits at the chosen token (self.tok)
+        and its top k, copied to pinned host memory: call before the next step overwrites the logits."""
+        lp = torch.log_softmax(self.logits, dim=-1)
+        vals, idx = lp.topk(k) if k else (lp[:0], self.tok[:0])
+        self._lp_vals[:k + 1].copy_(torch.cat([lp.gather(0, self.tok), vals]), non_blocking=True)
+        self._lp_ids[:k].copy_(idx, non_blocking=True)
+        if self._lp_event is not None:
+            self._lp_event.record()
+
+    def _logprobs_read(self, k: int, t: int) -> TokenLogprobs:
+        """The values _logprobs_launch queued for token t."""
+        if self._lp_event is not None:
+            self._lp_event.synchronize()
+        vals = [v if v >= LOGPROB_FLOOR else LOGPROB_FLOOR for v in self._lp_vals[:k + 1].tolist()]  # -inf, nan
+
+        def one(i: int, v: float) -> Logprob:
+            b = self.tokenizer.token_bytes(i)
+            try:
+                text = b.decode("utf-8")
+            except UnicodeDecodeError:  # part of a character: OpenAI's "bytes:\\xe6\\x97" form, one per token
+                text = "bytes:" + "".join(f"\\x{c:02x}" for c in b)
+            return Logprob(i, text, v, list(b))
+        return TokenLogprobs(one(t, vals[0]), [one(i, v) for i, v in zip(self._lp_ids[:k].tolist(), vals[1:])])
 
     # ---------------------------------------------------------------- CUDA graphs
     def _start_cuda(self) -> None:
@@ -432,6 +463,7 @@ class HybridEngine:
             if self.cuda and path != "graph" and self.config.cuda_graphs and self.config.background_capture:
                 self.capture([bucket], wait=False)
             out: list[int] = []
+            lps: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
             detok = IncrementalText(self.tokenizer, out)   # reads `out` as it grows
             text = ""                                   # text already emitted
             finish = "length"
@@ -457,21 +489,27 @@ class HybridEngine:
                 out.append(t)
                 last = len(out) >= params.max_tokens
                 cancelled = cancel is not None and cancel.is_set()
+                if lps is not None:                     # read t's logits before the next step replaces them
+                    self._logprobs_launch(params.logprobs)
                 if not (last or cancelled):
                     # Launch the next token's step now (it reads self.tok on the device): the host's text
                     # work and the chunk for token t below overlap the GPU's step instead of delaying it.
                     # A stop string found below wastes this one step; nothing reads its output.
                     self._step(decode_graph)
+                if lps is not None:
+                    lps.append(self._logprobs_read(params.logprobs, t))
+                lp = lps[-1] if lps else None
                 if on_chunk or params.stop:             # else nothing to stream or match: decode at the end
                     full = detok.update()
                     cut = min((i for i in (full.find(s) for s in params.stop) if i >= 0), default=-1)
                     if cut >= 0:                        # stop string: emit up to it, never past it
-                        text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:cut])
+                        text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:cut], lp=lp)
                         finish = "stop"
                         break
                     safe = len(full) - hold                   # chars that may start a stop string wait
                     if safe > len(text) or on_chunk:
-                        text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:max(safe, len(text))], True)
+                        text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:max(safe, len(text))],
+                                               True, lp)
                 if last:
                     break
                 if cancelled:
@@ -480,14 +518,16 @@ class HybridEngine:
             if cut < 0:                                 # flush text held back for stop strings
                 text = self._emit_text(on_chunk, None, len(out), text, self.tokenizer.decode(out))
         metrics.e2e_s = time.perf_counter() - t_req
-        return GenerationResult(token_ids=out, text=text, finish_reason=finish, metrics=metrics)
+        return GenerationResult(token_ids=out, text=text, finish_reason=finish, metrics=metrics, logprobs=lps)
 
     @staticmethod
-    def _emit_text(on_chunk, tok, index, text: str, upto: str, always: bool = False) -> str:
-        """Send upto[len(text):] as a chunk (every token gets one when always); return upto."""
+    def _emit_text(on_chunk, tok, index, text: str, upto: str, always: bool = False,
+                   lp: TokenLogprobs | None = None) -> str:
+        """Send upto[len(text):] as a chunk (every token gets one when always, or when it carries
+        logprobs); return upto."""
         delta = upto[len(text):]
-        if on_chunk and (delta or always):
-            on_chunk(StreamChunk(tok, delta, index))
+        if on_chunk and (delta or always or lp is not None):
+            on_chunk(StreamChunk(tok, delta, index, logprobs=lp))
         return upto if len(upto) > len(text) else text
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:

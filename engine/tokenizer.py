@@ -1,7 +1,24 @@
 """Tokenizers: HF checkpoints use transformers' AutoTokenizer; presets use a byte-level one."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")   # SentencePiece byte fallback
+
+
+def _gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to the printable character byte-level BPE pieces spell it with."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(
+        range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
 
 
 class Tokenizer:
@@ -14,6 +31,11 @@ class Tokenizer:
         raise NotImplementedError
 
     def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def token_bytes(self, t: int) -> bytes:
+        """The UTF-8 bytes token t stands for on its own (a leading space included; part of a
+        multi-byte character for a byte token): what OpenAI's logprobs report per token."""
         raise NotImplementedError
 
     @property
@@ -76,6 +98,9 @@ class ByteTokenizer(Tokenizer):
             out.append(i - self.OFFSET if i < 256 + self.OFFSET else 32 + i % 95)
         return out.decode("utf-8", errors="replace")
 
+    def token_bytes(self, t: int) -> bytes:
+        return self.decode([t]).encode() if t < self.OFFSET or t >= 256 + self.OFFSET else bytes([t - self.OFFSET])
+
 
 class HFTokenizer(Tokenizer):
     def __init__(self, path: Path, eos_ids: tuple[int, ...]):
@@ -87,6 +112,26 @@ class HFTokenizer(Tokenizer):
         if self.tok.eos_token_id is not None:
             ids.add(self.tok.eos_token_id)
         self.eos_token_ids = frozenset(ids)
+        self._special = set(self.tok.all_special_ids)
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        decoder = backend.decoder if backend is not None else None
+        # byte-level BPE (LLaMA-3, GPT-2): pieces spell bytes in GPT-2's printable alphabet; else
+        # SentencePiece-style (LLaMA-2): '▁' is a space and <0xNN> pieces are single bytes
+        byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
+        self._byte_decoder = {c: b for b, c in _gpt2_bytes_to_unicode().items()} if byte_level else None
+
+    def token_bytes(self, t: int) -> bytes:
+        piece = self.tok.convert_ids_to_tokens(t)
+        if piece is None:
+            return b""
+        if t in self._special:
+            return piece.encode()
+        m = _BYTE_PIECE.fullmatch(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        if self._byte_decoder is not None and all(c in self._byte_decoder for c in piece):
+            return bytes(self._byte_decoder[c] for c in piece)
+        return piece.replace("\u2581", " ").encode()
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=add_special_tokens))

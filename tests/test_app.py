@@ -190,7 +190,53 @@ def test_chat_non_streaming_and_streaming(app):
     assert text == msg["content"]
 
 
+def test_logprobs_completions_and_chat(app):
+    """OpenAI logprobs: completions (tokens/token_logprobs/top_logprobs/text_offset) and chat
+    (content[{token, logprob, bytes, top_logprobs}]), non-streaming and SSE, the same values both
+    ways; greedy picks the likeliest token; the Python handle returns the same object."""
+    req = {"prompt": "Logprobs please", "max_tokens": 6, "logprobs": 3, **GREEDY}
+    b = post("/v1/completions", req).json()
+    choice = b["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
+    joined = "".join(lp["tokens"])          # a token inside a multi-byte character is "bytes:\xNN"
+    assert joined == choice["text"] or "bytes:" in joined
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(6)]
+    for tok, v, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert v <= 0 and 1 <= len(top) <= 4 and top[tok] == v
+        assert v == pytest.approx(max(top.values()))          # greedy: the chosen token is the likeliest
+    ev = sse_events(post("/v1/completions", {**req, "stream": True}))
+    streamed = [c["choices"][0]["logprobs"] for c in ev[:-1] if c["choices"][0]["logprobs"]]
+    assert [s["tokens"][0] for s in streamed] == lp["tokens"]
+    assert [s["token_logprobs"][0] for s in streamed] == pytest.approx(lp["token_logprobs"])
+    assert [s["text_offset"][0] for s in streamed] == lp["text_offset"]
+    assert choice["logprobs"] == app.remote(req["prompt"], max_tokens=6, logprobs=3, **GREEDY).result()["logprobs"]
+    no_lp = post("/v1/completions", {**req, "logprobs": None}).json()["choices"][0]
+    assert no_lp["logprobs"] is None and no_lp["text"] == choice["text"]
+
+    chat = {"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 4, "logprobs": True,
+            "top_logprobs": 2, **GREEDY}
+    c = post("/v1/chat/completions", chat).json()["choices"][0]
+    content = c["logprobs"]["content"]
+    assert len(content) == 4
+    assert bytes(b for x in content for b in x["bytes"]).decode(errors="replace") == c["message"]["content"]
+    for x in content:
+        assert len(x["top_logprobs"]) == 2
+        assert x["token"] == bytes(x["bytes"]).decode(errors="replace") or x["token"].startswith("bytes:")
+        assert x["top_logprobs"][0]["logprob"] == pytest.approx(x["logprob"])
+    ev = sse_events(post("/v1/chat/completions", {**chat, "stream": True}))
+    streamed = [x for e in ev[:-1] if e["choices"][0]["logprobs"] for x in e["choices"][0]["logprobs"]["content"]]
+    assert [x["token"] for x in streamed] == [x["token"] for x in content]
+    only = post("/v1/chat/completions", {**chat, "top_logprobs": None}).json()["choices"][0]["logprobs"]
+    assert [x["top_logprobs"] for x in only["content"]] == [[]] * 4
+
+
 @pytest.mark.parametrize("path,body,param,needle", [
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs", "less than or equal to 20"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+     "top_logprobs", "needs logprobs: true"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 30}, "top_logprobs", "less than or equal to 20"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
     ("/v1/completions", {"prompt": "x", "max_tokns": 5}, "max_tokns", "Unrecognized request argument"),
     ("/v1/completions", {"max_tokens": 5}, "prompt", "Missing required parameter"),

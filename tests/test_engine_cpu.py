@@ -129,6 +129,62 @@ def test_sample_survives_extreme_temperatures():
     assert 0 <= int(big) < 4
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_logprobs_match_hf_log_softmax(checkpoints, temperature):
+    """Each token's logprob and its top-k alternatives are HF's log-softmax of the raw logits at that
+    position (sampling with temperature too: the raw distribution), and the token texts spell the output."""
+    from transformers import LlamaForCausalLM
+
+    path = checkpoints["gqa"]
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    eng = HybridEngine.from_pretrained(str(path), device="cpu", dtype="float32", buckets=BUCKETS, max_context=128)
+    prompt = "the quick brown fox"
+    ids = eng.prompt_ids(prompt)
+    k = 5
+    res = eng.generate(prompt, SamplingParams(max_tokens=10, temperature=temperature, seed=7, logprobs=k,
+                                              ignore_eos=True))
+    assert len(res.logprobs) == len(res.token_ids) == 10
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids + res.token_ids])).logits[0].float(), -1)
+    for i, (t, lp) in enumerate(zip(res.token_ids, res.logprobs)):
+        row = ref[len(ids) - 1 + i]
+        assert lp.chosen.token_id == t
+        assert lp.chosen.logprob == pytest.approx(row[t].item(), abs=1e-4)
+        assert [a.logprob for a in lp.top] == pytest.approx(row.topk(k).values.tolist(), abs=1e-4)
+        assert {a.token_id for a in lp.top} == set(row.topk(k).indices.tolist())
+        assert all(x.logprob >= y.logprob for x, y in zip(lp.top, lp.top[1:]))
+        if temperature == 0:
+            assert lp.top[0].token_id == t
+    special = set(eng.tokenizer.tok.all_special_ids)
+    text = bytes(b for lp in res.logprobs if lp.chosen.token_id not in special for b in lp.chosen.bytes)
+    assert text.decode("utf-8", errors="replace") == res.text
+    for a in (x for lp in res.logprobs for x in [lp.chosen, *lp.top]):
+        try:
+            assert a.token == bytes(a.bytes).decode()
+        except UnicodeDecodeError:       # part of a character: OpenAI's "bytes:\xNN" form
+            assert a.token == "bytes:" + "".join(f"\\x{c:02x}" for c in a.bytes)
+
+
+def test_logprobs_in_stream_and_off_by_default():
+    """A stream carries each token's logprobs on its chunk (also the token that completes a stop
+    string); without the parameter nothing is computed or attached."""
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
+    base = eng.generate("stream lp", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    assert base.logprobs is None
+    stop = base.text[8:10]
+    p = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2, stop=[stop])
+    full = eng.generate("stream lp", p)
+
+    async def collect():
+        return [c async for c in eng.stream("stream lp", p)]
+
+    chunks = asyncio.run(collect())
+    got = [c.logprobs for c in chunks if c.logprobs is not None]
+    assert got == full.logprobs and [g.chosen.token_id for g in got] == full.token_ids
+    assert full.finish_reason == "stop" and len(full.token_ids) < 20
+    assert all(len(g.top) == 2 for g in got)
+
+
 def test_stop_strings_and_stop_tokens():
     eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
     base = eng.generate("stop test", SamplingParams(max_tokens=30, temperature=0))
@@ -227,6 +283,25 @@ def test_incremental_text_matches_full_decode(checkpoints, tmp_path, source):
     assert inc.text == tok.decode(ids) == text
 
 
+@pytest.mark.parametrize("source", ["bytes", "hf-bytelevel", "hf-sentencepiece"])
+def test_token_bytes_rebuild_the_text(checkpoints, tmp_path, source):
+    """Logprobs report each token's own UTF-8 bytes: joined over a run they are the text, multi-byte
+    characters split over tokens and spaces included (sentencepiece's first one is the decoder's to drop)."""
+    from engine.tokenizer import ByteTokenizer, HFTokenizer
+
+    text = "héllo wörld, the quick ✓ fox 日本語 jumps — over the lazy dog 🚀 done"
+    tok = (ByteTokenizer(512) if source == "bytes" else
+           HFTokenizer(checkpoints["gqa"], (2,)) if source == "hf-bytelevel" else
+           HFTokenizer(metaspace_tokenizer(tmp_path), (2,)))
+    ids = tok.encode(text)
+    pieces = [tok.token_bytes(t) for t in ids]
+    assert any(len(p) == 1 and p[0] >= 0x80 for p in pieces)     # some token is part of a character
+    joined = b"".join(pieces).decode()
+    assert joined == (" " + text if source == "hf-sentencepiece" else text)
+    if source != "bytes":
+        assert tok.token_bytes(tok.tok.eos_token_id) == b"</s>"     # special tokens by name
+
+
 def test_closing_stream_cancels_generation():
     eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
     done = []
@@ -310,6 +385,9 @@ def test_shutdown_fails_queued_requests_instead_of_hanging():
     ("hi", SamplingParams(temperature=-1), InvalidSamplingParams, "temperature"),
     ("hi", SamplingParams(top_p=0), InvalidSamplingParams, "top_p"),
     ("hi", SamplingParams(top_k=-3), InvalidSamplingParams, "top_k"),
+    ("hi", SamplingParams(logprobs=21), InvalidSamplingParams, "logprobs"),
+    ("hi", SamplingParams(logprobs=-1), InvalidSamplingParams, "logprobs"),
+    ("hi", SamplingParams(logprobs=True), InvalidSamplingParams, "logprobs"),
 ])
 def test_bad_input_raises_clear_error_and_engine_stays_usable(prompt, params, exc, words):
     eng = HybridEngine(EngineConfig(model="tiny", device="cpu", max_context=256))

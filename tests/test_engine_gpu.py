@@ -164,3 +164,26 @@ def test_stream_on_cuda_matches_generate(gpu_ckpt):
     assert [c.token_id for c in chunks if c.token_id is not None] == full.token_ids
     assert chunks[-1].metrics.path == "graph"
     eng.shutdown()
+
+
+def test_logprobs_on_the_graph_path_are_each_steps_own(gpu_ckpt):
+    """Logprobs are read from each step's logits before the next decode graph replay overwrites them
+    (async copy + event): the values match HF's log-softmax position by position, greedy picks the
+    top one, and asking for logprobs changes no token."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(gpu_ckpt, dtype=torch.float16).cuda().eval()
+    eng = HybridEngine.from_pretrained(str(gpu_ckpt), device="cuda", dtype="float16",
+                                       buckets=[16, 64], max_context=256, prewarm_buckets="all")
+    ids = [1] + list(range(7, 50))
+    plain = eng.generate(ids, GREEDY)
+    res = eng.generate(ids, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=4))
+    assert res.metrics.path == "graph" and res.token_ids == plain.token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids + res.token_ids], device="cuda")).logits[0].float(), -1)
+    for i, (t, lp) in enumerate(zip(res.token_ids, res.logprobs)):
+        row = ref[len(ids) - 1 + i]
+        assert lp.chosen.token_id == t == lp.top[0].token_id
+        assert abs(lp.chosen.logprob - row[t].item()) < 0.05, i
+        assert len(lp.top) == 4 and all(x.logprob >= y.logprob for x, y in zip(lp.top, lp.top[1:]))
+    eng.shutdown()
