@@ -65,9 +65,9 @@ class _Common(_Strict):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
     ignore_eos: bool = Field(False, description="extension: keep generating past EOS")
 
 
@@ -192,9 +192,6 @@ def _unsupported(req: _Common) -> None:
     """Reject OpenAI arguments the engine cannot honour, with the fix in the message."""
     checks: list[tuple[bool, str, str]] = [
         (req.n != 1, "n", "only n=1 is supported; send one request per completion"),
-        (req.presence_penalty != 0, "presence_penalty", "presence_penalty is not supported; omit it or send 0"),
-        (req.frequency_penalty != 0, "frequency_penalty", "frequency_penalty is not supported; omit it or send 0"),
-        (bool(req.logit_bias), "logit_bias", "logit_bias is not supported; omit it"),
     ]
     if isinstance(req, CompletionRequest):
         checks += [
@@ -380,12 +377,30 @@ class OpenAIIngress:
             temperature=1.0 if req.temperature is None else float(req.temperature),
             top_p=1.0 if req.top_p is None else float(req.top_p),
             top_k=req.top_k or 0, seed=req.seed, stop=stop, ignore_eos=req.ignore_eos,
-            logprobs=_logprobs_k(req))
+            logprobs=_logprobs_k(req), presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, logit_bias=self._logit_bias(req.logit_bias))
         try:
             p.validate()
         except EngineInputError as e:
             raise APIError(str(e)) from None
         return p
+
+    def _logit_bias(self, raw: dict[str, float] | None) -> dict[int, float]:
+        out: dict[int, float] = {}
+        V = getattr(self.tok, "vocab_size", None)
+        for k, v in (raw or {}).items():
+            try:
+                t = int(k)
+            except ValueError:
+                raise APIError(f"logit_bias keys are token ids written as strings, like \"50256\"; got "
+                               f"{_short(k)}", param="logit_bias") from None
+            if t < 0 or (V is not None and t >= V):
+                raise APIError(f"logit_bias token id {t} is out of range [0, {V}).", param="logit_bias")
+            if not -100 <= v <= 100:
+                raise APIError(f"logit_bias values must be in [-100, 100]; token {t} has {v}.",
+                               param="logit_bias")
+            out[t] = v
+        return out
 
     def _completion_prompt(self, req: CompletionRequest) -> str | list[int]:
         prompt: Any = req.prompt

@@ -21,6 +21,14 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None       # None: off; k: each token's logprob and the k likeliest alternatives
+    presence_penalty: float = 0.0     # OpenAI's: minus this from each token already in the output
+    frequency_penalty: float = 0.0    # OpenAI's: minus this times the token's count in the output
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether the logits are changed before a token is picked (then greedy picks outside the graph)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -44,6 +52,14 @@ class SamplingParams:
             bad("stop must be a list of non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
             bad("stop_token_ids must be a list of integers")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
+                bad(f"{name} must be a number in [-2, 2], got {v!r}")
+        if not isinstance(self.logit_bias, dict) or not all(
+                isinstance(k, int) and not isinstance(k, bool) and k >= 0 and not isinstance(v, bool)
+                and isinstance(v, (int, float)) and -100 <= v <= 100 for k, v in self.logit_bias.items()):
+            bad("logit_bias must map token ids (integers >= 0) to biases in [-100, 100]")
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token), got {self.logprobs!r}")

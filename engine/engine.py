@@ -33,7 +33,7 @@ from .config import EngineConfig
 from .errors import EmptyPromptError, EngineClosedError, EngineInputError, ModelLoadError, PromptTooLongError
 from .model import Llama, ModelArgs, load_checkpoint, random_weights
 from .presets import PRESETS
-from .sampling import sample
+from .sampling import sample, shape_logits
 from .tokenizer import ByteTokenizer, HFTokenizer, IncrementalText, Tokenizer
 
 log = logging.getLogger("hybridserve.engine")
@@ -98,6 +98,7 @@ class HybridEngine:
         self._lp_vals = torch.zeros(MAX_LOGPROBS + 1, dtype=torch.float32, pin_memory=self.cuda)
         self._lp_ids = torch.zeros(MAX_LOGPROBS, dtype=torch.long, pin_memory=self.cuda)
         self._lp_event = torch.cuda.Event() if self.cuda else None
+        self._one = torch.ones(1, dtype=torch.float32, device=self.device)   # penalties' count increment
 
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-engine")
         self.graph_mem_bytes = 0
@@ -387,6 +388,10 @@ class HybridEngine:
             raise EngineInputError("params must be a SamplingParams")
         params.validate()
         ids = self.prompt_ids(prompt)
+        V = self.args.vocab_size
+        bad_bias = [t for t in params.logit_bias if t >= V]
+        if bad_bias:
+            raise EngineInputError(f"logit_bias token id {bad_bias[0]} is out of range [0, {V})")
         n = len(ids)
         if n >= self.max_context:
             raise PromptTooLongError(f"prompt has {n} tokens but the context holds {self.max_context} "
@@ -462,6 +467,13 @@ class HybridEngine:
                                         # lazily load a new cuBLAS kernel: tens of ms on the request)
             if self.cuda and path != "graph" and self.config.cuda_graphs and self.config.background_capture:
                 self.capture([bucket], wait=False)
+            counts = bias = None
+            if params.presence_penalty or params.frequency_penalty:
+                counts = torch.zeros_like(self.logits)
+            if params.logit_bias:
+                bias = torch.zeros(self.logits.numel(), dtype=self.logits.dtype)
+                bias[list(params.logit_bias)] = torch.tensor(list(params.logit_bias.values()), dtype=bias.dtype)
+                bias = bias.to(self.device, non_blocking=True)
             out: list[int] = []
             lps: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
             detok = IncrementalText(self.tokenizer, out)   # reads `out` as it grows
@@ -474,8 +486,13 @@ class HybridEngine:
             cut = -1
             t_prev = t_start
             while True:
-                if gen is not None:
+                if params.shapes_logits:                # penalties / bias: pick from the adjusted logits
+                    x = shape_logits(self.logits, params, counts, bias)
+                    self.tok.copy_(sample(x, params, gen) if gen is not None else torch.argmax(x).view(1))
+                elif gen is not None:
                     self.tok.copy_(sample(self.logits, params, gen))
+                if counts is not None:                  # on device: no sync
+                    counts.index_add_(0, self.tok, self._one)
                 t = int(self.tok.item())                # the one host sync of a step
                 now = time.perf_counter()
                 if out:

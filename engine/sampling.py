@@ -1,4 +1,5 @@
-"""Sampling on device: temperature, top-k, top-p, seeded per request. Greedy stays inside the graphs."""
+"""Sampling on device: logit bias and OpenAI's presence/frequency penalties, temperature, top-k, top-p,
+seeded per request. Plain greedy stays inside the graphs."""
 from __future__ import annotations
 
 import torch
@@ -21,3 +22,13 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> tor
         drop = probs.cumsum(-1) - probs > p.top_p          # keep the smallest set reaching top_p
         x = x.scatter(0, idx, srt.masked_fill(drop, float("-inf")))
     return torch.multinomial(torch.softmax(x, dim=-1), 1, generator=gen)
+
+
+def shape_logits(logits: torch.Tensor, p: SamplingParams, counts: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """OpenAI's logit adjustments, on device: logits + bias - frequency_penalty * count
+    - presence_penalty * (count > 0), count = each token's occurrences in the output so far."""
+    x = logits if bias is None else logits + bias
+    if counts is not None:
+        x = x - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(x.dtype)
+    return x

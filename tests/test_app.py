@@ -231,7 +231,26 @@ def test_logprobs_completions_and_chat(app):
     assert [x["top_logprobs"] for x in only["content"]] == [[]] * 4
 
 
+def test_logit_bias_and_penalties_over_http(app):
+    """logit_bias (token ids as strings) steers the output, streaming too; the penalties stop the
+    repeats of a greedy reply."""
+    a = str(ord("A") + 3)                   # the tiny preset's byte tokenizer: id = byte + 3
+    req = {"prompt": "bias", "max_tokens": 6, "logit_bias": {a: 100}, **GREEDY}
+    assert post("/v1/completions", req).json()["choices"][0]["text"] == "AAAAAA"
+    ev = sse_events(post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5,
+                                                  "logit_bias": {a: 100}, "stream": True, **GREEDY}))
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in ev[:-1]) == "AAAAA"
+    base = app.remote("repeat after me", max_tokens=40, **GREEDY).result()
+    for kind in ("frequency_penalty", "presence_penalty"):
+        out = app.remote("repeat after me", max_tokens=40, **{kind: 2.0}, **GREEDY).result()
+        assert out["usage"]["completion_tokens"] == 40 and out["text"] != base["text"], kind
+
+
 @pytest.mark.parametrize("path,body,param,needle", [
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias", "token ids written as strings"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"7": 150}}, "logit_bias", "[-100, 100]"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias", "out of range"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs", "less than or equal to 20"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
      "top_logprobs", "needs logprobs: true"),

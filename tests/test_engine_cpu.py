@@ -185,6 +185,35 @@ def test_logprobs_in_stream_and_off_by_default():
     assert all(len(g.top) == 2 for g in got)
 
 
+def test_logit_bias_and_penalties():
+    """logit_bias +100 forces a token and -100 bans one (greedy and sampled); frequency/presence
+    penalties stop a greedy model repeating tokens; the adjustment is OpenAI's formula."""
+    from engine.sampling import shape_logits
+
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
+    prompt = "penalties"
+    base = eng.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    assert len(set(base.token_ids)) < len(base.token_ids)        # the random model repeats itself
+    a = ord("A") + 3                                              # the byte tokenizer's id for "A"
+    for temp in (0.0, 1.0):
+        forced = eng.generate(prompt, SamplingParams(max_tokens=8, temperature=temp, seed=3, logit_bias={a: 100}))
+        assert forced.text == "A" * 8
+    first = base.token_ids[0]
+    banned = eng.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                 logit_bias={first: -100}))
+    assert first not in banned.token_ids
+    for kind in ("frequency_penalty", "presence_penalty"):
+        res = eng.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, **{kind: 2.0}))
+        assert len(set(res.token_ids)) == len(res.token_ids), kind
+    # the next request without them is plain greedy again
+    assert eng.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)).token_ids == base.token_ids
+    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    counts = torch.tensor([0.0, 1.0, 3.0, 0.0])
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    bias = torch.tensor([0.0, 0.0, 0.0, -1.0])
+    assert shape_logits(logits, p, counts, bias).tolist() == [1.0, 2.0 - 0.25 - 0.5, 3.0 - 0.75 - 0.5, 3.0]
+
+
 def test_stop_strings_and_stop_tokens():
     eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
     base = eng.generate("stop test", SamplingParams(max_tokens=30, temperature=0))
@@ -386,6 +415,11 @@ def test_shutdown_fails_queued_requests_instead_of_hanging():
     ("hi", SamplingParams(top_p=0), InvalidSamplingParams, "top_p"),
     ("hi", SamplingParams(top_k=-3), InvalidSamplingParams, "top_k"),
     ("hi", SamplingParams(logprobs=21), InvalidSamplingParams, "logprobs"),
+    ("hi", SamplingParams(presence_penalty=3), InvalidSamplingParams, "presence_penalty"),
+    ("hi", SamplingParams(frequency_penalty=float("nan")), InvalidSamplingParams, "frequency_penalty"),
+    ("hi", SamplingParams(logit_bias={5: 101}), InvalidSamplingParams, "logit_bias"),
+    ("hi", SamplingParams(logit_bias={"5": 1}), InvalidSamplingParams, "logit_bias"),
+    ("hi", SamplingParams(logit_bias={99999: 1}), EngineInputError, "logit_bias"),
     ("hi", SamplingParams(logprobs=-1), InvalidSamplingParams, "logprobs"),
     ("hi", SamplingParams(logprobs=True), InvalidSamplingParams, "logprobs"),
 ])

@@ -187,3 +187,19 @@ def test_logprobs_on_the_graph_path_are_each_steps_own(gpu_ckpt):
         assert abs(lp.chosen.logprob - row[t].item()) < 0.05, i
         assert len(lp.top) == 4 and all(x.logprob >= y.logprob for x, y in zip(lp.top, lp.top[1:]))
     eng.shutdown()
+
+
+def test_logit_bias_and_penalties_on_the_graph_path(gpu_ckpt):
+    """With the decode graph's own argmax in self.tok, a shaped request overwrites it before the
+    next replay reads it: a +100 bias forces its token at every step, penalties stop the repeats,
+    and the next plain request is unchanged."""
+    eng = HybridEngine.from_pretrained(str(gpu_ckpt), device="cuda", dtype="float16",
+                                       buckets=[16, 64], max_context=256, prewarm_buckets="all")
+    ids = [1] + list(range(9, 30))
+    base = eng.generate(ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    forced = eng.generate(ids, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logit_bias={77: 100}))
+    assert forced.metrics.path == "graph" and forced.token_ids == [77] * 12
+    pen = eng.generate(ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, frequency_penalty=2.0))
+    assert len(set(pen.token_ids)) == len(pen.token_ids)
+    assert eng.generate(ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)).token_ids == base.token_ids
+    eng.shutdown()
