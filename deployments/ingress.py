@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import uuid
+import dataclasses
 from dataclasses import asdict
 from typing import Any, AsyncIterator, Literal
 
@@ -45,6 +46,9 @@ logger = logging.getLogger("ray.serve")
 
 
 # --------------------------------------------------------------------------- request models
+MAX_CHOICES = 16           # n / best_of: each choice is one engine call, run in parallel
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -59,7 +63,7 @@ class _Common(_Strict):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="extension: 0 = off")
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices, generated in parallel (one engine call each)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -76,7 +80,8 @@ class CompletionRequest(_Common):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="logprob of each token and of the N likeliest alternatives")
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES,
+                                description="generate this many, return the n with the highest total logprob")
     suffix: str | None = None
 
 
@@ -191,12 +196,14 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
 def _unsupported(req: _Common) -> None:
     """Reject OpenAI arguments the engine cannot honour, with the fix in the message."""
     checks: list[tuple[bool, str, str]] = [
-        (req.n != 1, "n", "only n=1 is supported; send one request per completion"),
     ]
     if isinstance(req, CompletionRequest):
         checks += [
             (req.echo, "echo", "echo is not supported; omit it or send false"),
-            (req.best_of not in (None, 1), "best_of", "only best_of=1 is supported"),
+            (req.best_of is not None and req.best_of < req.n, "best_of",
+             f"best_of ({req.best_of}) must be >= n ({req.n})"),
+            (req.stream and (req.best_of or 1) > req.n, "best_of",
+             "best_of > n cannot be streamed (the best choices are known only at the end); send stream: false"),
             (req.suffix is not None, "suffix", "suffix is not supported; omit it"),
         ]
     else:
@@ -538,92 +545,212 @@ class OpenAIIngress:
         self._auth(request)
         return await self._respond(body, chat=True, http_in=request.scope.get("hs_http_in"))
 
+    @staticmethod
+    def _choice_payloads(payload: dict, count: int, logprobs_for_rank: bool) -> list[dict]:
+        """One engine payload per choice: seeded requests get seed, seed+1, ... (so choices differ
+        and stay reproducible); best_of ranking needs each token's logprob."""
+        out = []
+        for i in range(count):
+            params = dict(payload["params"])
+            if params.get("seed") is not None and i:
+                params["seed"] = (params["seed"] + i + 2**63) % 2**64 - 2**63
+            if logprobs_for_rank and params.get("logprobs") is None:
+                params["logprobs"] = 0
+            out.append({**payload, "params": params})
+        return out
+
+    @staticmethod
+    async def _own_request_id(coro):
+        """Run coro (one choice's model call) under its own Serve internal request id. Ray Serve's
+        request router indexes pending requests by that id (ray 2.60:
+        request_router.py `_pending_requests_by_id`), and child calls inherit their parent's: two
+        concurrent calls of one HTTP request would share it and one would never be routed. This
+        runs as its own task, so the change stays in that task's context."""
+        from ray.serve import context as serve_ctx
+        from ray.serve._private.utils import generate_request_id
+
+        ctx = serve_ctx._get_serve_request_context()
+        serve_ctx._serve_request_context.set(dataclasses.replace(ctx, _internal_request_id=generate_request_id()))
+        return await coro
+
+    @classmethod
+    async def _all(cls, coros: list) -> list:
+        """Run the choices' calls concurrently, each under its own request id; the first failure
+        cancels the rest and is raised."""
+        tasks = [asyncio.ensure_future(cls._own_request_id(c)) for c in coros]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
+
     async def _respond(self, req: _Common, chat: bool, http_in: float | None = None):
         payload, n = self._prepare(req)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
+        count = max(req.n, getattr(req, "best_of", None) or 1)
+        ranked = count > req.n
+        payloads = self._choice_payloads(payload, count, ranked)
         if not req.stream:
-            out = await self._generate(payload, n)
-            lp = format_logprobs(out["logprobs"], chat) if "logprobs" in out else None
-            if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                          "logprobs": lp, "finish_reason": _finish(out["finish_reason"])}
+            if count == 1:
+                outs = [await self._generate(payload, n)]
             else:
-                choice = {"text": out["text"], "index": 0, "logprobs": lp,
-                          "finish_reason": _finish(out["finish_reason"])}
+                outs = await self._all([self._generate(p, n) for p in payloads])
+            usage = dict(outs[0]["usage"])
+            if count > 1:      # every generated token counts (as OpenAI bills best_of)
+                usage["completion_tokens"] = sum(o["usage"]["completion_tokens"] for o in outs)
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            if ranked:   # best_of: the n choices with the highest total logprob, best first
+                outs = sorted(outs, key=lambda o: -sum(t["chosen"]["logprob"] for t in o["logprobs"]))[:req.n]
+                if payload["params"].get("logprobs") is None:
+                    outs = [{k: v for k, v in o.items() if k != "logprobs"} for o in outs]
+            choices = []
+            for i, out in enumerate(outs):
+                lp = format_logprobs(out["logprobs"], chat) if "logprobs" in out else None
+                if chat:
+                    choices.append({"index": i, "message": {"role": "assistant", "content": out["text"]},
+                                    "logprobs": lp, "finish_reason": _finish(out["finish_reason"])})
+                else:
+                    choices.append({"text": out["text"], "index": i, "logprobs": lp,
+                                    "finish_reason": _finish(out["finish_reason"])})
             body = {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                    "created": created, "model": self.model_name, "choices": [choice],
-                    "usage": out["usage"], "hybridserve": out["meta"]}
-            return JSONResponse(body, headers=self._headers(out["meta"]))
+                    "created": created, "model": self.model_name, "choices": choices,
+                    "usage": usage, "hybridserve": outs[0]["meta"]}
+            if count > 1:
+                body["hybridserve"] = {**outs[0]["meta"], "choices": [o["meta"] for o in outs]}
+            return JSONResponse(body, headers=self._headers(outs[0]["meta"]))
         t_in = time.time()
-        first, gen = await self._start_stream(payload, n)
+        if count == 1:
+            streams = [await self._start_stream(payload, n)]
+        else:
+            streams = await self._start_streams(payloads, n)
+        first = streams[0][0]
         first["timeline"] = {"ingress_in": t_in, "ingress_first": time.time()}
         if http_in is not None:
             first["timeline"]["http_in"] = http_in
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(self._sse(first, gen, rid, created, chat, include_usage),
+        return StreamingResponse(self._sse(streams, rid, created, chat, include_usage),
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", **self._headers(first.get("meta"))})
 
-    async def _sse(self, first: dict, gen, rid: str, created: int, chat: bool,
-                   include_usage: bool) -> AsyncIterator[bytes]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        base = {"id": rid, "object": obj, "created": created, "model": self.model_name}
-        meta = first.get("meta")
-        role_sent = False
-        offset = 0                                  # completion characters of the tokens sent so far
+    async def _start_streams(self, payloads: list[dict], n: int) -> list[tuple[dict, Any]]:
+        """Start one stream per choice, concurrently; any failure cancels the ones started."""
+        tasks = [asyncio.ensure_future(self._own_request_id(self._start_stream(p, n))) for p in payloads]
         try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+                if t.done() and not t.cancelled() and t.exception() is None:
+                    t.result()[1].cancel()
+            raise
+
+    async def _items(self, streams: list[tuple[dict, Any]]) -> AsyncIterator[tuple[int, Any]]:
+        """(choice index, item) from every stream as items arrive, each stream up to its final or
+        error item; a stream's exception (a replica died mid-stream) comes as the item."""
+        async def one(i: int, first: dict, gen) -> AsyncIterator[tuple[int, Any]]:
             item = first
             while True:
-                done = "finish_reason" in item
-                lp = None
-                if "logprobs" in item:
-                    lp = format_logprobs([item["logprobs"]], chat, offset)
-                    offset += len(item["logprobs"]["chosen"]["token"])
-                if chat:
-                    delta: dict = {"content": item["text"]} if (item["text"] or not done) else {}
-                    if not role_sent:  # the first chunk carries the role (and the first token)
-                        delta = {"role": "assistant", "content": item["text"]}
-                        role_sent = True
-                    choice = {"index": 0, "delta": delta, "logprobs": lp,
-                              "finish_reason": _finish(item["finish_reason"]) if done else None}
-                else:
-                    choice = {"text": item["text"], "index": 0, "logprobs": lp,
-                              "finish_reason": _finish(item["finish_reason"]) if done else None}
-                chunk = {**base, "choices": [choice]}
-                if done:
-                    chunk["hybridserve"] = {**(meta or {}), **item.get("meta", {})}
-                    chunk["hybridserve"]["timeline"] = {**first["timeline"],
-                                                        **chunk["hybridserve"].get("timeline", {})}
-                    if include_usage:
-                        chunk["usage"] = None
-                if item is first:
-                    first["timeline"]["sse_first"] = time.time()
-                yield _sse(chunk)
-                if done:
-                    if include_usage:
-                        yield _sse({**base, "choices": [], "usage": item["usage"]})
-                    break
+                yield i, item
+                if "finish_reason" in item or "error" in item:
+                    return
                 try:
                     item = await gen.__anext__()
                 except StopAsyncIteration:
-                    break
+                    return
                 except asyncio.CancelledError:
                     raise
-                except Exception as e:   # the replica died mid-stream: a clean error event, no hang
-                    kind = _ray_failure(e)
+                except Exception as e:
+                    yield i, e
+                    return
+
+        if len(streams) == 1:           # the common case: no queue, no extra task
+            async for x in one(0, *streams[0]):
+                yield x
+            return
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, first: dict, gen) -> None:
+            try:
+                async for x in one(i, first, gen):
+                    await q.put(x)
+            finally:
+                await q.put((i, None))
+        tasks = [asyncio.ensure_future(pump(i, f, g)) for i, (f, g) in enumerate(streams)]
+        try:
+            left = len(tasks)
+            while left:
+                i, item = await q.get()
+                if item is None:
+                    left -= 1
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _sse(self, streams: list[tuple[dict, Any]], rid: str, created: int, chat: bool,
+                   include_usage: bool) -> AsyncIterator[bytes]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        base = {"id": rid, "object": obj, "created": created, "model": self.model_name}
+        first = streams[0][0]
+        metas = [f.get("meta") for f, _ in streams]
+        role_sent = [False] * len(streams)
+        offset = [0] * len(streams)                 # completion characters of the tokens sent so far
+        usage: dict | None = None
+        finished = 0
+        try:
+            async for i, item in self._items(streams):
+                if isinstance(item, Exception):  # the replica died mid-stream: a clean error event, no hang
+                    kind = _ray_failure(item)
                     if kind is None:
-                        logger.exception("stream failed")
-                    msg = (self._replica_failed(e, False).message if kind == _REPLICA_GONE
-                           else f"the stream failed: {type(e).__name__}")
+                        logger.error("stream failed", exc_info=item)
+                    msg = (self._replica_failed(item, False).message if kind == _REPLICA_GONE
+                           else f"the stream failed: {type(item).__name__}")
                     yield _sse(error_body(msg, "server_error", code=kind or "internal_error"))
                     break
                 if "error" in item:
                     yield _sse(error_body(item["error"]["message"], code=item["error"].get("code")))
                     break
+                done = "finish_reason" in item
+                lp = None
+                if "logprobs" in item:
+                    lp = format_logprobs([item["logprobs"]], chat, offset[i])
+                    offset[i] += len(item["logprobs"]["chosen"]["token"])
+                if chat:
+                    delta: dict = {"content": item["text"]} if (item["text"] or not done) else {}
+                    if not role_sent[i]:  # the first chunk carries the role (and the first token)
+                        delta = {"role": "assistant", "content": item["text"]}
+                        role_sent[i] = True
+                    choice = {"index": i, "delta": delta, "logprobs": lp,
+                              "finish_reason": _finish(item["finish_reason"]) if done else None}
+                else:
+                    choice = {"text": item["text"], "index": i, "logprobs": lp,
+                              "finish_reason": _finish(item["finish_reason"]) if done else None}
+                chunk = {**base, "choices": [choice]}
+                if done:
+                    chunk["hybridserve"] = {**(metas[i] or {}), **item.get("meta", {})}
+                    if i == 0:
+                        chunk["hybridserve"]["timeline"] = {**first["timeline"],
+                                                            **chunk["hybridserve"].get("timeline", {})}
+                    if include_usage:
+                        chunk["usage"] = None
+                    if usage is None:
+                        usage = dict(item["usage"])
+                    else:
+                        usage["completion_tokens"] += item["usage"]["completion_tokens"]
+                        usage["total_tokens"] += item["usage"]["completion_tokens"]
+                    finished += 1
+                if item is first:
+                    first["timeline"]["sse_first"] = time.time()
+                yield _sse(chunk)
+            if include_usage and finished == len(streams) and usage is not None:
+                yield _sse({**base, "choices": [], "usage": usage})
             yield b"data: [DONE]\n\n"
         finally:
-            gen.cancel()  # client gone or done: stop the replica's generator (no-op when finished)
+            for _, gen in streams:  # client gone or done: stop the replicas' generators (no-op when finished)
+                gen.cancel()
 
     # ------------------------------------------------------------------ Python handle API
     def _python_request(self, request: Any, overrides: dict) -> _Common:
@@ -637,10 +764,14 @@ class OpenAIIngress:
         body.update(overrides)
         model = ChatCompletionRequest if "messages" in body else CompletionRequest
         try:
-            return model.model_validate(body)
+            req = model.model_validate(body)
         except ValidationError as e:
             msg, _ = validation_message(list(e.errors()))
             raise EngineInputError(msg) from None
+        if req.n > 1 or (getattr(req, "best_of", None) or 1) > 1:
+            raise EngineInputError("n and best_of above 1 are served over HTTP; from Python, call "
+                                   "handle.remote(...) once per choice (with different seeds)")
+        return req
 
     async def complete(self, request: Any, **overrides: Any) -> dict:
         """Python API, non-streaming: ``{"text", "finish_reason", "usage", "hybridserve"}``."""

@@ -231,6 +231,40 @@ def test_logprobs_completions_and_chat(app):
     assert [x["top_logprobs"] for x in only["content"]] == [[]] * 4
 
 
+def test_n_choices_and_best_of(app):
+    """n choices run as parallel engine calls (seed, seed+1, ...): reproducible, choice 0 is the
+    single request's answer, usage counts every token; SSE interleaves them by index; best_of
+    returns the choice with the highest total logprob."""
+    req = {"prompt": "Choices", "max_tokens": 5, "temperature": 1.0, "seed": 11, "ignore_eos": True}
+    b = post("/v1/completions", {**req, "n": 3}).json()
+    texts = [c["text"] for c in b["choices"]]
+    assert [c["index"] for c in b["choices"]] == [0, 1, 2] and len(set(texts)) > 1
+    assert b["usage"]["completion_tokens"] == 15 and len(b["hybridserve"]["choices"]) == 3
+    assert [c["text"] for c in post("/v1/completions", {**req, "n": 3}).json()["choices"]] == texts
+    assert post("/v1/completions", req).json()["choices"][0]["text"] == texts[0]
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 1.0, "seed": 2,
+            "ignore_eos": True, "n": 2}
+    full = post("/v1/chat/completions", chat).json()["choices"]
+    ev = sse_events(post("/v1/chat/completions", {**chat, "stream": True, "stream_options": {"include_usage": True}}))
+    assert ev[-1] == "[DONE]" and ev[-2]["usage"]["completion_tokens"] == 8
+    for i in (0, 1):
+        mine = [e["choices"][0] for e in ev[:-2] if e["choices"][0]["index"] == i]
+        assert "".join(c["delta"].get("content", "") for c in mine) == full[i]["message"]["content"]
+        assert mine[0]["delta"]["role"] == "assistant"
+        assert [c["finish_reason"] for c in mine].count("length") == 1
+
+    three = post("/v1/completions", {**req, "n": 3, "logprobs": 0}).json()["choices"]
+    total = [sum(c["logprobs"]["token_logprobs"]) for c in three]
+    best = post("/v1/completions", {**req, "best_of": 3}).json()
+    assert [c["text"] for c in best["choices"]] == [three[total.index(max(total))]["text"]]
+    assert best["choices"][0]["logprobs"] is None and best["usage"]["completion_tokens"] == 15
+
+    from engine.errors import EngineInputError
+    with pytest.raises(EngineInputError, match="once per choice"):
+        app.remote("x", n=2).result()
+
+
 def test_logit_bias_and_penalties_over_http(app):
     """logit_bias (token ids as strings) steers the output, streaming too; the penalties stop the
     repeats of a greedy reply."""
@@ -262,7 +296,9 @@ def test_logit_bias_and_penalties_over_http(app):
     ("/v1/completions", {"prompt": 5}, "prompt", "expected a string or an array of token ids"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, "max_tokens", "valid integer"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature", "greater than or equal to 0"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, "n", "only n=1"),
+    ("/v1/completions", {"prompt": "x", "n": 17}, "n", "less than or equal to 16"),
+    ("/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, "best_of", "must be >= n"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2, "stream": True}, "best_of", "cannot be streamed"),
     ("/v1/completions", {"prompt": ""}, "prompt", "prompt is empty"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "Batched prompts"),
     ("/v1/chat/completions", {"messages": []}, "messages", "at least 1 item"),
