@@ -12,6 +12,7 @@ On CPU the same static functions run eagerly ("eager").
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import logging
@@ -20,7 +21,6 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -429,13 +429,16 @@ class HybridEngine:
 
     def _submit(self, *args) -> concurrent.futures.Future:
         """Count the request as arrived and queue self._run(*args) for the engine thread, which
-        uncounts it."""
+        uncounts it; a request cancelled while still queued (its caller gave up) never runs, so
+        it is uncounted here."""
         self._count(1)
         try:
-            return self._executor.submit(self._run, *args)
+            fut = self._executor.submit(self._run, *args)
         except RuntimeError:    # the executor is shut down
             self._count(-1)
             raise EngineClosedError("the engine is shut down; send the request to another replica") from None
+        fut.add_done_callback(lambda f: f.cancelled() and self._count(-1))
+        return fut
 
     def _count(self, d: int) -> None:
         """in_flight(): requests from arrival (queued for the engine thread) until done."""
@@ -576,7 +579,10 @@ class HybridEngine:
                 cancel.set()
 
         def done(fut: concurrent.futures.Future) -> None:   # the result or the error: never lost
-            push(fut.exception() or fut.result())
+            if fut.cancelled():
+                push(EngineClosedError("the request was dropped before it ran; retry it"))
+            else:
+                push(fut.exception() or fut.result())
 
         self._submit(prompt, params, push, cancel, t_req).add_done_callback(done)
         try:

@@ -367,8 +367,18 @@ def test_finished_request_is_out_of_in_flight_before_its_event():
 
     eng.generate("sync", p)
     asyncio.run(streams())
-    assert [r for r, _ in seen] == ["length", "length", "cancelled", "length"]
-    assert [n for _, n in seen] == [0, 0, 0, 0], seen
+
+    async def give_up_while_queued():     # a caller cancelled before its request ran (client gone)
+        long = asyncio.ensure_future(eng.generate_async("long", SamplingParams(max_tokens=100, ignore_eos=True)))
+        queued = asyncio.ensure_future(eng.generate_async("queued", p))
+        while eng.in_flight() < 2:
+            await asyncio.sleep(0.001)
+        queued.cancel()
+        await long
+    asyncio.run(give_up_while_queued())
+    assert eng.in_flight() == 0
+    assert [r for r, _ in seen] == ["length", "length", "cancelled", "length", "length"]
+    assert [n for _, n in seen] == [0, 0, 0, 0, 0], seen
     assert eng.in_flight() == 0
 
 
