@@ -199,7 +199,7 @@ def _unsupported(req: _Common) -> None:
     ]
     if isinstance(req, CompletionRequest):
         checks += [
-            (req.echo, "echo", "echo is not supported; omit it or send false"),
+            (req.echo and req.stream, "echo", "echo cannot be streamed; send stream: false"),
             (req.best_of is not None and req.best_of < req.n, "best_of",
              f"best_of ({req.best_of}) must be >= n ({req.n})"),
             (req.stream and (req.best_of or 1) > req.n, "best_of",
@@ -325,9 +325,11 @@ def format_logprobs(items: list[dict], chat: bool, offset: int = 0) -> dict:
         c = it["chosen"]
         out["tokens"].append(c["token"])
         out["token_logprobs"].append(c["logprob"])
-        top: dict[str, float] = {}
-        for a in [*it["top"], c]:               # tokens of the same text: the likeliest one's value
-            top.setdefault(a["token"], a["logprob"])
+        top: dict[str, float] | None = None
+        if c["logprob"] is not None:            # None: an echoed prompt's first token
+            top = {}
+            for a in [*it["top"], c]:           # tokens of the same text: the likeliest one's value
+                top.setdefault(a["token"], a["logprob"])
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(c["token"])
@@ -385,6 +387,7 @@ class OpenAIIngress:
             top_p=1.0 if req.top_p is None else float(req.top_p),
             top_k=req.top_k or 0, seed=req.seed, stop=stop, ignore_eos=req.ignore_eos,
             logprobs=_logprobs_k(req), presence_penalty=req.presence_penalty,
+            prompt_logprobs=req.logprobs if isinstance(req, CompletionRequest) and req.echo else None,
             frequency_penalty=req.frequency_penalty, logit_bias=self._logit_bias(req.logit_bias))
         try:
             p.validate()
@@ -545,6 +548,19 @@ class OpenAIIngress:
         self._auth(request)
         return await self._respond(body, chat=True, http_in=request.scope.get("hs_http_in"))
 
+    def _text_and_logprobs(self, req: _Common, payload: dict, out: dict) -> tuple[str, dict | None]:
+        """A finished choice's text and OpenAI logprobs; with echo (completions) the prompt comes first,
+        its tokens scored too (the first one has null logprob)."""
+        chat = isinstance(req, ChatCompletionRequest)
+        text = out["text"]
+        items = out.get("logprobs")
+        if not chat and req.echo:
+            prompt = payload["prompt"]
+            text = (prompt if isinstance(prompt, str) else self.tok.decode(prompt)) + text
+            if items is not None:
+                items = out["prompt_logprobs"] + items
+        return text, (format_logprobs(items, chat) if items is not None else None)
+
     @staticmethod
     def _choice_payloads(payload: dict, count: int, logprobs_for_rank: bool) -> list[dict]:
         """One engine payload per choice: seeded requests get seed, seed+1, ... (so choices differ
@@ -607,12 +623,12 @@ class OpenAIIngress:
                     outs = [{k: v for k, v in o.items() if k != "logprobs"} for o in outs]
             choices = []
             for i, out in enumerate(outs):
-                lp = format_logprobs(out["logprobs"], chat) if "logprobs" in out else None
+                text, lp = self._text_and_logprobs(req, payload, out)
                 if chat:
-                    choices.append({"index": i, "message": {"role": "assistant", "content": out["text"]},
+                    choices.append({"index": i, "message": {"role": "assistant", "content": text},
                                     "logprobs": lp, "finish_reason": _finish(out["finish_reason"])})
                 else:
-                    choices.append({"text": out["text"], "index": i, "logprobs": lp,
+                    choices.append({"text": text, "index": i, "logprobs": lp,
                                     "finish_reason": _finish(out["finish_reason"])})
             body = {"id": rid, "object": "chat.completion" if chat else "text_completion",
                     "created": created, "model": self.model_name, "choices": choices,
@@ -781,15 +797,18 @@ class OpenAIIngress:
             out = await self._generate(payload, n)
         except APIError as e:
             raise EngineInputError(e.message) from None
-        res = {"text": out["text"], "finish_reason": _finish(out["finish_reason"]),
+        text, lp = self._text_and_logprobs(req, payload, out)
+        res = {"text": text, "finish_reason": _finish(out["finish_reason"]),
                "usage": out["usage"], "model": self.model_name, "hybridserve": out["meta"]}
-        if "logprobs" in out:
-            res["logprobs"] = format_logprobs(out["logprobs"], isinstance(req, ChatCompletionRequest))
+        if lp is not None:
+            res["logprobs"] = lp
         return res
 
     async def stream(self, request: Any, **overrides: Any) -> AsyncIterator[dict]:
         """Python API, streaming (call with ``handle.options(stream=True)``)."""
         req = self._python_request(request, {**overrides, "stream": False})
+        if getattr(req, "echo", False):
+            raise EngineInputError("echo cannot be streamed; call without stream=True")
         try:
             payload, n = self._prepare(req)
             first, gen = await self._start_stream(payload, n)

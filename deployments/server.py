@@ -279,6 +279,8 @@ class ModelServer:
                **self._final(meta, res.finish_reason, len(res.token_ids), res.metrics)}
         if res.logprobs is not None:
             out["logprobs"] = [asdict(lp) for lp in res.logprobs]
+        if res.prompt_logprobs is not None:
+            out["prompt_logprobs"] = [asdict(lp) for lp in res.prompt_logprobs]
         return out
 
     async def __call__(self, request: Any, n_tokens: int | None = None) -> dict:

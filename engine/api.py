@@ -21,6 +21,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None       # None: off; k: each token's logprob and the k likeliest alternatives
+    prompt_logprobs: int | None = None   # the same for each prompt token after the first (prompt scoring)
     presence_penalty: float = 0.0     # OpenAI's: minus this from each token already in the output
     frequency_penalty: float = 0.0    # OpenAI's: minus this times the token's count in the output
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
@@ -63,13 +64,18 @@ class SamplingParams:
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token), got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+                isinstance(self.prompt_logprobs, bool) or not isinstance(self.prompt_logprobs, int)
+                or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            bad(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
 
 
 @dataclass
 class Logprob:
     token_id: int
     token: str                        # its text; "bytes:\\xe6\\x97" when it is part of a multi-byte character
-    logprob: float                    # log-softmax of the model's raw logits (before temperature/top-k/top-p)
+    logprob: float | None             # log-softmax of the model's raw logits (before temperature/top-k/top-p);
+                                      # None for the first prompt token (nothing before it scores it)
     bytes: list[int]                  # the token's UTF-8 bytes: join a token run's bytes to rebuild its text
 
 
@@ -103,6 +109,7 @@ class GenerationResult:
     finish_reason: str                # "stop" | "length" | "cancelled"
     metrics: RequestMetrics
     logprobs: list[TokenLogprobs] | None = None   # one per token_ids entry when params.logprobs is set
+    prompt_logprobs: list[TokenLogprobs] | None = None   # one per prompt token when params.prompt_logprobs is set
 
     @property
     def prompt_tokens(self) -> int:

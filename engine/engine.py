@@ -228,16 +228,31 @@ class HybridEngine:
         """The values _logprobs_launch queued for token t."""
         if self._lp_event is not None:
             self._lp_event.synchronize()
-        vals = [v if v >= LOGPROB_FLOOR else LOGPROB_FLOOR for v in self._lp_vals[:k + 1].tolist()]  # -inf, nan
-
-        def one(i: int, v: float) -> Logprob:
-            b = self.tokenizer.token_bytes(i)
-            try:
-                text = b.decode("utf-8")
-            except UnicodeDecodeError:  # part of a character: OpenAI's "bytes:\\xe6\\x97" form, one per token
-                text = "bytes:" + "".join(f"\\x{c:02x}" for c in b)
-            return Logprob(i, text, v, list(b))
+        vals = self._lp_vals[:k + 1].tolist()
+        one = self._logprob
         return TokenLogprobs(one(t, vals[0]), [one(i, v) for i, v in zip(self._lp_ids[:k].tolist(), vals[1:])])
+
+    def _logprob(self, i: int, v: float | None) -> Logprob:
+        """Token i with its logprob v (-inf and nan reported as LOGPROB_FLOOR) and its own bytes."""
+        b = self.tokenizer.token_bytes(i)
+        try:
+            text = b.decode("utf-8")
+        except UnicodeDecodeError:      # part of a character: OpenAI's "bytes:\\xe6\\x97" form, one per token
+            text = "bytes:" + "".join(f"\\x{c:02x}" for c in b)
+        if v is not None and not v >= LOGPROB_FLOOR:
+            v = LOGPROB_FLOOR
+        return Logprob(i, text, v, list(b))
+
+    def _prompt_logprobs(self, ids: list[int], k: int) -> list[TokenLogprobs]:
+        """Each prompt token's logprob given the tokens before it, with the k likeliest there (an
+        eager pass over the prompt at its exact length, run after the prefill; one sync)."""
+        n = len(ids)
+        chosen, vals, idx = self.model.prompt_logprobs(self.ids[:n], self.positions[:n], k)
+        chosen, vals, idx = chosen.tolist(), vals.tolist(), idx.tolist()
+        one = self._logprob
+        return [TokenLogprobs(one(ids[0], None), [])] + [
+            TokenLogprobs(one(ids[i + 1], chosen[i]), [one(j, v) for j, v in zip(idx[i], vals[i])])
+            for i in range(n - 1)]
 
     # ---------------------------------------------------------------- CUDA graphs
     def _start_cuda(self) -> None:
@@ -470,6 +485,8 @@ class HybridEngine:
                                         # lazily load a new cuBLAS kernel: tens of ms on the request)
             if self.cuda and path != "graph" and self.config.cuda_graphs and self.config.background_capture:
                 self.capture([bucket], wait=False)
+            prompt_lps = self._prompt_logprobs(ids, params.prompt_logprobs) if params.prompt_logprobs is not None \
+                else None
             counts = bias = None
             if params.presence_penalty or params.frequency_penalty:
                 counts = torch.zeros_like(self.logits)
@@ -538,7 +555,8 @@ class HybridEngine:
             if cut < 0:                                 # flush text held back for stop strings
                 text = self._emit_text(on_chunk, None, len(out), text, self.tokenizer.decode(out))
         metrics.e2e_s = time.perf_counter() - t_req
-        return GenerationResult(token_ids=out, text=text, finish_reason=finish, metrics=metrics, logprobs=lps)
+        return GenerationResult(token_ids=out, text=text, finish_reason=finish, metrics=metrics, logprobs=lps,
+                                prompt_logprobs=prompt_lps)
 
     @staticmethod
     def _emit_text(on_chunk, tok, index, text: str, upto: str, always: bool = False,

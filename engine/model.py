@@ -164,6 +164,26 @@ class Llama:
         r = self._layers(self.embed.index_select(0, ids), positions, None)
         return self._logits(r.index_select(0, seq_len - 1))
 
+    def prompt_logprobs(self, ids: torch.Tensor, positions: torch.Tensor, k: int,
+                        rows: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For prompt scoring (echo + logprobs): a causal pass over ids (n,) whose log-softmax at
+        position i scores ids[i+1]. Returns (chosen (n-1,), top values (n-1, k), top ids (n-1, k)).
+        The LM head runs `rows` positions at a time (n x vocab float32 logits never exist at once).
+        Rewrites KV positions 0..n-1 with the values a prefill of the same ids wrote."""
+        r = self._layers(self.embed.index_select(0, ids), positions, None)
+        chosen, vals, idx = [], [], []
+        for s in range(0, ids.numel() - 1, rows):
+            e = min(s + rows, ids.numel() - 1)
+            lp = torch.log_softmax(ops.norm_linear(r[s:e], self.norm, self.args.rms_eps, self.lm_head).float(), -1)
+            chosen.append(lp.gather(1, ids[s + 1:e + 1, None])[:, 0])
+            top = lp.topk(k, dim=-1)
+            vals.append(top.values)
+            idx.append(top.indices)
+        if not chosen:
+            empty = torch.zeros(0, k, device=ids.device)
+            return empty[:, 0], empty, empty.long()
+        return torch.cat(chosen), torch.cat(vals), torch.cat(idx)
+
     def decode(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tok, pos: (1,) device tensors. Writes KV at pos, attends to pos+1 tokens. Logits (V,)."""
         return self._logits(self._layers(self.embed.index_select(0, tok), pos, pos + 1))

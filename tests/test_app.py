@@ -231,6 +231,26 @@ def test_logprobs_completions_and_chat(app):
     assert [x["top_logprobs"] for x in only["content"]] == [[]] * 4
 
 
+def test_echo_with_prompt_logprobs(app):
+    """echo (completions): the prompt comes back before the completion; with logprobs the prompt's
+    tokens are scored too (the first is null), which is what lm-eval's loglikelihood reads."""
+    req = {"prompt": "Echo me", "max_tokens": 3, **GREEDY}
+    plain = post("/v1/completions", req).json()["choices"][0]["text"]
+    b = post("/v1/completions", {**req, "echo": True}).json()
+    assert b["choices"][0]["text"] == "Echo me" + plain and b["choices"][0]["logprobs"] is None
+    lp = post("/v1/completions", {**req, "echo": True, "logprobs": 1}).json()["choices"][0]["logprobs"]
+    n_prompt = b["usage"]["prompt_tokens"]                    # BOS + 7 bytes
+    assert len(lp["tokens"]) == n_prompt + 3
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:])
+    assert "".join(lp["tokens"][1:n_prompt]) == "Echo me"
+    completion = post("/v1/completions", {**req, "logprobs": 1}).json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][n_prompt:] == pytest.approx(completion["token_logprobs"])
+    ids = post("/v1/completions", {**req, "prompt": [1, 72, 108], "echo": True}).json()["choices"][0]["text"]
+    assert ids.startswith("Ei")                               # token-id prompt: decoded and echoed
+    assert app.remote("Echo me", max_tokens=3, echo=True, **GREEDY).result()["text"] == "Echo me" + plain
+
+
 def test_n_choices_and_best_of(app):
     """n choices run as parallel engine calls (seed, seed+1, ...): reproducible, choice 0 is the
     single request's answer, usage counts every token; SSE interleaves them by index; best_of
@@ -299,6 +319,7 @@ def test_logit_bias_and_penalties_over_http(app):
     ("/v1/completions", {"prompt": "x", "n": 17}, "n", "less than or equal to 16"),
     ("/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, "best_of", "must be >= n"),
     ("/v1/completions", {"prompt": "x", "best_of": 2, "stream": True}, "best_of", "cannot be streamed"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "stream": True}, "echo", "cannot be streamed"),
     ("/v1/completions", {"prompt": ""}, "prompt", "prompt is empty"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "Batched prompts"),
     ("/v1/chat/completions", {"messages": []}, "messages", "at least 1 item"),

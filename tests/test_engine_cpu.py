@@ -165,6 +165,32 @@ def test_logprobs_match_hf_log_softmax(checkpoints, temperature):
             assert a.token == "bytes:" + "".join(f"\\x{c:02x}" for c in a.bytes)
 
 
+def test_prompt_logprobs_match_hf_and_change_no_output(checkpoints):
+    """prompt_logprobs scores each prompt token given the ones before it (the first has None), with the
+    top-k there, as HF's log-softmax does; the scoring pass rewrites the KV cache with the same values,
+    so the generated tokens are those of a plain request."""
+    from transformers import LlamaForCausalLM
+
+    path = checkpoints["gqa"]
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    eng = HybridEngine.from_pretrained(str(path), device="cpu", dtype="float32", buckets=BUCKETS, max_context=128)
+    ids = eng.prompt_ids("the quick brown fox jumps over the lazy dog")
+    plain = eng.generate(ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    res = eng.generate(ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=3))
+    assert res.token_ids == plain.token_ids and plain.prompt_logprobs is None
+    pl = res.prompt_logprobs
+    assert [p.chosen.token_id for p in pl] == ids and pl[0].chosen.logprob is None and pl[0].top == []
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    for i in range(1, len(ids)):
+        assert pl[i].chosen.logprob == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+        assert [a.token_id for a in pl[i].top] == ref[i - 1].topk(3).indices.tolist()
+    # one row at a time through the LM head gives the same numbers
+    n = len(ids)
+    chosen, _, _ = eng.model.prompt_logprobs(torch.tensor(ids), torch.arange(n), 2, rows=1)
+    assert chosen.tolist() == pytest.approx([p.chosen.logprob for p in pl[1:]], abs=1e-5)
+
+
 def test_logprobs_in_stream_and_off_by_default():
     """A stream carries each token's logprobs on its chunk (also the token that completes a stop
     string); without the parameter nothing is computed or attached."""
@@ -431,6 +457,7 @@ def test_shutdown_fails_queued_requests_instead_of_hanging():
     ("hi", SamplingParams(logit_bias={"5": 1}), InvalidSamplingParams, "logit_bias"),
     ("hi", SamplingParams(logit_bias={99999: 1}), EngineInputError, "logit_bias"),
     ("hi", SamplingParams(logprobs=-1), InvalidSamplingParams, "logprobs"),
+    ("hi", SamplingParams(prompt_logprobs=21), InvalidSamplingParams, "prompt_logprobs"),
     ("hi", SamplingParams(logprobs=True), InvalidSamplingParams, "logprobs"),
 ])
 def test_bad_input_raises_clear_error_and_engine_stays_usable(prompt, params, exc, words):

@@ -203,3 +203,23 @@ def test_logit_bias_and_penalties_on_the_graph_path(gpu_ckpt):
     assert len(set(pen.token_ids)) == len(pen.token_ids)
     assert eng.generate(ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)).token_ids == base.token_ids
     eng.shutdown()
+
+
+def test_prompt_logprobs_on_cuda_match_hf_and_keep_the_graph_output(gpu_ckpt):
+    """The eager scoring pass (after the prefill graph) matches HF fp16 and rewrites the KV cache
+    with the same values: the decode graph's continuation is unchanged."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(gpu_ckpt, dtype=torch.float16).cuda().eval()
+    eng = HybridEngine.from_pretrained(str(gpu_ckpt), device="cuda", dtype="float16",
+                                       buckets=[16, 64], max_context=256, prewarm_buckets="all")
+    ids = [1] + list(range(11, 50))
+    plain = eng.generate(ids, GREEDY)
+    res = eng.generate(ids, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, prompt_logprobs=2))
+    assert res.token_ids == plain.token_ids and res.metrics.path == "graph"
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids], device="cuda")).logits[0].float(), -1)
+    got = torch.tensor([p.chosen.logprob for p in res.prompt_logprobs[1:]])
+    want = ref[:-1].gather(1, torch.tensor(ids[1:], device="cuda")[:, None])[:, 0].cpu()
+    assert (got - want).abs().max().item() < 0.05
+    eng.shutdown()
