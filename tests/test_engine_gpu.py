@@ -28,6 +28,21 @@ def gpu_ckpt(tmp_path_factory):
                            num_hidden_layers=4, initializer_range=0.05)
 
 
+def warm_engine(ckpt) -> HybridEngine:
+    """The small checkpoint with graphs for buckets 16 and 64 captured at start-up."""
+    return HybridEngine.from_pretrained(str(ckpt), device="cuda", dtype="float16",
+                                        buckets=[16, 64], max_context=256, prewarm_buckets="all")
+
+
+def hf_log_softmax(ckpt, ids: list[int]) -> torch.Tensor:
+    """HF fp16's log-softmax over the vocabulary at every position of ids: (len(ids), V) float32."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float16).cuda().eval()
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([ids], device="cuda")).logits[0].float(), -1)
+
+
 @pytest.mark.parametrize("H,K,hd", [(32, 32, 128), (32, 8, 128), (8, 2, 64)])
 def test_triton_ops_match_torch_reference(H, K, hd):
     dev, dt = torch.device("cuda"), torch.float16
@@ -151,8 +166,7 @@ def test_skinny_matmul_matches_cublas(M):
 def test_stream_on_cuda_matches_generate(gpu_ckpt):
     import asyncio
 
-    eng = HybridEngine.from_pretrained(str(gpu_ckpt), device="cuda", dtype="float16",
-                                       buckets=[16, 64], max_context=256, prewarm_buckets="all")
+    eng = warm_engine(gpu_ckpt)
     p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     ids = [1] + list(range(5, 40))
     full = eng.generate(ids, p)
@@ -170,17 +184,12 @@ def test_logprobs_on_the_graph_path_are_each_steps_own(gpu_ckpt):
     """Logprobs are read from each step's logits before the next decode graph replay overwrites them
     (async copy + event): the values match HF's log-softmax position by position, greedy picks the
     top one, and asking for logprobs changes no token."""
-    from transformers import LlamaForCausalLM
-
-    hf = LlamaForCausalLM.from_pretrained(gpu_ckpt, dtype=torch.float16).cuda().eval()
-    eng = HybridEngine.from_pretrained(str(gpu_ckpt), device="cuda", dtype="float16",
-                                       buckets=[16, 64], max_context=256, prewarm_buckets="all")
+    eng = warm_engine(gpu_ckpt)
     ids = [1] + list(range(7, 50))
     plain = eng.generate(ids, GREEDY)
     res = eng.generate(ids, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=4))
     assert res.metrics.path == "graph" and res.token_ids == plain.token_ids
-    with torch.no_grad():
-        ref = torch.log_softmax(hf(torch.tensor([ids + res.token_ids], device="cuda")).logits[0].float(), -1)
+    ref = hf_log_softmax(gpu_ckpt, ids + res.token_ids)
     for i, (t, lp) in enumerate(zip(res.token_ids, res.logprobs)):
         row = ref[len(ids) - 1 + i]
         assert lp.chosen.token_id == t == lp.top[0].token_id
@@ -193,8 +202,7 @@ def test_logit_bias_and_penalties_on_the_graph_path(gpu_ckpt):
     """With the decode graph's own argmax in self.tok, a shaped request overwrites it before the
     next replay reads it: a +100 bias forces its token at every step, penalties stop the repeats,
     and the next plain request is unchanged."""
-    eng = HybridEngine.from_pretrained(str(gpu_ckpt), device="cuda", dtype="float16",
-                                       buckets=[16, 64], max_context=256, prewarm_buckets="all")
+    eng = warm_engine(gpu_ckpt)
     ids = [1] + list(range(9, 30))
     base = eng.generate(ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
     forced = eng.generate(ids, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logit_bias={77: 100}))
@@ -208,17 +216,12 @@ def test_logit_bias_and_penalties_on_the_graph_path(gpu_ckpt):
 def test_prompt_logprobs_on_cuda_match_hf_and_keep_the_graph_output(gpu_ckpt):
     """The eager scoring pass (after the prefill graph) matches HF fp16 and rewrites the KV cache
     with the same values: the decode graph's continuation is unchanged."""
-    from transformers import LlamaForCausalLM
-
-    hf = LlamaForCausalLM.from_pretrained(gpu_ckpt, dtype=torch.float16).cuda().eval()
-    eng = HybridEngine.from_pretrained(str(gpu_ckpt), device="cuda", dtype="float16",
-                                       buckets=[16, 64], max_context=256, prewarm_buckets="all")
+    eng = warm_engine(gpu_ckpt)
     ids = [1] + list(range(11, 50))
     plain = eng.generate(ids, GREEDY)
     res = eng.generate(ids, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, prompt_logprobs=2))
     assert res.token_ids == plain.token_ids and res.metrics.path == "graph"
-    with torch.no_grad():
-        ref = torch.log_softmax(hf(torch.tensor([ids], device="cuda")).logits[0].float(), -1)
+    ref = hf_log_softmax(gpu_ckpt, ids)
     got = torch.tensor([p.chosen.logprob for p in res.prompt_logprobs[1:]])
     want = ref[:-1].gather(1, torch.tensor(ids[1:], device="cuda")[:, None])[:, 0].cpu()
     assert (got - want).abs().max().item() < 0.05
