@@ -47,6 +47,7 @@ logger = logging.getLogger("ray.serve")
 
 # --------------------------------------------------------------------------- request models
 MAX_CHOICES = 16           # n / best_of: each choice is one engine call, run in parallel
+MAX_CALLS = 64             # engine calls one request may fan out to (batched prompts x choices)
 
 
 class _Strict(BaseModel):
@@ -412,48 +413,53 @@ class OpenAIIngress:
             out[t] = v
         return out
 
-    def _completion_prompt(self, req: CompletionRequest) -> str | list[int]:
-        prompt: Any = req.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise APIError("Batched prompts are not supported: send one prompt per request.",
-                               param="prompt", code="unsupported_parameter")
-            prompt = prompt[0]
-        if prompt == "" or prompt == []:
-            raise APIError("prompt is empty: send at least one character or token id.", param="prompt")
-        if isinstance(prompt, list):
-            V = getattr(self.tok, "vocab_size", None)
-            bad = next((t for t in prompt if t < 0 or (V is not None and t >= V)), None)
-            if bad is not None:
-                raise APIError(f"prompt token id {_short(bad)} is out of range [0, {V}).", param="prompt")
-        return prompt
+    def _completion_prompts(self, req: CompletionRequest) -> list[str | list[int]]:
+        """The request's prompts: one, or a batch (a list of strings or of token-id lists)."""
+        batch = isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int)
+        prompts: list[Any] = list(req.prompt) if batch else [req.prompt]
+        for i, prompt in enumerate(prompts):
+            where = f"prompt[{i}]" if batch else "prompt"
+            if prompt == "" or prompt == []:
+                raise APIError(f"{where} is empty: send at least one character or token id.", param="prompt")
+            if isinstance(prompt, list):
+                V = getattr(self.tok, "vocab_size", None)
+                bad = next((t for t in prompt if t < 0 or (V is not None and t >= V)), None)
+                if bad is not None:
+                    raise APIError(f"{where} token id {_short(bad)} is out of range [0, {V}).", param="prompt")
+        return prompts
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         msgs = [{"role": m.role, "content": m.content if isinstance(m.content, str)
                  else "".join(p.text for p in m.content)} for m in req.messages]
         return self.tok.chat_prompt(msgs)
 
-    def _prepare(self, req: _Common) -> tuple[dict, int]:
+    def _prepare(self, req: _Common) -> list[tuple[dict, int]]:
+        """One (engine payload, prompt token count) per prompt (a completions batch has several)."""
         self._check_model(req)
         _unsupported(req)
         params = self._params(req)
         try:
-            prompt = self._completion_prompt(req) if isinstance(req, CompletionRequest) else self._chat_prompt(req)
-            n = count_tokens(self.tok, prompt)
+            prompts = self._completion_prompts(req) if isinstance(req, CompletionRequest) else [self._chat_prompt(req)]
+            counts = [count_tokens(self.tok, prompt) for prompt in prompts]
         except UnicodeError as e:   # e.g. a lone surrogate ("\ud800") in a JSON string
             raise APIError(f"the prompt is not valid Unicode text ({getattr(e, 'reason', e)}); "
                            "send UTF-8 text without lone surrogates", param="messages" if isinstance(req, ChatCompletionRequest)
                            else "prompt") from None
+        calls = len(prompts) * max(req.n, getattr(req, "best_of", None) or 1)
+        if calls > MAX_CALLS:
+            raise APIError(f"{len(prompts)} prompt(s) x {calls // len(prompts)} choice(s) = {calls} generations; "
+                           f"at most {MAX_CALLS} per request: split the batch", param="prompt")
         # the context check here too: a too-long request never takes a replica's queue slot
-        if n >= self.max_context:
-            raise APIError(f"prompt has {n} tokens but the context holds {self.max_context} "
-                           "(prompt + max_tokens); shorten the prompt", param="prompt",
-                           code="PromptTooLongError")
-        if n + params.max_tokens > self.max_context:
-            raise APIError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                           f"of {self.max_context} tokens; lower max_tokens to at most "
-                           f"{self.max_context - n}", param="max_tokens", code="PromptTooLongError")
-        return {"prompt": prompt, "params": asdict(params)}, n
+        for n in counts:
+            if n >= self.max_context:
+                raise APIError(f"prompt has {n} tokens but the context holds {self.max_context} "
+                               "(prompt + max_tokens); shorten the prompt", param="prompt",
+                               code="PromptTooLongError")
+            if n + params.max_tokens > self.max_context:
+                raise APIError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                               f"of {self.max_context} tokens; lower max_tokens to at most "
+                               f"{self.max_context - n}", param="max_tokens", code="PromptTooLongError")
+        return [({"prompt": prompt, "params": asdict(params)}, n) for prompt, n in zip(prompts, counts)]
 
     def _overloaded(self, e: BaseException) -> APIError:
         return APIError("The server is overloaded: every model replica is busy and the request "
@@ -602,57 +608,58 @@ class OpenAIIngress:
             raise
 
     async def _respond(self, req: _Common, chat: bool, http_in: float | None = None):
-        payload, n = self._prepare(req)
+        prepared = self._prepare(req)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         count = max(req.n, getattr(req, "best_of", None) or 1)
         ranked = count > req.n
-        payloads = self._choice_payloads(payload, count, ranked)
+        # one engine call per (prompt, choice); OpenAI's choice index: prompt * n + choice
+        calls = [(k, p, n) for k, (payload, n) in enumerate(prepared)
+                 for p in self._choice_payloads(payload, count, ranked)]
         if not req.stream:
-            if count == 1:
-                outs = [await self._generate(payload, n)]
+            if len(calls) == 1:
+                outs = [await self._generate(calls[0][1], calls[0][2])]
             else:
-                outs = await self._all([self._generate(p, n) for p in payloads])
-            usage = dict(outs[0]["usage"])
-            if count > 1:      # every generated token counts (as OpenAI bills best_of)
-                usage["completion_tokens"] = sum(o["usage"]["completion_tokens"] for o in outs)
-                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-            if ranked:   # best_of: the n choices with the highest total logprob, best first
-                outs = sorted(outs, key=lambda o: -sum(t["chosen"]["logprob"] for t in o["logprobs"]))[:req.n]
-                if payload["params"].get("logprobs") is None:
-                    outs = [{k: v for k, v in o.items() if k != "logprobs"} for o in outs]
+                outs = await self._all([self._generate(p, n) for _, p, n in calls])
+            usage = {"prompt_tokens": sum(n for _, n in prepared),
+                     "completion_tokens": sum(o["usage"]["completion_tokens"] for o in outs)}  # best_of's too
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             choices = []
-            for i, out in enumerate(outs):
-                text, lp = self._text_and_logprobs(req, payload, out)
-                if chat:
+            for k, (payload, _) in enumerate(prepared):
+                mine = outs[k * count:(k + 1) * count]
+                if ranked:   # best_of: the n choices with the highest total logprob, best first
+                    mine = sorted(mine, key=lambda o: -sum(t["chosen"]["logprob"] for t in o["logprobs"]))[:req.n]
+                    if payload["params"].get("logprobs") is None:
+                        mine = [{key: v for key, v in o.items() if key != "logprobs"} for o in mine]
+                for out in mine:
+                    text, lp = self._text_and_logprobs(req, payload, out)
+                    i, finish = len(choices), _finish(out["finish_reason"])
                     choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                    "logprobs": lp, "finish_reason": _finish(out["finish_reason"])})
-                else:
-                    choices.append({"text": text, "index": i, "logprobs": lp,
-                                    "finish_reason": _finish(out["finish_reason"])})
+                                    "logprobs": lp, "finish_reason": finish} if chat else
+                                   {"text": text, "index": i, "logprobs": lp, "finish_reason": finish})
             body = {"id": rid, "object": "chat.completion" if chat else "text_completion",
                     "created": created, "model": self.model_name, "choices": choices,
                     "usage": usage, "hybridserve": outs[0]["meta"]}
-            if count > 1:
+            if len(calls) > 1:
                 body["hybridserve"] = {**outs[0]["meta"], "choices": [o["meta"] for o in outs]}
             return JSONResponse(body, headers=self._headers(outs[0]["meta"]))
         t_in = time.time()
-        if count == 1:
-            streams = [await self._start_stream(payload, n)]
+        if len(calls) == 1:
+            streams = [await self._start_stream(calls[0][1], calls[0][2])]
         else:
-            streams = await self._start_streams(payloads, n)
+            streams = await self._start_streams([(p, n) for _, p, n in calls])
         first = streams[0][0]
         first["timeline"] = {"ingress_in": t_in, "ingress_first": time.time()}
         if http_in is not None:
             first["timeline"]["http_in"] = http_in
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(self._sse(streams, rid, created, chat, include_usage),
+        return StreamingResponse(self._sse(streams, [k for k, _, _ in calls], rid, created, chat, include_usage),
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", **self._headers(first.get("meta"))})
 
-    async def _start_streams(self, payloads: list[dict], n: int) -> list[tuple[dict, Any]]:
-        """Start one stream per choice, concurrently; any failure cancels the ones started."""
-        tasks = [asyncio.ensure_future(self._own_request_id(self._start_stream(p, n))) for p in payloads]
+    async def _start_streams(self, calls: list[tuple[dict, int]]) -> list[tuple[dict, Any]]:
+        """Start one stream per (payload, prompt tokens), concurrently; any failure cancels the ones started."""
+        tasks = [asyncio.ensure_future(self._own_request_id(self._start_stream(p, n))) for p, n in calls]
         try:
             return await asyncio.gather(*tasks)
         except BaseException:
@@ -706,8 +713,10 @@ class OpenAIIngress:
             for t in tasks:
                 t.cancel()
 
-    async def _sse(self, streams: list[tuple[dict, Any]], rid: str, created: int, chat: bool,
-                   include_usage: bool) -> AsyncIterator[bytes]:
+    async def _sse(self, streams: list[tuple[dict, Any]], prompt_of: list[int], rid: str, created: int,
+                   chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+        """SSE chunks of every stream (choice index = stream index), then one usage total (each
+        prompt's tokens counted once), then [DONE]."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = {"id": rid, "object": obj, "created": created, "model": self.model_name}
         first = streams[0][0]
@@ -715,6 +724,7 @@ class OpenAIIngress:
         role_sent = [False] * len(streams)
         offset = [0] * len(streams)                 # completion characters of the tokens sent so far
         usage: dict | None = None
+        prompts_counted: set[int] = set()
         finished = 0
         try:
             async for i, item in self._items(streams):
@@ -752,11 +762,14 @@ class OpenAIIngress:
                                                             **chunk["hybridserve"].get("timeline", {})}
                     if include_usage:
                         chunk["usage"] = None
-                    if usage is None:
-                        usage = dict(item["usage"])
-                    else:
-                        usage["completion_tokens"] += item["usage"]["completion_tokens"]
-                        usage["total_tokens"] += item["usage"]["completion_tokens"]
+                    u = item["usage"]
+                    usage = usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+                    if prompt_of[i] not in prompts_counted:
+                        prompts_counted.add(prompt_of[i])
+                        usage["prompt_tokens"] += u["prompt_tokens"]
+                        usage["total_tokens"] += u["prompt_tokens"]
+                    usage["completion_tokens"] += u["completion_tokens"]
+                    usage["total_tokens"] += u["completion_tokens"]
                     finished += 1
                 if item is first:
                     first["timeline"]["sse_first"] = time.time()
@@ -787,13 +800,17 @@ class OpenAIIngress:
         if req.n > 1 or (getattr(req, "best_of", None) or 1) > 1:
             raise EngineInputError("n and best_of above 1 are served over HTTP; from Python, call "
                                    "handle.remote(...) once per choice (with different seeds)")
+        p = getattr(req, "prompt", None)
+        if isinstance(p, list) and len(p) > 1 and not isinstance(p[0], int):
+            raise EngineInputError("a batch of prompts is served over HTTP; from Python, call "
+                                   "handle.remote(...) once per prompt")
         return req
 
     async def complete(self, request: Any, **overrides: Any) -> dict:
         """Python API, non-streaming: ``{"text", "finish_reason", "usage", "hybridserve"}``."""
         req = self._python_request(request, {**overrides, "stream": False})
         try:
-            payload, n = self._prepare(req)
+            [(payload, n)] = self._prepare(req)
             out = await self._generate(payload, n)
         except APIError as e:
             raise EngineInputError(e.message) from None
@@ -810,7 +827,7 @@ class OpenAIIngress:
         if getattr(req, "echo", False):
             raise EngineInputError("echo cannot be streamed; call without stream=True")
         try:
-            payload, n = self._prepare(req)
+            [(payload, n)] = self._prepare(req)
             first, gen = await self._start_stream(payload, n)
         except APIError as e:
             raise EngineInputError(e.message) from None

@@ -285,6 +285,29 @@ def test_n_choices_and_best_of(app):
         app.remote("x", n=2).result()
 
 
+def test_batched_prompts(app):
+    """A batch of prompts (strings or token-id lists): one engine call per prompt and choice, each
+    routed by its own length; choices in OpenAI's order (prompt * n + choice), each equal to the
+    single-prompt answer; usage counts each prompt once; SSE carries every choice."""
+    single = {p: post("/v1/completions", {"prompt": p, "max_tokens": 4, **GREEDY}).json()["choices"][0]["text"]
+              for p in ("Hello there", "Stream me")}
+    req = {"prompt": ["Hello there", "Stream me"], "max_tokens": 4, "n": 2, **GREEDY}
+    b = post("/v1/completions", req).json()
+    assert [c["index"] for c in b["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in b["choices"]] == [single["Hello there"]] * 2 + [single["Stream me"]] * 2
+    assert b["usage"] == {"prompt_tokens": 12 + 10, "completion_tokens": 16, "total_tokens": 38}
+    ev = sse_events(post("/v1/completions", {**req, "stream": True, "stream_options": {"include_usage": True}}))
+    assert ev[-1] == "[DONE]" and ev[-2]["usage"] == b["usage"]
+    for c in b["choices"]:
+        got = "".join(e["choices"][0]["text"] for e in ev[:-2] if e["choices"][0]["index"] == c["index"])
+        assert got == c["text"], c["index"]
+    ids = post("/v1/completions", {"prompt": [[1, 72, 108], [1, 73]], "max_tokens": 2, **GREEDY}).json()
+    assert len(ids["choices"]) == 2 and ids["usage"]["prompt_tokens"] == 5
+    from engine.errors import EngineInputError
+    with pytest.raises(EngineInputError, match="once per prompt"):
+        app.remote({"prompt": ["a", "b"]}).result()
+
+
 def test_logit_bias_and_penalties_over_http(app):
     """logit_bias (token ids as strings) steers the output, streaming too; the penalties stop the
     repeats of a greedy reply."""
@@ -321,7 +344,8 @@ def test_logit_bias_and_penalties_over_http(app):
     ("/v1/completions", {"prompt": "x", "best_of": 2, "stream": True}, "best_of", "cannot be streamed"),
     ("/v1/completions", {"prompt": "x", "echo": True, "stream": True}, "echo", "cannot be streamed"),
     ("/v1/completions", {"prompt": ""}, "prompt", "prompt is empty"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "Batched prompts"),
+    ("/v1/completions", {"prompt": ["a", ""]}, "prompt", "prompt[1] is empty"),
+    ("/v1/completions", {"prompt": ["a"] * 33, "n": 2}, "prompt", "at most 64"),
     ("/v1/chat/completions", {"messages": []}, "messages", "at least 1 item"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "'user'"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools",

@@ -208,7 +208,7 @@ NASTY: list[tuple[str, str, Any, int, str]] = [
     ("prompt dict", "/v1/completions", {"prompt": {"a": 1}}, 400, "prompt"),
     ("token id out of range", "/v1/completions", {"prompt": [1, 999999]}, 400, "token id"),
     ("negative token id", "/v1/completions", {"prompt": [-5]}, 400, "token id"),
-    ("batched prompts", "/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("batch with an empty prompt", "/v1/completions", {"prompt": ["a", ""]}, 400, "prompt[1]"),
     ("max_tokens string", "/v1/completions", {"prompt": "a", "max_tokens": "10"}, 400, "max_tokens"),
     ("max_tokens negative", "/v1/completions", {"prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
     ("max_tokens zero", "/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
