@@ -243,11 +243,11 @@ class HybridEngine:
             v = LOGPROB_FLOOR
         return Logprob(i, text, v, list(b))
 
-    def _prompt_logprobs(self, ids: list[int], k: int) -> list[TokenLogprobs]:
+    def _prompt_logprobs(self, ids: list[int], bucket: int, k: int) -> list[TokenLogprobs]:
         """Each prompt token's logprob given the tokens before it, with the k likeliest there (an
-        eager pass over the prompt at its exact length, run after the prefill; one sync)."""
+        eager pass over the prompt padded to its bucket, as the JIT prefill runs; one sync)."""
         n = len(ids)
-        chosen, vals, idx = self.model.prompt_logprobs(self.ids[:n], self.positions[:n], k)
+        chosen, vals, idx = self.model.prompt_logprobs(self.ids[:bucket], self.positions[:bucket], k, n)
         chosen, vals, idx = chosen.tolist(), vals.tolist(), idx.tolist()
         one = self._logprob
         return [TokenLogprobs(one(ids[0], None), [])] + [
@@ -485,8 +485,8 @@ class HybridEngine:
                                         # lazily load a new cuBLAS kernel: tens of ms on the request)
             if self.cuda and path != "graph" and self.config.cuda_graphs and self.config.background_capture:
                 self.capture([bucket], wait=False)
-            prompt_lps = self._prompt_logprobs(ids, params.prompt_logprobs) if params.prompt_logprobs is not None \
-                else None
+            prompt_lps = (self._prompt_logprobs(ids, bucket, params.prompt_logprobs)
+                          if params.prompt_logprobs is not None else None)
             counts = bias = None
             if params.presence_penalty or params.frequency_penalty:
                 counts = torch.zeros_like(self.logits)

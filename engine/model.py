@@ -164,16 +164,18 @@ class Llama:
         r = self._layers(self.embed.index_select(0, ids), positions, None)
         return self._logits(r.index_select(0, seq_len - 1))
 
-    def prompt_logprobs(self, ids: torch.Tensor, positions: torch.Tensor, k: int,
+    def prompt_logprobs(self, ids: torch.Tensor, positions: torch.Tensor, k: int, n: int | None = None,
                         rows: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For prompt scoring (echo + logprobs): a causal pass over ids (n,) whose log-softmax at
-        position i scores ids[i+1]. Returns (chosen (n-1,), top values (n-1, k), top ids (n-1, k)).
-        The LM head runs `rows` positions at a time (n x vocab float32 logits never exist at once).
-        Rewrites KV positions 0..n-1 with the values a prefill of the same ids wrote."""
+        """For prompt scoring (echo + logprobs): a causal pass over ids (L,), of which the first n are
+        the prompt (the rest padding to a bucket length, so the kernels run at a warm shape); the
+        log-softmax at position i scores ids[i+1]. Returns (chosen (n-1,), top values (n-1, k), top
+        ids (n-1, k)). The LM head runs `rows` positions at a time (n x vocab float32 logits never
+        exist at once). Rewrites the KV cache exactly as a prefill of the same ids did."""
+        n = ids.numel() if n is None else n
         r = self._layers(self.embed.index_select(0, ids), positions, None)
         chosen, vals, idx = [], [], []
-        for s in range(0, ids.numel() - 1, rows):
-            e = min(s + rows, ids.numel() - 1)
+        for s in range(0, n - 1, rows):
+            e = min(s + rows, n - 1)
             lp = torch.log_softmax(ops.norm_linear(r[s:e], self.norm, self.args.rms_eps, self.lm_head).float(), -1)
             chosen.append(lp.gather(1, ids[s + 1:e + 1, None])[:, 0])
             top = lp.topk(k, dim=-1)

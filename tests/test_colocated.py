@@ -64,6 +64,21 @@ def test_one_deployment_serves_http_on_proxy_and_direct_port(urls):
     assert len(texts) == 1                             # proxy, direct, streamed or not: same greedy text
 
 
+def test_choices_and_batches_on_the_replica_own_engine(urls):
+    """n and batched prompts in the colocated topology: the choices queue on the replica's one
+    engine (no Ray handle in between) and come back complete, streamed or not."""
+    _, direct, _ = urls
+    req = {"prompt": ["Colocated", "batch"], "max_tokens": 3, "n": 2, **GREEDY}
+    b = requests.post(direct + "/v1/completions", json=req, timeout=60).json()
+    texts = [c["text"] for c in b["choices"]]
+    assert len(texts) == 4 and texts[0] == texts[1] and texts[2] == texts[3]
+    assert b["usage"]["completion_tokens"] == 12
+    ev = _sse(requests.post(direct + "/v1/completions", json={**req, "stream": True}, timeout=60))
+    assert ev[-1] == "[DONE]"
+    for i, t in enumerate(texts):
+        assert "".join(c["choices"][0]["text"] for c in ev[:-1] if c["choices"][0]["index"] == i) == t
+
+
 def test_bad_request_is_400_and_replica_keeps_serving(urls):
     _, direct, _ = urls
     r = requests.post(direct + "/v1/completions", json={"prompt": "x", "max_tokens": 0}, timeout=30)
