@@ -303,6 +303,12 @@ def test_batched_prompts(app):
         assert got == c["text"], c["index"]
     ids = post("/v1/completions", {"prompt": [[1, 72, 108], [1, 73]], "max_tokens": 2, **GREEDY}).json()
     assert len(ids["choices"]) == 2 and ids["usage"]["prompt_tokens"] == 5
+    # lm-eval-harness's loglikelihood request: a batch, echo, logprobs 1, one new token
+    ll = post("/v1/completions", {"prompt": ["Hello there", "Stream me"], "max_tokens": 1, "echo": True,
+                                  "logprobs": 1, "temperature": 0, "seed": 1234}).json()["choices"]
+    for c, p in zip(ll, ("Hello there", "Stream me")):
+        assert c["text"].startswith(p) and len(c["logprobs"]["tokens"]) == len(p) + 2   # BOS + bytes + 1
+        assert c["logprobs"]["token_logprobs"][0] is None
     from engine.errors import EngineInputError
     with pytest.raises(EngineInputError, match="once per prompt"):
         app.remote({"prompt": ["a", "b"]}).result()
