@@ -576,9 +576,18 @@ class HybridEngine:
         return self._submit(prompt, params, None, None, time.perf_counter()).result()
 
     async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
+        """Like generate(); cancelling the awaiting task (the client went away) ends the request at
+        the engine's next decode step (finish_reason "cancelled"), or before it starts if still
+        queued, so a batch-1 engine never spends its steps on a reply nobody reads."""
         params = params or SamplingParams()
         self.validate(prompt, params)
-        return await asyncio.wrap_future(self._submit(prompt, params, None, None, time.perf_counter()))
+        cancel = threading.Event()
+        fut = self._submit(prompt, params, None, cancel, time.perf_counter())
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
 
     async def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
         """Token-by-token chunks; the last one carries finish_reason and metrics. Closing the

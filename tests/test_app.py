@@ -442,6 +442,50 @@ def _prompt_for_bucket(bucket: int, rng: random.Random) -> str:
     return "".join(rng.choice("abcdefghij ") for _ in range(n - 1))
 
 
+def test_non_streaming_client_disconnect_cancels_every_choice(app):
+    """A non-streaming client that disconnects mid-generation, with one choice or two: the model
+    replica's engine ends each of its requests as 'cancelled' within seconds (not after all 2,000
+    tokens), and the next request is served."""
+    import socket
+
+    from ray import serve
+
+    from deployments.app import build_app
+
+    args = {**APP_ARGS, "name": "cancel", "num_replicas": 1,
+            "engine": {"model": "tiny", "device": "cpu", "buckets": [16], "max_context": 2100}}
+    serve.run(build_app(args), name="cancel", route_prefix="/cancel")
+    ms = serve.get_deployment_handle("ModelServer", "cancel")
+    try:
+        for n in (1, 2):
+            before = ms.stats.remote().result()["finish_counts"]
+            body = json.dumps({"prompt": "cancel me", "max_tokens": 2000, "ignore_eos": True, "n": n}).encode()
+            sk = socket.create_connection(("127.0.0.1", PORT))
+            sk.sendall(b"POST /cancel/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            time.sleep(0.5)
+            sk.close()
+            deadline, stats = time.monotonic() + 20, {}
+            while time.monotonic() < deadline:   # until the engine has nothing running or queued
+                stats = ms.stats.remote().result()
+                if stats["finish_counts"].get("cancelled", 0) > before.get("cancelled", 0) and \
+                        stats["engine"]["in_flight"] == 0:
+                    break
+                time.sleep(0.1)
+            counts = stats["finish_counts"]
+            # each choice was stopped mid-run ('cancelled') or dropped before it started (no record);
+            # none ran to its 2,000 tokens
+            assert 1 <= counts.get("cancelled", 0) - before.get("cancelled", 0) <= n, counts
+            assert counts.get("length", 0) == before.get("length", 0), counts
+            assert stats["engine"]["in_flight"] == 0, stats["engine"]
+            cut = [f for f in stats["finishes"] if f["finish_reason"] == "cancelled"][-1]
+            assert cut["output_tokens"] < 2000, cut
+            r = post("/cancel/v1/completions", {"prompt": "next", "max_tokens": 4})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        serve.delete("cancel")
+
+
 def test_warm_bucket_routing_hit_rate(app):
     """Fresh 2-replica app, mixed prompt lengths over 8 buckets: after warm-up (each bucket once),
     >= 90% of requests land on a replica already warm for their bucket, and each bucket stays on

@@ -408,6 +408,26 @@ def test_finished_request_is_out_of_in_flight_before_its_event():
     assert eng.in_flight() == 0
 
 
+def test_cancelled_generate_async_stops_the_engine():
+    """A non-streaming caller that goes away (its task cancelled) ends the request at the next decode
+    step as 'cancelled', so the batch-1 engine is free for the next request at once."""
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", max_context=4096, buckets=[16]))
+    done = []
+    eng.add_listener(lambda e: done.append(e) if e["type"] == "request" else None)
+
+    async def main():
+        task = asyncio.ensure_future(eng.generate_async("go", SamplingParams(max_tokens=4000, ignore_eos=True)))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await eng.generate_async("next", SamplingParams(max_tokens=2))
+
+    assert len(asyncio.run(main()).token_ids) == 2
+    assert done[0]["finish_reason"] == "cancelled" and 0 < done[0]["output_tokens"] < 4000, done[0]
+    assert eng.in_flight() == 0
+
+
 def test_shutdown_fails_queued_requests_instead_of_hanging():
     """Requests still queued when the engine shuts down end with EngineClosedError (a retryable
     error the ingress maps to 'replica gone'), never a stream that waits forever."""
