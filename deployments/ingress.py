@@ -21,8 +21,7 @@ import logging
 import os
 import time
 import uuid
-import dataclasses
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
@@ -196,8 +195,7 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
 
 def _unsupported(req: _Common) -> None:
     """Reject OpenAI arguments the engine cannot honour, with the fix in the message."""
-    checks: list[tuple[bool, str, str]] = [
-    ]
+    checks: list[tuple[bool, str, str]] = []
     if isinstance(req, CompletionRequest):
         checks += [
             (req.echo and req.stream, "echo", "echo cannot be streamed; send stream: false"),
@@ -335,6 +333,14 @@ def format_logprobs(items: list[dict], chat: bool, offset: int = 0) -> dict:
         out["text_offset"].append(offset)
         offset += len(c["token"])
     return out
+
+
+def _chunk_logprobs(item: dict, chat: bool, offset: int) -> tuple[dict | None, int]:
+    """A stream item's logprobs in OpenAI's shape (None without) and the completion's character
+    offset after its token."""
+    if "logprobs" not in item:
+        return None, offset
+    return format_logprobs([item["logprobs"]], chat, offset), offset + len(item["logprobs"]["chosen"]["token"])
 
 
 def _sse(obj: Any) -> bytes:
@@ -592,19 +598,21 @@ class OpenAIIngress:
         from ray.serve._private.utils import generate_request_id
 
         ctx = serve_ctx._get_serve_request_context()
-        serve_ctx._serve_request_context.set(dataclasses.replace(ctx, _internal_request_id=generate_request_id()))
+        serve_ctx._serve_request_context.set(replace(ctx, _internal_request_id=generate_request_id()))
         return await coro
 
     @classmethod
-    async def _all(cls, coros: list) -> list:
+    async def _all(cls, coros: list, undo=None) -> list:
         """Run the choices' calls concurrently, each under its own request id; the first failure
-        cancels the rest and is raised."""
+        cancels the rest (undo(result) for those already done) and is raised."""
         tasks = [asyncio.ensure_future(cls._own_request_id(c)) for c in coros]
         try:
             return await asyncio.gather(*tasks)
         except BaseException:
             for t in tasks:
                 t.cancel()
+                if undo is not None and t.done() and not t.cancelled() and t.exception() is None:
+                    undo(t.result())
             raise
 
     async def _respond(self, req: _Common, chat: bool, http_in: float | None = None):
@@ -647,7 +655,8 @@ class OpenAIIngress:
         if len(calls) == 1:
             streams = [await self._start_stream(calls[0][1], calls[0][2])]
         else:
-            streams = await self._start_streams([(p, n) for _, p, n in calls])
+            streams = await self._all([self._start_stream(p, n) for _, p, n in calls],
+                                      undo=lambda started: started[1].cancel())   # stop a stream begun
         first = streams[0][0]
         first["timeline"] = {"ingress_in": t_in, "ingress_first": time.time()}
         if http_in is not None:
@@ -656,18 +665,6 @@ class OpenAIIngress:
         return StreamingResponse(self._sse(streams, [k for k, _, _ in calls], rid, created, chat, include_usage),
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", **self._headers(first.get("meta"))})
-
-    async def _start_streams(self, calls: list[tuple[dict, int]]) -> list[tuple[dict, Any]]:
-        """Start one stream per (payload, prompt tokens), concurrently; any failure cancels the ones started."""
-        tasks = [asyncio.ensure_future(self._own_request_id(self._start_stream(p, n))) for p, n in calls]
-        try:
-            return await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-                if t.done() and not t.cancelled() and t.exception() is None:
-                    t.result()[1].cancel()
-            raise
 
     async def _items(self, streams: list[tuple[dict, Any]]) -> AsyncIterator[tuple[int, Any]]:
         """(choice index, item) from every stream as items arrive, each stream up to its final or
@@ -740,10 +737,7 @@ class OpenAIIngress:
                     yield _sse(error_body(item["error"]["message"], code=item["error"].get("code")))
                     break
                 done = "finish_reason" in item
-                lp = None
-                if "logprobs" in item:
-                    lp = format_logprobs([item["logprobs"]], chat, offset[i])
-                    offset[i] += len(item["logprobs"]["chosen"]["token"])
+                lp, offset[i] = _chunk_logprobs(item, chat, offset[i])
                 if chat:
                     delta: dict = {"content": item["text"]} if (item["text"] or not done) else {}
                     if not role_sent[i]:  # the first chunk carries the role (and the first token)
@@ -843,9 +837,9 @@ class OpenAIIngress:
                            "usage": item["usage"], "hybridserve": {**(meta or {}), **item["meta"]}}
                     return
                 chunk = {"text": item["text"], "index": item["index"]}
-                if "logprobs" in item:
-                    chunk["logprobs"] = format_logprobs([item["logprobs"]], chat, offset)
-                    offset += len(item["logprobs"]["chosen"]["token"])
+                lp, offset = _chunk_logprobs(item, chat, offset)
+                if lp is not None:
+                    chunk["logprobs"] = lp
                 yield chunk
                 try:
                     item = await gen.__anext__()

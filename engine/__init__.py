@@ -2,11 +2,12 @@
 from .api import GenerationResult, Logprob, RequestMetrics, SamplingParams, StreamChunk, TokenLogprobs
 from .config import EngineConfig
 from .engine import HybridEngine
-from .errors import (EmptyPromptError, EngineClosedError, EngineError, EngineInputError, InvalidSamplingParams, ModelLoadError,
-                     PromptTooLongError)
+from .errors import (EmptyPromptError, EngineClosedError, EngineError, EngineInputError, InvalidSamplingParams,
+                     ModelLoadError, PromptTooLongError)
 
 __version__ = "0.1.0"
 
 __all__ = ["HybridEngine", "SamplingParams", "EngineConfig", "GenerationResult", "RequestMetrics",
-           "StreamChunk", "Logprob", "TokenLogprobs", "EngineError", "EngineClosedError", "EngineInputError", "EmptyPromptError", "PromptTooLongError",
+           "StreamChunk", "Logprob", "TokenLogprobs", "EngineError", "EngineClosedError", "EngineInputError",
+           "EmptyPromptError", "PromptTooLongError",
            "InvalidSamplingParams", "ModelLoadError", "__version__"]

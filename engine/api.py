@@ -61,13 +61,10 @@ class SamplingParams:
                 isinstance(k, int) and not isinstance(k, bool) and k >= 0 and not isinstance(v, bool)
                 and isinstance(v, (int, float)) and -100 <= v <= 100 for k, v in self.logit_bias.items()):
             bad("logit_bias must map token ids (integers >= 0) to biases in [-100, 100]")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token), got {self.logprobs!r}")
-        if self.prompt_logprobs is not None and (
-                isinstance(self.prompt_logprobs, bool) or not isinstance(self.prompt_logprobs, int)
-                or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
-            bad(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
+                bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token), got {v!r}")
 
 
 @dataclass

@@ -503,10 +503,11 @@ class HybridEngine:
                                      graph_bucket=graph_bucket)
             hold = max((len(s) for s in params.stop), default=1) - 1  # chars that may start a stop string
             decode_graph = self._decode_graph if self.cuda else None
+            shaped = params.shapes_logits
             cut = -1
             t_prev = t_start
             while True:
-                if params.shapes_logits:                # penalties / bias: pick from the adjusted logits
+                if shaped:                              # penalties / bias: pick from the adjusted logits
                     x = shape_logits(self.logits, params, counts, bias)
                     self.tok.copy_(sample(x, params, gen) if gen is not None else torch.argmax(x).view(1))
                 elif gen is not None:

@@ -463,7 +463,10 @@ def test_non_streaming_client_disconnect_cancels_every_choice(app):
             sk = socket.create_connection(("127.0.0.1", PORT))
             sk.sendall(b"POST /cancel/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                        b"Content-Length: %d\r\n\r\n" % len(body) + body)
-            time.sleep(0.5)
+            deadline = time.monotonic() + 20      # close once the engine has the request (started)
+            while ms.stats.remote().result()["engine"]["in_flight"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.2)
             sk.close()
             deadline, stats = time.monotonic() + 20, {}
             while time.monotonic() < deadline:   # until the engine has nothing running or queued
