@@ -99,6 +99,9 @@ class HybridEngine:
         self._lp_ids = torch.zeros(MAX_LOGPROBS, dtype=torch.long, pin_memory=self.cuda)
         self._lp_event = torch.cuda.Event() if self.cuda else None
         self._one = torch.ones(1, dtype=torch.float32, device=self.device)   # penalties' count increment
+        # each step's token lands here (async copy + event) so the next step can be queued before it is read
+        self._tok_host = torch.zeros(1, dtype=torch.long, pin_memory=self.cuda)
+        self._tok_event = torch.cuda.Event() if self.cuda else None
 
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-engine")
         self.graph_mem_bytes = 0
@@ -514,7 +517,21 @@ class HybridEngine:
                     self.tok.copy_(sample(self.logits, params, gen))
                 if counts is not None:                  # on device: no sync
                     counts.index_add_(0, self.tok, self._one)
-                t = int(self.tok.item())                # the one host sync of a step
+                if lps is not None:                     # t's logprobs, queued before the next step replaces the logits
+                    self._logprobs_launch(params.logprobs)
+                self._tok_host.copy_(self.tok, non_blocking=True)
+                if self._tok_event is not None:
+                    self._tok_event.record()
+                cancelled = cancel is not None and cancel.is_set()
+                # One step ahead: queue the next token's step (it reads self.tok on the device) before this
+                # token reaches the host, so the GPU runs steps back to back instead of idling while the host
+                # reads a token, emits it and launches the next replay. An EOS token, a stop string or a
+                # cancel found below wastes that one step; nothing reads its output.
+                if len(out) + 1 < params.max_tokens and not cancelled:
+                    self._step(decode_graph)
+                if self._tok_event is not None:
+                    self._tok_event.synchronize()       # the one host wait of a step: this token, not the next
+                t = int(self._tok_host[0])
                 now = time.perf_counter()
                 if out:
                     metrics.token_times_s.append(now - t_prev)
@@ -526,14 +543,6 @@ class HybridEngine:
                     break
                 out.append(t)
                 last = len(out) >= params.max_tokens
-                cancelled = cancel is not None and cancel.is_set()
-                if lps is not None:                     # read t's logits before the next step replaces them
-                    self._logprobs_launch(params.logprobs)
-                if not (last or cancelled):
-                    # Launch the next token's step now (it reads self.tok on the device): the host's text
-                    # work and the chunk for token t below overlap the GPU's step instead of delaying it.
-                    # A stop string found below wastes this one step; nothing reads its output.
-                    self._step(decode_graph)
                 if lps is not None:
                     lps.append(self._logprobs_read(params.logprobs, t))
                 lp = lps[-1] if lps else None

@@ -269,14 +269,29 @@ def test_stream_matches_generate_and_carries_metrics():
     assert len(last.metrics.token_times_s) == len(full.token_ids) - 1
 
 
-def test_next_step_runs_before_the_host_emits_the_token():
-    """The decode step of token i+1 is launched before token i is turned into text and emitted, so on
-    CUDA the host's work overlaps the GPU's step."""
+class _LoggedEvent:
+    """Stands in for the CUDA event the engine waits on before reading a token (None on CPU)."""
+
+    def __init__(self, events: list[str]):
+        self.events = events
+
+    def record(self):
+        pass
+
+    def synchronize(self):
+        self.events.append("read")
+
+
+def test_next_step_runs_before_the_host_reads_and_emits_the_token():
+    """The decode step of token i+1 is queued before the host waits for token i, and so before token i is
+    turned into text and emitted: on CUDA the GPU runs the steps back to back while the host reads a token,
+    emits it and queues the next replay. No step runs past max_tokens."""
     eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
     events: list[str] = []
     step, emit = eng._step, eng._emit_text
     eng._step = lambda g: (events.append("step"), step(g))[1]
     eng._emit_text = lambda *a: (events.append("chunk"), emit(*a))[1]
+    eng._tok_event = _LoggedEvent(events)
     n = 6
 
     async def collect():
@@ -286,8 +301,11 @@ def test_next_step_runs_before_the_host_emits_the_token():
     assert len([c for c in chunks if c.token_id is not None]) == n
     # token k's chunk comes after k + 1 steps (its successor's step), the last token's after none more
     chunk_at = [i for i, e in enumerate(events) if e == "chunk"]
+    read_at = [i for i, e in enumerate(events) if e == "read"]
+    assert len(read_at) == n and events.count("step") == n - 1, events
     for k in range(n):
         assert events[: chunk_at[k]].count("step") == min(k + 1, n - 1), events
+        assert events[: read_at[k]].count("step") == min(k + 1, n - 1), events   # read one step behind
 
 
 def metaspace_tokenizer(out):
