@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 
 import torch
 import triton
@@ -32,8 +33,9 @@ def _pdl_supported() -> bool:
 #   - waits for the previous kernel (gdc_wait: its grid done, its writes visible) before reading
 #     anything an earlier kernel wrote. The GEMV loads its first weight tiles before that wait: weights
 #     never change, so the next projection's weight stream starts under the previous kernel's tail.
-# Inside a CUDA graph the launches become programmatic edges. Off: plain stream order (PDL = False).
-PDL = _pdl_supported()
+# Inside a CUDA graph the launches become programmatic edges. Off: plain stream order (PDL = False, or
+# HYBRIDSERVE_PDL=0 in the environment: A/B runs).
+PDL = _pdl_supported() and os.environ.get("HYBRIDSERVE_PDL", "1") != "0"
 
 
 @triton.jit
