@@ -27,14 +27,18 @@ def _pdl_supported() -> bool:
             and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
 
 
-# Programmatic dependent launch (PDL, sm_90+): every kernel here is launched with `launch_pdl` and
+# Programmatic dependent launch (PDL, sm_90+): the decode step's kernels (one token: the GEMVs, rope + KV
+# write, the attention split and reduce) are launched with `launch_pdl`, and each
 #   - lets the next kernel launch early (gdc_launch_dependents at its start: the next kernel's programs
 #     take SM slots as this kernel's last wave retires, instead of after the whole grid has finished),
 #   - waits for the previous kernel (gdc_wait: its grid done, its writes visible) before reading
 #     anything an earlier kernel wrote. The GEMV loads its first weight tiles before that wait: weights
 #     never change, so the next projection's weight stream starts under the previous kernel's tail.
-# Inside a CUDA graph the launches become programmatic edges. Off: plain stream order (PDL = False, or
-# HYBRIDSERVE_PDL=0 in the environment: A/B runs).
+# Inside a CUDA graph the launches become programmatic edges. Decode only: on an H100 (2026-11-27, same
+# machine, bench/NOTES.md step 14) PDL took the decode step from 5.00 to 4.93 ms per token, but the same
+# launches in the prefill graphs (norm, rope, SiLU and 16-row GEMV kernels between cuBLAS GEMMs and
+# attention) made TTFT 0.1-0.8 ms slower (500 tokens: 12.63 -> 13.47 ms). Off: plain stream order
+# (PDL = False, or HYBRIDSERVE_PDL=0 in the environment: A/B runs).
 PDL = _pdl_supported() and os.environ.get("HYBRIDSERVE_PDL", "1") != "0"
 
 
@@ -51,11 +55,9 @@ def _pdl_wait(USE_PDL: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n_cols", "eps"])
-def _rms_norm_kernel(X, W, OUT, stride, n_cols, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _rms_norm_kernel(X, W, OUT, stride, n_cols, eps, BLOCK: tl.constexpr):
     """One program per row: OUT = W * (x * rstd), x * rstd rounded to the model dtype as the eager model
     rounds it. Used where the GEMV does not take the norm into its loads (prefill: more than one row)."""
-    _pdl_start(USE_PDL)
-    _pdl_wait(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -68,15 +70,12 @@ def _rms_norm_kernel(X, W, OUT, stride, n_cols, eps, BLOCK: tl.constexpr, USE_PD
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
     n = x.shape[-1]
-    _rms_norm_kernel[(x.shape[0],)](x, w, out, x.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
-                                    USE_PDL=PDL, launch_pdl=PDL, num_warps=8)
+    _rms_norm_kernel[(x.shape[0],)](x, w, out, x.stride(0), n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8)
     return out
 
 
 @triton.jit(do_not_specialize=["n_inter"])
-def _silu_mul_kernel(GU, OUT, n_inter, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_start(USE_PDL)
-    _pdl_wait(USE_PDL)
+def _silu_mul_kernel(GU, OUT, n_inter, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_inter
@@ -90,8 +89,7 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     n = two_i // 2
     out = torch.empty((L, n), device=gu.device, dtype=gu.dtype)
     BLOCK = 1024
-    _silu_mul_kernel[(L, triton.cdiv(n, BLOCK))](gu, out, n, BLOCK=BLOCK, USE_PDL=PDL, launch_pdl=PDL,
-                                                      num_warps=4)
+    _silu_mul_kernel[(L, triton.cdiv(n, BLOCK))](gu, out, n, BLOCK=BLOCK, num_warps=4)
     return out
 
 
@@ -130,9 +128,10 @@ def _rope_cache_kernel(QKV, POS, COS, SIN, Q_OUT, K_CACHE, V_CACHE, stride_qkv, 
 def rope_and_cache(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv, hd):
     L = qkv.shape[0]
     q = torch.empty((L, n_heads, hd), device=qkv.device, dtype=qkv.dtype)
+    pdl = PDL and L == 1
     _rope_cache_kernel[(L, n_heads + 2 * n_kv)](qkv, positions, cos, sin, q, k_cache, v_cache,
                                                  qkv.stride(0), k_cache.stride(0), n_heads, n_kv,
-                                                 HD=hd, USE_PDL=PDL, launch_pdl=PDL, num_warps=1)
+                                                 HD=hd, USE_PDL=pdl, launch_pdl=pdl, num_warps=1)
     return q
 
 
@@ -344,7 +343,8 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, ln: torch.Tensor | None = No
     else:
         assert residual.shape == (M, N) and residual.is_contiguous()
         y = residual
+    pdl = PDL and M == 1
     _skinny_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
         x, ln if ln is not None else w, w, y, M, N, K, eps, BLOCK_M=1 if M == 1 else 16,
-        NORM=ln is not None, RES=residual is not None, GATED=gated, USE_PDL=PDL, launch_pdl=PDL)
+        NORM=ln is not None, RES=residual is not None, GATED=gated, USE_PDL=pdl, launch_pdl=pdl)
     return y
