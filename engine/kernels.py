@@ -221,6 +221,117 @@ def decode_attention(q, k_cache, v_cache, kv_len, sm_scale):
     return out
 
 
+@triton.jit
+def _rot(x1, x2, c, s):
+    """Rotate-half rope of a (.., HD/2) pair of halves, rounded to x's dtype as the rope kernel rounds it."""
+    o1 = (x1.to(tl.float32) * c - x2.to(tl.float32) * s).to(x1.dtype)
+    o2 = (x2.to(tl.float32) * c + x1.to(tl.float32) * s).to(x1.dtype)
+    return o1, o2
+
+
+@triton.jit(do_not_specialize=["sm_scale", "stride_kh", "n_heads", "n_kv"])
+def _decode_rope_attn_kernel(QKV, POS, COS, SIN, K, V, O_PART, LSE_PART, LOCK, OUT, stride_kh, n_heads, n_kv,
+                             sm_scale, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HD: tl.constexpr,
+                             BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
+    """One decode token's rope, KV write, split attention and reduce in one launch (three kernels before).
+    Program (kv_head, split) rotates the GROUP query heads of this kv head straight from the qkv row (no q
+    buffer), and attends over its share of the cached positions 0..pos-1 (the split of
+    _decode_attn_split_kernel), writing a partial output and its log-sum-exp. The last program of a kv head
+    to finish (an atomic count per head) then takes the new token itself: rotates its k, writes k and v into
+    the cache at pos for the next steps, and merges the GROUP heads' partials with the new token's term
+    into OUT. It resets the count, so the next layer and the next graph replay start from zero."""
+    _pdl_start(USE_PDL)
+    _pdl_wait(USE_PDL)
+    kvh = tl.program_id(0)
+    split = tl.program_id(1)
+    HALF: tl.constexpr = HD // 2
+    pos = tl.load(POS)
+    g = tl.arange(0, GROUP_PAD)
+    gmask = g < GROUP
+    heads = kvh * GROUP + g
+    h2 = tl.arange(0, HALF)
+    c = tl.load(COS + pos * HD + h2).to(tl.float32)
+    s = tl.load(SIN + pos * HD + h2).to(tl.float32)
+    qp = QKV + heads[:, None] * HD + h2[None, :]
+    q1, q2 = _rot(tl.load(qp, mask=gmask[:, None], other=0.0), tl.load(qp + HALF, mask=gmask[:, None], other=0.0),
+                  c[None, :], s[None, :])
+    chunk = tl.cdiv(tl.cdiv(pos, N_SPLITS), BLOCK_N) * BLOCK_N          # cached positions: 0 .. pos-1
+    start = split * chunk
+    end = tl.minimum(start + chunk, pos)
+    d = tl.arange(0, HD)
+    m = tl.full((GROUP_PAD,), -1e30, tl.float32)
+    l = tl.zeros((GROUP_PAD,), tl.float32)
+    acc = tl.zeros((GROUP_PAD, HD), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        valid = n < end
+        kp = K + kvh * stride_kh + n[:, None] * HD + h2[None, :]
+        k1 = tl.load(kp, mask=valid[:, None], other=0.0)
+        k2 = tl.load(kp + HALF, mask=valid[:, None], other=0.0)
+        sc = (tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))) * sm_scale
+        sc = tl.where(valid[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, axis=1))
+        p = tl.exp(sc - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + kvh * stride_kh + n[:, None] * HD + d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    has = l > 0
+    tl.store(O_PART + (heads[:, None] * N_SPLITS + split) * HD + d[None, :], acc / tl.where(has, l, 1.0)[:, None],
+             mask=gmask[:, None])
+    tl.store(LSE_PART + heads * N_SPLITS + split, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf")),
+             mask=gmask)
+    # Every thread's partials are stored before the count (barrier, then a release at GPU scope); the last
+    # program acquires the count and reads the others' partials from L2 (.cg: not from a stale L1 line).
+    tl.debug_barrier()
+    if tl.atomic_add(LOCK + kvh, 1, sem="acq_rel", scope="gpu") == N_SPLITS - 1:
+        tl.debug_barrier()
+        kr = QKV + (n_heads + kvh) * HD
+        k1, k2 = _rot(tl.load(kr + h2), tl.load(kr + HALF + h2), c, s)
+        v_new = tl.load(QKV + (n_heads + n_kv + kvh) * HD + d)
+        dst = kvh * stride_kh + pos * HD
+        tl.store(K + dst + h2, k1)
+        tl.store(K + dst + HALF + h2, k2)
+        tl.store(V + dst + d, v_new)
+        s_new = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], axis=1)
+                 + tl.sum(q2.to(tl.float32) * k2.to(tl.float32)[None, :], axis=1)) * sm_scale
+        mx = s_new
+        for sp in range(N_SPLITS):
+            mx = tl.maximum(mx, tl.load(LSE_PART + heads * N_SPLITS + sp, mask=gmask, other=float("-inf"),
+                                        cache_modifier=".cg"))
+        w = tl.exp(s_new - mx)
+        den = w
+        num = w[:, None] * v_new.to(tl.float32)[None, :]
+        for sp in range(N_SPLITS):
+            w = tl.exp(tl.load(LSE_PART + heads * N_SPLITS + sp, mask=gmask, other=float("-inf"),
+                               cache_modifier=".cg") - mx)
+            o = tl.load(O_PART + (heads[:, None] * N_SPLITS + sp) * HD + d[None, :], mask=gmask[:, None],
+                        other=0.0, cache_modifier=".cg")
+            num += w[:, None] * o
+            den += w
+        tl.store(OUT + heads[:, None] * HD + d[None, :], (num / den[:, None]).to(OUT.dtype.element_ty),
+                 mask=gmask[:, None])
+        tl.atomic_xchg(LOCK + kvh, 0)
+
+
+def decode_rope_attention(qkv, pos, cos, sin, k_cache, v_cache, n_heads, n_kv, hd, sm_scale):
+    """rope_and_cache + decode_attention for one token at position pos (device tensor), in one launch."""
+    group = n_heads // n_kv
+    key = (qkv.device, "rope", n_heads, n_kv, hd, ATTN_SPLITS)
+    if key not in _scratch:  # fixed scratch (the count must start at zero), allocated outside graph capture
+        _scratch[key] = (torch.empty((n_heads, ATTN_SPLITS, hd), device=qkv.device, dtype=torch.float32),
+                         torch.empty((n_heads, ATTN_SPLITS), device=qkv.device, dtype=torch.float32),
+                         torch.zeros(n_kv, device=qkv.device, dtype=torch.int32))
+    o_part, lse_part, lock = _scratch[key]
+    out = torch.empty((1, n_heads, hd), device=qkv.device, dtype=qkv.dtype)
+    _decode_rope_attn_kernel[(n_kv, ATTN_SPLITS)](
+        qkv, pos, cos, sin, k_cache, v_cache, o_part, lse_part, lock, out, k_cache.stride(0), n_heads, n_kv,
+        sm_scale, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_N=ATTN_BLOCK_N,
+        N_SPLITS=ATTN_SPLITS, USE_PDL=PDL, launch_pdl=PDL, num_warps=4)
+    return out
+
+
 # ------------------------------------------------------------------ skinny matmul (decode GEMV)
 # Batch-1 decode is a matrix-vector product per weight: time = weight bytes / bandwidth. One program
 # streams BLOCK_N full rows of W (contiguous, 16-byte loads, pipelined by num_stages) and keeps the

@@ -12,6 +12,11 @@ _enabled = True
 _skinny = True
 _fused = True
 GATE_IN_GEMV = True   # one row: silu(gate) * up computed in the down GEMV's loads (no SiLU kernel)
+# One row: rope, KV write, split attention and its reduce in one kernel (kernels._decode_rope_attn_kernel)
+# instead of three. Off until an A/B on a GPU shows it faster (`bench/profile_decode.py --variant fused-attn`);
+# It matched the three kernels under Triton's CPU interpreter (TRITON_INTERPRET=1, 2026-11-27); the GPU
+# check is tests/test_kernels_gpu.py::test_fused_decode_rope_attention_matches_the_three_kernels.
+FUSED_DECODE_ATTN = False
 
 
 def use_triton(flag: bool, skinny_matmul: bool | None = None, fused_gemv_norm: bool | None = None) -> None:
@@ -109,6 +114,17 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
     k_cache.index_copy_(1, positions, rot(kk).transpose(0, 1))
     v_cache.index_copy_(1, positions, v.transpose(0, 1))
     return rot(q)
+
+
+def decode_rope_attention(qkv: torch.Tensor, pos: torch.Tensor, kv_len: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
+                          n_kv: int, hd: int, sm_scale: float) -> torch.Tensor:
+    """One decode token (qkv: (1, (H + 2 KV) hd) at position pos, kv_len = pos + 1, both device tensors):
+    rotate q and k, write k and v into the cache at pos, attend over kv_len positions. Returns (1, H, hd)."""
+    if FUSED_DECODE_ATTN and (k := _k(qkv)) is not None:
+        return k.decode_rope_attention(qkv, pos, cos, sin, k_cache, v_cache, n_heads, n_kv, hd, sm_scale)
+    q = rope_and_cache(qkv, pos, cos, sin, k_cache, v_cache, n_heads, n_kv, hd)
+    return decode_attention(q, k_cache, v_cache, kv_len, sm_scale)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, L: int,

@@ -169,3 +169,60 @@ def test_pdl_chain_in_a_graph_matches_plain_launches():
     assert not plain.isnan().any()
     for o in pdl:
         assert torch.equal(o, plain)
+
+
+@pytest.mark.parametrize("H,KV", [(32, 8), (32, 32)])
+def test_fused_decode_rope_attention_matches_the_three_kernels(H, KV):
+    """kernels.decode_rope_attention (rope + KV write + split attention + reduce in one launch, the last
+    split program of each kv head merging the partials) against rope_and_cache + decode_attention: the
+    same output and cache at positions across split and tile edges, also replayed from one CUDA graph
+    (its per-head counts must return to zero after every launch)."""
+    from engine import kernels
+    ops.use_triton(True, skinny_matmul=True, fused_gemv_norm=True)
+    g = torch.Generator(device="cuda").manual_seed(H + KV)
+    hd, T, dt = 128, 2048, torch.float16
+    ang = torch.rand(T, hd // 2, device="cuda", generator=g) * 6.3
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)
+    qkv = torch.randn(1, (H + 2 * KV) * hd, device="cuda", dtype=dt, generator=g)
+    k0 = torch.randn(KV, T, hd, device="cuda", dtype=dt, generator=g)
+    v0 = torch.randn(KV, T, hd, device="cuda", dtype=dt, generator=g)
+
+    def same_cache(c, ref, p):
+        """Every other position untouched; position p as the rope kernel wrote it (up to fp16 rounding of
+        the same fp32 rotation, which the two kernels may contract differently)."""
+        rest = torch.ones(T, dtype=torch.bool, device="cuda")
+        rest[p] = False
+        return torch.equal(c[:, rest], ref[:, rest]) and rel_err(c[:, p], ref[:, p]) < 1e-3
+
+    def unfused(p):
+        kc, vc, pos = k0.clone(), v0.clone(), torch.tensor([p], device="cuda")
+        q = ops.rope_and_cache(qkv, pos, cos, sin, kc, vc, H, KV, hd)
+        return ops.decode_attention(q, kc, vc, pos + 1, hd ** -0.5), kc, vc
+
+    for p in (0, 1, 31, 32, 511, 512, 1000, T - 1):
+        ref, kr, vr = unfused(p)
+        kc, vc = k0.clone(), v0.clone()
+        out = kernels.decode_rope_attention(qkv, torch.tensor([p], device="cuda"), cos, sin, kc, vc, H, KV, hd,
+                                            hd ** -0.5)
+        assert same_cache(kc, kr, p) and same_cache(vc, vr, p), p            # the new k, v at p; nothing else
+        assert rel_err(out, ref) < 2e-3, p
+
+    pos = torch.zeros(1, dtype=torch.long, device="cuda")
+    kc, vc = k0.clone(), v0.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        kernels.decode_rope_attention(qkv, pos, cos, sin, kc, vc, H, KV, hd, hd ** -0.5)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.decode_rope_attention(qkv, pos, cos, sin, kc, vc, H, KV, hd, hd ** -0.5)
+    for p in (700, 3, 1500, 64, 700):
+        pos.fill_(p)
+        kc.copy_(k0)
+        vc.copy_(v0)
+        graph.replay()
+        ref, kr, vr = unfused(p)
+        assert rel_err(out, ref) < 2e-3 and same_cache(kc, kr, p) and same_cache(vc, vr, p), p
+    locks = [v[2] for key, v in kernels._scratch.items() if "rope" in key]
+    assert locks and all(int(lk.abs().sum()) == 0 for lk in locks)
