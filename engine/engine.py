@@ -102,6 +102,9 @@ class HybridEngine:
         # each step's token lands here (async copy + event) so the next step can be queued before it is read
         self._tok_host = torch.zeros(1, dtype=torch.long, pin_memory=self.cuda)
         self._tok_event = torch.cuda.Event() if self.cuda else None
+        # CUDA: queue step i+1 before reading token i (the GPU never waits for the host). CPU: a step runs
+        # synchronously at its launch, so the token is read and emitted first and then the next step runs.
+        self._read_ahead = self.cuda
 
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-engine")
         self.graph_mem_bytes = 0
@@ -506,6 +509,7 @@ class HybridEngine:
                                      graph_bucket=graph_bucket)
             hold = max((len(s) for s in params.stop), default=1) - 1  # chars that may start a stop string
             decode_graph = self._decode_graph if self.cuda else None
+            ahead = self._read_ahead
             shaped = params.shapes_logits
             cut = -1
             t_prev = t_start
@@ -523,11 +527,12 @@ class HybridEngine:
                 if self._tok_event is not None:
                     self._tok_event.record()
                 cancelled = cancel is not None and cancel.is_set()
-                # One step ahead: queue the next token's step (it reads self.tok on the device) before this
-                # token reaches the host, so the GPU runs steps back to back instead of idling while the host
-                # reads a token, emits it and launches the next replay. An EOS token, a stop string or a
-                # cancel found below wastes that one step; nothing reads its output.
-                if len(out) + 1 < params.max_tokens and not cancelled:
+                # One step ahead (CUDA): queue the next token's step (it reads self.tok on the device) before
+                # this token reaches the host, so the GPU runs steps back to back instead of idling while the
+                # host reads a token, emits it and launches the next replay. An EOS token, a stop string or a
+                # cancel found below wastes that one step (nothing reads its output); a request queued behind
+                # this one starts after it.
+                if ahead and len(out) + 1 < params.max_tokens and not cancelled:
                     self._step(decode_graph)
                 if self._tok_event is not None:
                     self._tok_event.synchronize()       # the one host wait of a step: this token, not the next
@@ -562,6 +567,8 @@ class HybridEngine:
                 if cancelled:
                     finish = "cancelled"
                     break
+                if not ahead:                           # CPU: the next step once this token is out
+                    self._step(decode_graph)
             if cut < 0:                                 # flush text held back for stop strings
                 text = self._emit_text(on_chunk, None, len(out), text, self.tokenizer.decode(out))
         metrics.e2e_s = time.perf_counter() - t_req

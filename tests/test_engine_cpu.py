@@ -282,16 +282,23 @@ class _LoggedEvent:
         self.events.append("read")
 
 
-def test_next_step_runs_before_the_host_reads_and_emits_the_token():
-    """The decode step of token i+1 is queued before the host waits for token i, and so before token i is
-    turned into text and emitted: on CUDA the GPU runs the steps back to back while the host reads a token,
-    emits it and queues the next replay. No step runs past max_tokens."""
+def _logged_engine(ahead: bool) -> tuple[HybridEngine, list[str]]:
     eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
     events: list[str] = []
     step, emit = eng._step, eng._emit_text
     eng._step = lambda g: (events.append("step"), step(g))[1]
     eng._emit_text = lambda *a: (events.append("chunk"), emit(*a))[1]
     eng._tok_event = _LoggedEvent(events)
+    eng._read_ahead = ahead
+    return eng, events
+
+
+def test_next_step_runs_before_the_host_reads_and_emits_the_token():
+    """Read-ahead (the CUDA order, forced here on CPU): the decode step of token i+1 is queued before the
+    host waits for token i, and so before token i is turned into text and emitted: on CUDA the GPU runs the
+    steps back to back while the host reads a token, emits it and queues the next replay. No step runs past
+    max_tokens."""
+    eng, events = _logged_engine(ahead=True)
     n = 6
 
     async def collect():
@@ -306,6 +313,30 @@ def test_next_step_runs_before_the_host_reads_and_emits_the_token():
     for k in range(n):
         assert events[: chunk_at[k]].count("step") == min(k + 1, n - 1), events
         assert events[: read_at[k]].count("step") == min(k + 1, n - 1), events   # read one step behind
+
+
+def test_cpu_emits_each_token_before_its_next_step_and_wastes_none_on_eos():
+    """On CPU a step runs at its launch, so the engine reads and emits token i first and then runs step
+    i+1 (read-ahead would hold every token back by a step). A reply that ends by EOS runs no extra step."""
+    eng, events = _logged_engine(ahead=False)
+    assert HybridEngine(EngineConfig(model="tiny", device="cpu"))._read_ahead is False
+
+    async def collect(params):
+        return [c async for c in eng.stream("in order", params)]
+
+    n = 5
+    chunks = asyncio.run(collect(SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))
+    assert len([c for c in chunks if c.token_id is not None]) == n
+    chunk_at = [i for i, e in enumerate(events) if e == "chunk"]
+    for k in range(n):
+        assert events[: chunk_at[k]].count("step") == k, events
+    assert events.count("step") == n - 1, events
+    events.clear()
+    ids = eng.generate("in order", SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)).token_ids
+    eos = ids[2]                                    # the third greedy token acts as EOS
+    r = eng.generate("in order", SamplingParams(max_tokens=n, temperature=0, stop_token_ids=[eos]))
+    assert r.finish_reason == "stop" and r.token_ids == ids[:2]
+    assert events.count("step") == 5 - 1 + 2, events   # the first run's 4 steps, then 2: none after the EOS token
 
 
 def metaspace_tokenizer(out):
