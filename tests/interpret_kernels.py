@@ -1,0 +1,104 @@
+"""Run by tests/test_kernels_interpret.py in a fresh interpreter with TRITON_INTERPRET=1 (Triton reads it
+when it is imported): the Triton kernels of engine/kernels.py on CPU tensors, against engine/ops.py's
+PyTorch reference. Not a test_*.py file, so a plain pytest run does not collect it by itself."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from engine import ops
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run through tests/test_kernels_interpret.py (needs TRITON_INTERPRET=1 before triton is imported)",
+                allow_module_level=True)
+
+import triton  # noqa: E402  (after the check above)
+
+
+@pytest.fixture(scope="module")
+def k():
+    """engine/kernels.py as the interpreter runs it (CPU tensors, PDL off)."""
+    from engine import kernels as mod
+    assert not mod.PDL
+    # one config keeps the interpreted autotuning short: BLOCK_K 64 makes K=300 and K=1000 take the
+    # pipelined loop after the two chunks loaded before the PDL wait, and K=96 a masked second chunk
+    mod._skinny_kernel.configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4, num_stages=2)]
+    return mod
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-2) -> bool:
+    return (a.float() - b.float()).abs().max().item() <= tol * max(1.0, b.float().abs().max().item())
+
+
+def torch_ops(fn):
+    ops.use_triton(False)
+    try:
+        return fn()
+    finally:
+        ops.use_triton(True)
+
+
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_skinny_matmul_plain_norm_and_gated_residual(k, M):
+    g = torch.Generator().manual_seed(M)
+    for N, K in ((100, 300), (64, 96), (48, 1000)):
+        x = torch.randn(M, K, generator=g).half()
+        w = (torch.randn(N, K, generator=g) * 0.05).half()
+        ln = (1 + 0.1 * torch.randn(K, generator=g)).half()
+        assert close(k.skinny_matmul(x, w), x.float() @ w.float().t()), (N, K)
+        ref = torch_ops(lambda: ops.norm_linear(x.float(), ln.float(), 1e-5, w.float()))
+        assert close(k.skinny_matmul(x, w, ln=ln, eps=1e-5), ref), (N, K)
+        xg = torch.randn(M, 2 * K, generator=g).half()
+        r = torch.randn(M, N, generator=g).half()
+        r_ref = r.float()
+        torch_ops(lambda: ops.linear_residual(xg.float(), w.float(), r_ref, gated=True))
+        out = k.skinny_matmul(xg, w, residual=r, gated=True)
+        assert out.data_ptr() == r.data_ptr() and close(r, r_ref), (N, K)
+
+
+def test_norm_silu_rope_and_split_attention(k):
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(5, 64, generator=g), torch.randn(64, generator=g)
+    assert close(k.rms_norm(x, w, 1e-5), torch_ops(lambda: ops.rms_norm(x, w, 1e-5)), 1e-5)
+    gu = torch.randn(5, 128, generator=g)
+    assert close(k.silu_mul(gu), torch_ops(lambda: ops.silu_mul(gu)), 1e-5)
+    H, KV, hd, T = 4, 2, 16, 64
+    qkv = torch.randn(3, (H + 2 * KV) * hd, generator=g)
+    ang = torch.rand(T, hd // 2, generator=g) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    pos = torch.tensor([5, 6, 40])
+    kc, vc, kr, vr = (torch.zeros(KV, T, hd) for _ in range(4))
+    q = k.rope_and_cache(qkv, pos, cos, sin, kc, vc, H, KV, hd)
+    q_ref = torch_ops(lambda: ops.rope_and_cache(qkv, pos, cos, sin, kr, vr, H, KV, hd))
+    assert close(q, q_ref, 1e-5) and close(kc, kr, 1e-5) and close(vc, vr, 1e-5)
+    kc, vc, q1 = torch.randn(KV, T, hd, generator=g), torch.randn(KV, T, hd, generator=g), torch.randn(1, H, hd)
+    for n in (1, 17, 37, T):                     # the 16 splits of 32-position tiles: empty, partial, all
+        L = torch.tensor([n])
+        assert close(k.decode_attention(q1, kc, vc, L, 0.25),
+                     torch_ops(lambda: ops.decode_attention(q1, kc, vc, L, 0.25)), 1e-4), n
+
+
+@pytest.mark.parametrize("H,KV", [(4, 2), (4, 4), (8, 1)])
+def test_one_kernel_decode_attention_matches_the_three_kernels(k, H, KV):
+    """decode_rope_attention: rope of q and the new k, the KV write at pos, split attention over 0..pos-1
+    and the last split program's merge with the new token, against rope_and_cache + decode_attention."""
+    g = torch.Generator().manual_seed(H * 10 + KV)
+    hd, T = 32, 300
+    ang = torch.rand(T, hd // 2, generator=g) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).half(), torch.cat([ang.sin()] * 2, -1).half()
+    for p in (0, 1, 31, 32, 33, 257):
+        qkv = torch.randn(1, (H + 2 * KV) * hd, generator=g).half()
+        k0, v0 = torch.randn(KV, T, hd, generator=g).half(), torch.randn(KV, T, hd, generator=g).half()
+        kc, vc, kr, vr = k0.clone(), v0.clone(), k0.float(), v0.float()
+        pos = torch.tensor([p])
+        out = k.decode_rope_attention(qkv, pos, cos, sin, kc, vc, H, KV, hd, hd ** -0.5)
+        ref = torch_ops(lambda: ops.decode_rope_attention(qkv.float(), pos, pos + 1, cos.float(), sin.float(),
+                                                          kr, vr, H, KV, hd, hd ** -0.5))
+        assert out.shape == (1, H, hd) and close(out, ref), p
+        assert close(kc[:, p], kr[:, p], 1e-2) and torch.equal(vc[:, p].float(), vr[:, p]), p   # new k, v at p
+        keep = torch.arange(T) != p
+        assert torch.equal(kc[:, keep], k0[:, keep]) and torch.equal(vc[:, keep], v0[:, keep]), p
+        locks = [v[2] for key, v in k._scratch.items() if "rope" in key]
+        assert locks and all(int(lk.abs().sum()) == 0 for lk in locks), p          # counts back to zero
