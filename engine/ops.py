@@ -14,8 +14,8 @@ _fused = True
 GATE_IN_GEMV = True   # one row: silu(gate) * up computed in the down GEMV's loads (no SiLU kernel)
 # One row: rope, KV write, split attention and its reduce in one kernel (kernels._decode_rope_attn_kernel)
 # instead of three. Off until an A/B on a GPU shows it faster (`bench/profile_decode.py --variant fused-attn`);
-# It matched the three kernels under Triton's CPU interpreter (TRITON_INTERPRET=1, 2026-11-27); the GPU
-# check is tests/test_kernels_gpu.py::test_fused_decode_rope_attention_matches_the_three_kernels.
+# It matches the three kernels under Triton's CPU interpreter in CI (tests/test_kernels_interpret.py); the
+# GPU check is tests/test_kernels_gpu.py::test_fused_decode_rope_attention_matches_the_three_kernels.
 FUSED_DECODE_ATTN = False
 
 
