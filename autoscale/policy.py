@@ -21,7 +21,8 @@ How it decides (``ratio`` = fleet P99 / objective, the worse of TTFT and, if set
 * **ratio < downscale_headroom** (well under): once that has lasted ``downscale_delay_s``
   and ``downscale_cooldown_s`` has passed since the last scale action, remove up to
   ``max_step_down`` replicas — but only as many as keep the *predicted* ratio
-  (load per remaining replica, see below) at or under ``target_ratio``.
+  (load per remaining replica, see below) at or under ``target_ratio`` and the predicted
+  busy fraction of each remaining replica at or under ``max_utilization`` (below).
 * **in between**: hysteresis band; hold and restart both timers, so steady load that
   wanders around never moves the fleet.
 * ``queue_signal`` (off by default): the P99 of *finished* requests lags a load step by the
@@ -49,6 +50,17 @@ replica grows by ``current / n`` and P99 is predicted to grow in proportion
 optimistic near saturation (latency grows faster than load) — hence the downscale also needs
 the measured P99 sustained under ``downscale_headroom`` and the predicted one under
 ``target_ratio``.
+
+Capacity guard (``max_utilization``): at batch 1 a replica's latency is flat until it saturates
+and then grows without bound, so "P99 far under the objective" says nothing about how close
+to the cliff the fleet is.  Each replica reports its request rate and the mean time a request
+held its engine; their product is the fraction of time it is busy, and the fleet's sum is the
+number of replicas' worth of work it carries.  A scale-down must leave that work at or under
+``max_utilization`` per remaining replica.  (An M/D/1 queue waits rho / (2 (1 - rho)) service
+times on average: 0.75 at rho = 0.6, 1.5 at 0.75, 4.5 at 0.9.)  Found on GPUs (2x H200,
+2026-11-27, ``docs/fleet.md``): at one replica's full capacity spread over two, each replica's
+P99 was 0.04 of the objective, the P99 model predicted 0.09 for one replica, the policy scaled
+down, the lone replica's queue grew and it scaled up again 45 s later, twice in 300 s.
 """
 from __future__ import annotations
 
@@ -121,6 +133,12 @@ class LatencyPolicyConfig(BaseModel):
     )
     min_recent_samples: int = Field(
         default=3, ge=1, description="Fleet samples the recent sub-window needs to be trusted."
+    )
+    max_utilization: Optional[float] = Field(
+        default=0.6, gt=0, le=1,
+        description="A scale-down must leave each remaining replica busy at most this fraction of "
+        "the time, predicted from the replicas' request rate x mean service time (see the module "
+        "docstring). None: no capacity guard (the P99 model alone).",
     )
     queue_signal: bool = Field(
         default=False,
@@ -268,6 +286,7 @@ class FleetStats:
     recent_ratio: Optional[float] = None  # None: not reported / too few recent samples
     recent_samples: float = 0.0
     queue_ratio: float = 0.0  # predicted TTFT of the newest queued request / objective (max)
+    busy: Optional[float] = None  # replicas' worth of work: sum of rate x mean service time
 
 
 def fleet_stats(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> FleetStats:
@@ -301,7 +320,16 @@ def fleet_stats(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> FleetStats
                 recent_ratio, max((r.p99_e2e_recent_ms or 0.0) for r in live) / cfg.p99_e2e_ms
             )
     return FleetStats(ttft, e2e, samples, rate, in_flight, ratio, len(counted),
-                      recent_ratio, recent_n, queue_ratio(snapshot, counted, cfg))
+                      recent_ratio, recent_n, queue_ratio(snapshot, counted, cfg), busy_replicas(reps))
+
+
+def busy_replicas(reps: Sequence[ReplicaStats]) -> Optional[float]:
+    """How many replicas' worth of work the fleet carries: the sum over replicas of the fraction
+    of time each is busy (requests finished per second x mean time one held the engine).
+    None unless every replica reports its service time (the guard then stays out of the way)."""
+    if not reps or any(r.mean_service_ms is None for r in reps):
+        return None
+    return sum(r.request_rate * r.mean_service_ms / 1000.0 for r in reps)
 
 
 def queue_ratio(snapshot: FleetSnapshot, counted: Sequence[ReplicaStats], cfg: LatencyPolicyConfig) -> float:
@@ -366,6 +394,7 @@ def decide(
         "recent_ratio": None if fs.recent_ratio is None else round(fs.recent_ratio, 4),
         "recent_samples": fs.recent_samples,
         "queue_ratio": round(fs.queue_ratio, 4),
+        "busy_replicas": None if fs.busy is None else round(fs.busy, 4),
         "samples": fs.samples,
         "counted_replicas": fs.counted_replicas,
         "request_rate": round(fs.request_rate, 3),
@@ -445,20 +474,29 @@ def decide(
         if base <= lo:
             return out(base, "hold", "at_min", breach_since=None, low_since=low_since)
         # Load per remaining replica grows by serving/n; P99 predicted to grow with it.
+        # The busy time the fleet carries is spread over the remaining replicas (capacity guard).
         serving = max(current, 1)
         target = base
         predicted = ratio
+        saturates = False
         for n in range(max(lo, base - cfg.max_step_down), base):
             p = ratio * serving / n if n > 0 else (0.0 if idle else math.inf)
+            util = None if (fs.busy is None or n == 0) else fs.busy / n
+            if util is not None and cfg.max_utilization is not None and util > cfg.max_utilization:
+                saturates = True
+                continue
             if p <= cfg.target_ratio:
                 target, predicted = n, p
                 break
         inputs["predicted_ratio_after"] = round(predicted, 4) if math.isfinite(predicted) else None
+        if fs.busy is not None and target > 0:
+            inputs["utilization_after"] = round(fs.busy / target, 4)
         if fs.request_rate > 0 and target > 0:
             inputs["load_per_replica_now"] = round(fs.request_rate / serving, 3)
             inputs["load_per_replica_after"] = round(fs.request_rate / target, 3)
         if target >= base:
-            return out(base, "hold", "downscale_would_breach", breach_since=None, low_since=low_since)
+            return out(base, "hold", "downscale_would_saturate" if saturates else "downscale_would_breach",
+                       breach_since=None, low_since=low_since)
         return out(target, "down", "idle" if (idle and not enough) else "p99_well_under_objective",
                    breach_since=None, low_since=None, last_scale_down_at=now)
 

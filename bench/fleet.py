@@ -330,7 +330,8 @@ def app_args_for(args, engine_cfg: dict, hybrid: bool, objective_ms: float) -> d
                                   "policy_kwargs": {"p99_ttft_ms": objective_ms,
                                                     "upscale_delay_s": args.upscale_delay_s,
                                                     "downscale_delay_s": args.downscale_delay_s,
-                                                    "min_samples": 10, "queue_signal": args.queue_signal}}}
+                                                    "min_samples": 10, "queue_signal": args.queue_signal,
+                                                    "max_utilization": args.max_utilization}}}
     else:
         autoscaling = {**base, "upscale_delay_s": args.upscale_delay_s,
                        "downscale_delay_s": args.downscale_delay_s,
@@ -671,6 +672,8 @@ def main(argv=None) -> int:
     ap.add_argument("--downscale-delay-s", type=float, default=60.0)
     ap.add_argument("--queue-signal", action=argparse.BooleanOptionalAction, default=False,
                     help="hybrid: the latency policy also scales on the TTFT its queues predict (leading signal)")
+    ap.add_argument("--max-utilization", type=float, default=0.6,
+                    help="hybrid: the policy's capacity guard on scale-downs (0 < x <= 1)")
     ap.add_argument("--target-ongoing", type=float, default=1.0, help="baseline: target_ongoing_requests")
     ap.add_argument("--warmup-s", type=float, default=20)
     ap.add_argument("--steady-s", type=float, default=60)
