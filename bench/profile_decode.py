@@ -96,7 +96,6 @@ VARIANTS = {  # A/B of the decode step's levers (bench/NOTES.md steps 10-11); ea
     "unfused-norm": {"fused_gemv_norm": False},     # an RMSNorm kernel before each projection
     "silu-kernel": {"ops.GATE_IN_GEMV": False},     # silu(gate) * up as its own kernel before the down GEMV
     "attn-8x64": {"kernels.ATTN_SPLITS": 8, "kernels.ATTN_BLOCK_N": 64},   # fewer, longer attention splits
-    "fused-attn": {"ops.FUSED_DECODE_ATTN": True},  # rope + KV write + attention + reduce in one kernel
     "no-pdl": {"kernels.PDL": False},               # plain stream-ordered launches (no programmatic dependent launch)
 }
 

@@ -12,11 +12,6 @@ _enabled = True
 _skinny = True
 _fused = True
 GATE_IN_GEMV = True   # one row: silu(gate) * up computed in the down GEMV's loads (no SiLU kernel)
-# One row: rope, KV write, split attention and its reduce in one kernel (kernels._decode_rope_attn_kernel)
-# instead of three. Off until an A/B on a GPU shows it faster (`bench/profile_decode.py --variant fused-attn`);
-# It matches the three kernels under Triton's CPU interpreter in CI (tests/test_kernels_interpret.py); the
-# GPU check is tests/test_kernels_gpu.py::test_fused_decode_rope_attention_matches_the_three_kernels.
-FUSED_DECODE_ATTN = False
 
 
 def use_triton(flag: bool, skinny_matmul: bool | None = None, fused_gemv_norm: bool | None = None) -> None:
@@ -121,8 +116,6 @@ def decode_rope_attention(qkv: torch.Tensor, pos: torch.Tensor, kv_len: torch.Te
                           n_kv: int, hd: int, sm_scale: float) -> torch.Tensor:
     """One decode token (qkv: (1, (H + 2 KV) hd) at position pos, kv_len = pos + 1, both device tensors):
     rotate q and k, write k and v into the cache at pos, attend over kv_len positions. Returns (1, H, hd)."""
-    if FUSED_DECODE_ATTN and (k := _k(qkv)) is not None:
-        return k.decode_rope_attention(qkv, pos, cos, sin, k_cache, v_cache, n_heads, n_kv, hd, sm_scale)
     q = rope_and_cache(qkv, pos, cos, sin, k_cache, v_cache, n_heads, n_kv, hd)
     return decode_attention(q, k_cache, v_cache, kv_len, sm_scale)
 

@@ -78,27 +78,3 @@ def test_norm_silu_rope_and_split_attention(k):
         L = torch.tensor([n])
         assert close(k.decode_attention(q1, kc, vc, L, 0.25),
                      torch_ops(lambda: ops.decode_attention(q1, kc, vc, L, 0.25)), 1e-4), n
-
-
-@pytest.mark.parametrize("H,KV", [(4, 2), (4, 4), (8, 1)])
-def test_one_kernel_decode_attention_matches_the_three_kernels(k, H, KV):
-    """decode_rope_attention: rope of q and the new k, the KV write at pos, split attention over 0..pos-1
-    and the last split program's merge with the new token, against rope_and_cache + decode_attention."""
-    g = torch.Generator().manual_seed(H * 10 + KV)
-    hd, T = 32, 300
-    ang = torch.rand(T, hd // 2, generator=g) * 6
-    cos, sin = torch.cat([ang.cos()] * 2, -1).half(), torch.cat([ang.sin()] * 2, -1).half()
-    for p in (0, 1, 31, 32, 33, 257):
-        qkv = torch.randn(1, (H + 2 * KV) * hd, generator=g).half()
-        k0, v0 = torch.randn(KV, T, hd, generator=g).half(), torch.randn(KV, T, hd, generator=g).half()
-        kc, vc, kr, vr = k0.clone(), v0.clone(), k0.float(), v0.float()
-        pos = torch.tensor([p])
-        out = k.decode_rope_attention(qkv, pos, cos, sin, kc, vc, H, KV, hd, hd ** -0.5)
-        ref = torch_ops(lambda: ops.decode_rope_attention(qkv.float(), pos, pos + 1, cos.float(), sin.float(),
-                                                          kr, vr, H, KV, hd, hd ** -0.5))
-        assert out.shape == (1, H, hd) and close(out, ref), p
-        assert close(kc[:, p], kr[:, p], 1e-2) and torch.equal(vc[:, p].float(), vr[:, p]), p   # new k, v at p
-        keep = torch.arange(T) != p
-        assert torch.equal(kc[:, keep], k0[:, keep]) and torch.equal(vc[:, keep], v0[:, keep]), p
-        locks = [v[2] for key, v in k._scratch.items() if "rope" in key]
-        assert locks and all(int(lk.abs().sum()) == 0 for lk in locks), p          # counts back to zero
