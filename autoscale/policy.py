@@ -60,7 +60,8 @@ number of replicas' worth of work it carries.  A scale-down must leave that work
 times on average: 0.75 at rho = 0.6, 1.5 at 0.75, 4.5 at 0.9.)  Found on GPUs (2x H200,
 2026-11-27, ``docs/fleet.md``): at one replica's full capacity spread over two, each replica's
 P99 was 0.04 of the objective, the P99 model predicted 0.09 for one replica, the policy scaled
-down, the lone replica's queue grew and it scaled up again 45 s later, twice in 300 s.
+down, the lone replica's queue grew, it scaled up again 45 s later and down once more: 3 direction
+changes in 300 s.  With the guard: one scale-up, none after it.
 """
 from __future__ import annotations
 

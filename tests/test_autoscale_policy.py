@@ -768,3 +768,31 @@ def test_batch1_sim_without_the_capacity_guard_flaps_like_the_gpu_run():
     sim = Batch1Sim(FLEET_LOAD, cfg, seed=0).run(360)
     dirs = [a[1] for a in sim.actions()]
     assert dirs[:3] == ["up", "down", "up"], sim.actions()
+
+
+def test_adapter_feeds_the_capacity_guard_from_real_windows():
+    """Two real LatencyWindows through Ray's AutoscalingContext: replicas finishing 4 req/s of
+    150 ms on the engine (busy 0.6 each, 1.2 together) with a P99 far under the objective hold
+    at 2; at 1 req/s each (0.3 together) the same P99s scale down to 1."""
+    from autoscale.ray_policy import STATE_KEY, LatencyAutoscalingPolicy
+
+    def ctx(rate):
+        clock = FakeClock()
+        windows = {}
+        for rid in ("a", "b"):
+            w = LatencyWindow(window_s=30, clock=clock)
+            windows[rid] = w
+        clock.t += 30
+        n = int(rate * 30)
+        for i in range(n):
+            for w in windows.values():
+                w.record(0.010, 0.160, now=clock.t - 30 + (i + 0.5) * 30 / n, service_s=0.150)
+        return _ctx(_raw({rid: w.snapshot() for rid, w in windows.items()}, 1000.0), ["a", "b"],
+                    policy_state={STATE_KEY: PolicyState(low_since=0.0).to_dict()})
+
+    pol = LatencyAutoscalingPolicy(p99_ttft_ms=500, min_samples=10, downscale_delay_s=60)
+    n, st = pol(ctx(4.0))
+    assert n == 2 and st[STATE_KEY]["last_reason"] == "downscale_would_saturate"
+    n, st = pol(ctx(1.0))
+    assert n == 1 and st[STATE_KEY]["last_reason"] == "p99_well_under_objective"
+
