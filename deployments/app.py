@@ -61,7 +61,20 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     cfg_json = cfg.model_dump(mode="json")
     if cfg.topology == "colocated":   # the API inside each model replica (deployments/colocated.py)
         from .colocated import ColocatedServer
-        return serve.deployment(ColocatedServer).options(**model_deployment_options(cfg)).bind(cfg_json)
+        app = serve.deployment(ColocatedServer).options(**model_deployment_options(cfg)).bind(cfg_json)
+        if cfg.ingress_router:        # HAProxy asks BucketRouteServer which replica (deployments/bucket_route.py)
+            from .bucket_route import BucketRouteServer
+            # on every request's path: its handler and the handle's router run on the replica's own
+            # event loop (no thread hops), and no access-log line per routing decision
+            same_loop = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+            route = serve.deployment(BucketRouteServer).options(
+                name="BucketRoute", num_replicas=1, max_ongoing_requests=1000,
+                ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": same_loop}},
+                logging_config={"enable_access_log": False},
+            ).bind(app, cfg_json)
+            app = app._with_ingress_request_router(route)
+        return app
     model = serve.deployment(ModelServer).options(**model_deployment_options(cfg)).bind(cfg_json)
     ingress = serve.deployment(Ingress).options(
         name="Ingress", num_replicas=cfg.ingress.num_replicas,

@@ -83,6 +83,11 @@ class AppConfig(BaseModel):
                              "token count for HTTP requests and balances by load). With "
                              "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 each colocated replica also listens on its "
                              "own HTTP port (no proxy hop): see docs/latency.md")
+    ingress_router: bool = Field(
+        False, description="colocated topology only: route each HTTP request by its prompt's bucket before "
+                           "it reaches a replica, through Ray Serve's HAProxy ingress (needs "
+                           "RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1 in "
+                           "the Ray cluster's environment; deployments/bucket_route.py)")
     user_code_thread: bool = Field(
         True, description="Ray Serve runs each replica's request handlers on a separate event-loop thread "
                           "(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, Ray's default). false: on the replica's "
@@ -127,6 +132,11 @@ class AppConfig(BaseModel):
                         ("ingress.max_queued_requests", self.ingress.max_queued_requests)):
             if v == 0:
                 raise ValueError(f"{name} must be -1 (no limit) or a positive integer, got 0")
+        if self.ingress_router and self.topology != "colocated":
+            raise ValueError("ingress_router needs topology: colocated (the split topology's Ingress "
+                             "already routes by bucket); set topology: colocated or drop ingress_router")
+        if self.ingress_router and not self.router.enabled:
+            raise ValueError("ingress_router routes through the warm-bucket router: set router.enabled: true")
         if self.autoscaling is not None:
             for key in ("min_replicas", "max_replicas"):
                 v = self.autoscaling.get(key)

@@ -1,0 +1,87 @@
+"""Warm-bucket routing in front of colocated replicas, through Ray Serve's HAProxy ingress.
+
+``topology: colocated`` serves the API inside each model replica (no Ray hop on the data path), but
+then no router sees the prompt. With ``ingress_router: true`` (and, in the Ray cluster's environment,
+``RAY_SERVE_ENABLE_HA_PROXY=1`` plus ``RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1``), Ray Serve
+runs HAProxy as the HTTP entry point; for each POST, HAProxy's Lua action sends the request body to
+:class:`BucketRouteServer`'s ``/internal/route``, which counts the prompt's tokens and asks the
+colocated deployment's own request router (:class:`deployments.router.WarmBucketRouter`, through
+``DeploymentHandle.choose_replica``) for a replica, and answers with its id; HAProxy then sends the
+request straight to that replica's HTTP port. The data path stays HAProxy -> replica; the routing
+decision costs one local HTTP call.
+
+The hook that attaches this deployment, ``Application._with_ingress_request_router``, is marked
+internal and unstable in Ray 2.60 (it is how Serve LLM's direct streaming routes); the contract
+used here is small: POST body in, ``{"replica_id", "host", "port"}`` out.
+"""
+
+import json
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from .config import AppConfig, load_app_config
+from .router import TOKENS_KWARG
+from .tokenize import count_tokens, load_tokenizer
+
+route_app = FastAPI()
+
+
+def prompt_tokens(tok: Any, body: bytes) -> int | None:
+    """The prompt's token count as the engine will see it, from an OpenAI request body; None when
+    the body has no single routable prompt (the replica then validates and answers the request)."""
+    try:
+        req = json.loads(body or b"{}")
+    except ValueError:
+        return None
+    if not isinstance(req, dict):
+        return None
+    try:
+        prompt = req.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]                                   # a batch of one
+        if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+            return count_tokens(tok, prompt)
+        msgs = req.get("messages")
+        if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
+            text = [{"role": str(m.get("role", "user")),
+                     "content": m["content"] if isinstance(m.get("content"), str)
+                     else "".join(str(p.get("text", "")) for p in m.get("content") or [] if isinstance(p, dict))}
+                    for m in msgs]
+            return len(tok.chat_prompt(text))
+    except Exception:      # a prompt the tokenizer rejects: the replica answers it with a 4xx
+        return None
+    return None
+
+
+@serve.ingress(route_app)
+class BucketRouteServer:
+    """HAProxy's ingress request router for the colocated topology (see the module docstring)."""
+
+    def __init__(self, model: DeploymentHandle, app_config: dict):
+        cfg = app_config if isinstance(app_config, AppConfig) else load_app_config(app_config)
+        self.tok = load_tokenizer(cfg.engine)
+        self.model = model
+
+    @route_app.post("/internal/route")
+    async def route(self, request: Request) -> dict:
+        n = prompt_tokens(self.tok, await request.body())
+        kwargs: dict[str, Any] = {"_reserve": False}     # the request itself goes through HAProxy
+        if n is not None:
+            kwargs[TOKENS_KWARG] = n
+        try:
+            async with self.model.choose_replica(**kwargs) as selection:
+                replica = selection._replica
+                endpoint = replica.backend_http_endpoint
+                if endpoint is None:
+                    raise RuntimeError(f"replica {selection.replica_id} has no HTTP endpoint yet")
+                host, port = endpoint
+                return {"host": host, "port": port, "replica_id": replica.replica_id.to_full_id_str()}
+        except RuntimeError as e:
+            raise HTTPException(status_code=503, detail=str(e)) from None
+
+    @route_app.get("/healthz")
+    async def healthz(self) -> str:
+        return "ok"
