@@ -10,6 +10,12 @@ colocated deployment's own request router (:class:`deployments.router.WarmBucket
 request straight to that replica's HTTP port. The data path stays HAProxy -> replica; the routing
 decision costs one local HTTP call.
 
+What differs from the split topology's routing: Ray calls the router's ``on_request_routed`` hook only
+for requests it dispatches itself, so a cold placement leaves no hint here; the next prompt of that
+bucket follows it once the replica's routing stats (every ``router.stats_period_s``) list the bucket.
+The load the router sees is each replica's reported queue depth (same period), not Ray's per-request
+queue-length cache.
+
 The hook that attaches this deployment, ``Application._with_ingress_request_router``, is marked
 internal and unstable in Ray 2.60 (it is how Serve LLM's direct streaming routes); the contract
 used here is small: POST body in, ``{"replica_id", "host", "port"}`` out.
