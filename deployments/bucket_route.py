@@ -29,6 +29,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from .config import AppConfig, load_app_config
+from .ingress import ChatMessage, chat_prompt_ids
 from .router import TOKENS_KWARG
 from .tokenize import count_tokens, load_tokenizer
 
@@ -51,13 +52,9 @@ def prompt_tokens(tok: Any, body: bytes) -> int | None:
         if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
             return count_tokens(tok, prompt)
         msgs = req.get("messages")
-        if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
-            text = [{"role": str(m.get("role", "user")),
-                     "content": m["content"] if isinstance(m.get("content"), str)
-                     else "".join(str(p.get("text", "")) for p in m.get("content") or [] if isinstance(p, dict))}
-                    for m in msgs]
-            return len(tok.chat_prompt(text))
-    except Exception:      # a prompt the tokenizer rejects: the replica answers it with a 4xx
+        if isinstance(msgs, list) and msgs:
+            return len(chat_prompt_ids(tok, [ChatMessage.model_validate(m) for m in msgs]))
+    except Exception:      # a prompt the models or the tokenizer reject: the replica answers it with a 4xx
         return None
     return None
 

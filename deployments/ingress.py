@@ -100,6 +100,12 @@ class ResponseFormat(_Strict):
     type: Literal["text"]
 
 
+def chat_prompt_ids(tok: Any, messages: list[ChatMessage]) -> list[int]:
+    """The chat prompt's token ids (the tokenizer's chat template over each message's text)."""
+    return tok.chat_prompt([{"role": m.role, "content": m.content if isinstance(m.content, str)
+                             else "".join(p.text for p in m.content)} for m in messages])
+
+
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -435,9 +441,7 @@ class OpenAIIngress:
         return prompts
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        msgs = [{"role": m.role, "content": m.content if isinstance(m.content, str)
-                 else "".join(p.text for p in m.content)} for m in req.messages]
-        return self.tok.chat_prompt(msgs)
+        return chat_prompt_ids(self.tok, req.messages)
 
     def _prepare(self, req: _Common) -> list[tuple[dict, int]]:
         """One (engine payload, prompt token count) per prompt (a completions batch has several)."""

@@ -93,14 +93,6 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton.jit
-def _rot(x1, x2, c, s):
-    """Rotate-half rope of a (.., HD/2) pair of halves (c, s: fp32 cos/sin), rounded to x's dtype."""
-    o1 = (x1.to(tl.float32) * c - x2.to(tl.float32) * s).to(x1.dtype)
-    o2 = (x2.to(tl.float32) * c + x1.to(tl.float32) * s).to(x1.dtype)
-    return o1, o2
-
-
 @triton.jit(do_not_specialize=["n_heads", "n_kv", "stride_qkv", "stride_kh"])
 def _rope_cache_kernel(QKV, POS, COS, SIN, Q_OUT, K_CACHE, V_CACHE, stride_qkv, stride_kh,
                        n_heads, n_kv, HD: tl.constexpr, USE_PDL: tl.constexpr):
@@ -119,7 +111,8 @@ def _rope_cache_kernel(QKV, POS, COS, SIN, Q_OUT, K_CACHE, V_CACHE, stride_qkv, 
     if head < n_heads + n_kv:
         c = tl.load(COS + pos * HD + offs).to(tl.float32)
         s = tl.load(SIN + pos * HD + offs).to(tl.float32)
-        o1, o2 = _rot(x1, x2, c, s)
+        o1 = (x1.to(tl.float32) * c - x2.to(tl.float32) * s).to(x1.dtype)
+        o2 = (x2.to(tl.float32) * c + x1.to(tl.float32) * s).to(x1.dtype)
         if head < n_heads:
             dst = Q_OUT + (tok * n_heads + head) * HD
         else:
@@ -142,36 +135,6 @@ def rope_and_cache(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv, hd
     return q
 
 
-@triton.jit
-def _split_range(length, split, N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Split `split`'s share [start, end) of positions 0..length-1: N_SPLITS chunks of whole BLOCK_N tiles."""
-    chunk = tl.cdiv(tl.cdiv(length, N_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    return start, tl.minimum(start + chunk, length)
-
-
-@triton.jit
-def _softmax_tile(m, l, acc, s, valid, v):
-    """Online softmax: fold one tile's scaled scores s (GROUP_PAD, BLOCK_N; invalid columns masked here)
-    and its values v (BLOCK_N, HD) into the running max m, sum l and weighted values acc."""
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    p = tl.exp(s - m_new[:, None])
-    alpha = tl.exp(m - m_new)
-    return m_new, l * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-
-
-@triton.jit
-def _store_partial(O_PART, LSE_PART, heads, gmask, split, m, l, acc, HD: tl.constexpr, N_SPLITS: tl.constexpr):
-    """A split's normalised output and log-sum-exp per head (an empty split: weight 0, lse -inf)."""
-    has = l > 0
-    d = tl.arange(0, HD)
-    tl.store(O_PART + (heads[:, None] * N_SPLITS + split) * HD + d[None, :], acc / tl.where(has, l, 1.0)[:, None],
-             mask=gmask[:, None])
-    tl.store(LSE_PART + heads * N_SPLITS + split, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf")),
-             mask=gmask)
-
-
 @triton.jit(do_not_specialize=["sm_scale", "stride_kh"])
 def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scale,
                               GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HD: tl.constexpr,
@@ -185,12 +148,13 @@ def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scal
     _pdl_wait(USE_PDL)
     kvh = tl.program_id(0)
     split = tl.program_id(1)
-    start, end = _split_range(tl.load(LEN), split, N_SPLITS, BLOCK_N)
+    length = tl.load(LEN)
+    chunk = tl.cdiv(tl.cdiv(length, N_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
     g = tl.arange(0, GROUP_PAD)
-    gmask = g < GROUP
-    heads = kvh * GROUP + g
     d = tl.arange(0, HD)
-    q = tl.load(Q + heads[:, None] * HD + d[None, :], mask=gmask[:, None], other=0.0)
+    q = tl.load(Q + (kvh * GROUP + g)[:, None] * HD + d[None, :], mask=g[:, None] < GROUP, other=0.0)
     m = tl.full((GROUP_PAD,), -1e30, tl.float32)
     l = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HD), tl.float32)
@@ -199,9 +163,22 @@ def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scal
         valid = n < end
         kv_off = kvh * stride_kh + n[:, None] * HD + d[None, :]
         k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * sm_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
         v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
-        m, l, acc = _softmax_tile(m, l, acc, tl.dot(q, tl.trans(k)) * sm_scale, valid, v)
-    _store_partial(O_PART, LSE_PART, heads, gmask, split, m, l, acc, HD, N_SPLITS)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    has = l > 0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))   # empty split: weight 0
+    heads = kvh * GROUP + g
+    gmask = g < GROUP
+    tl.store(O_PART + (heads[:, None] * N_SPLITS + split) * HD + d[None, :], out, mask=gmask[:, None])
+    tl.store(LSE_PART + heads * N_SPLITS + split, lse, mask=gmask)
 
 
 @triton.jit

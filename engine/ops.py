@@ -111,15 +111,6 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
     return rot(q)
 
 
-def decode_rope_attention(qkv: torch.Tensor, pos: torch.Tensor, kv_len: torch.Tensor, cos: torch.Tensor,
-                          sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
-                          n_kv: int, hd: int, sm_scale: float) -> torch.Tensor:
-    """One decode token (qkv: (1, (H + 2 KV) hd) at position pos, kv_len = pos + 1, both device tensors):
-    rotate q and k, write k and v into the cache at pos, attend over kv_len positions. Returns (1, H, hd)."""
-    q = rope_and_cache(qkv, pos, cos, sin, k_cache, v_cache, n_heads, n_kv, hd)
-    return decode_attention(q, k_cache, v_cache, kv_len, sm_scale)
-
-
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, L: int,
                       sm_scale: float) -> torch.Tensor:
     """Causal attention of L prompt tokens (positions 0..L-1) over the cache. q: (L, H, hd)."""
