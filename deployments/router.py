@@ -103,6 +103,11 @@ def tokens_of(pending_request: Any) -> int | None:
     return None
 
 
+# Requests between choose_replicas and on_request_routed that the router remembers (a bound, not a
+# batch size: at batch 1 a handful are in flight; the rest are requests whose hook never fires).
+MAX_PENDING_BUCKETS = 4096
+
+
 class WarmBucketRouter(RequestRouter):  # type: ignore[misc,valid-type]
     """Ray Serve 2.60 RequestRouter (alpha API) that applies :func:`choose_replicas`.
 
@@ -171,10 +176,17 @@ class WarmBucketRouter(RequestRouter):  # type: ignore[misc,valid-type]
         order = choose_replicas(bucket, [self._view(r, now) for r in candidate_replicas], self._rng,
                                 imbalance_threshold=self._imbalance)
         if pending_request is not None:
-            self._bucket_of_request[pending_request.metadata.internal_request_id] = bucket
-            if len(self._bucket_of_request) > 10_000:  # requests routed without the hook firing
-                self._bucket_of_request.clear()
+            self._remember_bucket(pending_request.metadata.internal_request_id, bucket)
         return [[by_id[v.id]] for v in order]
+
+    def _remember_bucket(self, request_id: str, bucket: int) -> None:
+        """Keep the request's bucket for ``on_request_routed``. Requests routed without that hook
+        firing (HAProxy's ``choose_replica`` path, see bucket_route.py) would pile up here, so the
+        map keeps only the newest ``MAX_PENDING_BUCKETS`` entries, dropping the oldest first."""
+        d = self._bucket_of_request
+        d[request_id] = bucket
+        while len(d) > MAX_PENDING_BUCKETS:
+            del d[next(iter(d))]        # dicts keep insertion order: this is the oldest
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
         """Remember a cold placement so the next prompts of that bucket follow it (stats lag)."""

@@ -23,8 +23,8 @@ import yaml
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
-PORT = 18000
-BASE = f"http://127.0.0.1:{PORT}"
+PORT = 0           # picked by the app fixture, just before Serve binds it (hs_serve.free_port)
+BASE = ""
 APP = "hybridserve"
 BUCKETS = [16, 32, 64, 128, 256]          # max_context 256 is appended by EngineConfig anyway
 APP_ARGS = {
@@ -88,7 +88,11 @@ def app():
     from ray import serve
 
     from deployments.app import build_app
+    from hs_serve import free_port
 
+    global PORT, BASE
+    PORT = free_port()
+    BASE = f"http://127.0.0.1:{PORT}"
     ray.init(num_cpus=4, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": _env()["PYTHONPATH"]}})
     try:

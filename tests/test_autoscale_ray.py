@@ -35,7 +35,7 @@ ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 from ray import serve  # noqa: E402
 
-from hs_serve import TINY_APP_ARGS  # noqa: E402
+from hs_serve import TINY_APP_ARGS, free_port  # noqa: E402
 from hs_serve import serve_app as hs_serve_app  # noqa: E402
 
 pytestmark = [
@@ -47,8 +47,7 @@ pytestmark = [
 
 APP = "hs_autoscale_test"
 DEPLOYMENT = "ModelServer"
-HTTP_PORT = 28000
-BASE = f"http://127.0.0.1:{HTTP_PORT}"
+BASE = ""          # set by the serve_app fixture from a free port (hs_serve.free_port)
 
 # Far apart, so CPU contention on a small shared CI box can neither breach the objective nor
 # hold P99 above the downscale headroom (prefill of the tiny model is ~1 ms).
@@ -227,7 +226,10 @@ def serve_app(tmp_path_factory):
             "autoscaling": AUTOSCALING, "inject_latency_file": str(latency_file)}
     if ray.is_initialized():
         ray.shutdown()
-    with hs_serve_app(HTTP_PORT, app_args=args, app_name=APP):   # Ray + Serve + the app, torn down after
+    global BASE
+    port = free_port()
+    BASE = f"http://127.0.0.1:{port}"
+    with hs_serve_app(port, app_args=args, app_name=APP):   # Ray + Serve + the app, torn down after
         yield latency_file
 
 

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from hs_serve import serve_app
+from hs_serve import free_port, serve_app
 
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
-HTTP_PORT = 38000
-
 
 def _locust_cmd() -> list[str]:
     exe = Path(sys.executable).with_name("locust")
@@ -31,7 +29,7 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def app_url():
-    with serve_app(HTTP_PORT) as base:
+    with serve_app(free_port()) as base:
         yield base
 
 

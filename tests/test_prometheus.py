@@ -32,8 +32,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning"),
 ]
 
-HTTP_PORT = 38000
-PROM_PORT = 39090
+PROM_PORT = 0      # picked by the test from a free port (hs_serve.free_port), like every port here
 DEADLINE_S = 150
 
 # The autoscaling panels need the latency policy running on the model deployment.
@@ -117,8 +116,10 @@ def _has_finite(result: list) -> bool:
 
 
 def test_every_panel_has_data(tmp_path: Path):
+    global PROM_PORT
     prom = _prometheus_bin()
     metrics_port = free_port()
+    PROM_PORT = free_port()
     dash = json.loads(dashboards.JSON_PATH.read_text())    # the committed dashboard
     queries = [(title, dashboards.substitute(expr)) for title, expr in dashboards.panel_queries(dash)]
     assert len(queries) >= 20
@@ -131,7 +132,7 @@ def test_every_panel_has_data(tmp_path: Path):
         f"    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n")
     log = open(tmp_path / "prometheus.log", "w")
 
-    with serve_app(HTTP_PORT, metrics_port=metrics_port, app_args=APP_ARGS) as base:
+    with serve_app(free_port(), metrics_port=metrics_port, app_args=APP_ARGS) as base:
         proc = subprocess.Popen(
             [prom, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{PROM_PORT}", "--storage.tsdb.retention.time=1h"],

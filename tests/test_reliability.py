@@ -25,8 +25,10 @@ import requests
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
-PORT = 48000
-BASE = f"http://127.0.0.1:{PORT}"
+# The port is picked by the fixture, just before Serve binds it: a fixed one in the kernel's ephemeral
+# range (32768-60999) can be held by any outgoing connection (CI lost a run to that on 48000).
+PORT = 0
+BASE = ""
 APP = "hybridserve"
 KEY_ENV = "HS_RELIABILITY_API_KEY"
 KEY = "hs-test-key-8"
@@ -116,6 +118,11 @@ def cluster():
     import ray
     from ray import serve
 
+    from hs_serve import free_port
+
+    global PORT, BASE
+    PORT = free_port()
+    BASE = f"http://127.0.0.1:{PORT}"
     os.environ[KEY_ENV] = KEY          # the workers inherit the driver's environment
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     old = os.getcwd()

@@ -124,3 +124,20 @@ class _PR:
 def test_tokens_of_reads_the_ingress_kwarg(kwargs, expected):
     assert tokens_of(_PR(kwargs)) == expected
     assert tokens_of(None) is None
+
+
+def test_pending_bucket_map_is_bounded_and_drops_the_oldest():
+    # Requests routed through HAProxy's choose_replica never fire on_request_routed: their
+    # entries must not grow without bound, and a burst of them must not drop the newest ones
+    # (the requests whose hook is about to fire).
+    from deployments.router import MAX_PENDING_BUCKETS, WarmBucketRouter
+
+    r = object.__new__(WarmBucketRouter)      # the bookkeeping needs no Ray router state
+    r.initialize_state(buckets=BUCKETS)
+    n = MAX_PENDING_BUCKETS + 1000
+    for i in range(n):
+        r._remember_bucket(f"req-{i}", BUCKETS[i % len(BUCKETS)])
+    assert len(r._bucket_of_request) == MAX_PENDING_BUCKETS
+    assert "req-0" not in r._bucket_of_request and f"req-{n - MAX_PENDING_BUCKETS - 1}" not in r._bucket_of_request
+    assert r._bucket_of_request[f"req-{n - MAX_PENDING_BUCKETS}"] == BUCKETS[(n - MAX_PENDING_BUCKETS) % len(BUCKETS)]
+    assert r._bucket_of_request[f"req-{n - 1}"] == BUCKETS[(n - 1) % len(BUCKETS)]

@@ -24,11 +24,11 @@ def ok(p):
 rp = next(p for p in range(30000, 30010) if ok(p))
 ts = []
 with httpx.Client() as c:
-    for i in range(100):
+    for _ in range(100):
         t = time.perf_counter(); r = c.post(f"http://127.0.0.1:{rp}/internal/route", content=body); assert r.status_code == 200; ts.append((time.perf_counter() - t) * 1000)
 hz = []
 with httpx.Client() as c:
-    for i in range(100):
+    for _ in range(100):
         t = time.perf_counter(); r = c.get(f"http://127.0.0.1:{rp}/healthz"); hz.append((time.perf_counter() - t) * 1000)
 print("healthz p50 %.2f ms" % statistics.median(hz))
 print("route p50 %.2f ms p90 %.2f" % (statistics.median(ts), sorted(ts)[89]))
