@@ -51,7 +51,9 @@ def model_deployment_options(cfg: AppConfig) -> dict[str, Any]:
         rr["request_router_class"] = ROUTER_CLASS
         rr["request_router_kwargs"] = {"buckets": list(cfg.engine.buckets),
                                        "imbalance_threshold": r.imbalance_threshold,
-                                       "hint_ttl_s": r.hint_ttl_s}
+                                       "hint_ttl_s": r.hint_ttl_s,
+                                       # HAProxy sends the requests itself: load from the replicas' stats
+                                       "load_from_stats": cfg.ingress_router}
     opts["request_router_config"] = RequestRouterConfig(**rr)
     return opts
 

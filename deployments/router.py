@@ -119,8 +119,13 @@ class WarmBucketRouter(RequestRouter):  # type: ignore[misc,valid-type]
     """
 
     def initialize_state(self, buckets: Iterable[int] = (), imbalance_threshold: int = 2,
-                         hint_ttl_s: float = 10.0, seed: int | None = None, **_: Any) -> None:
+                         hint_ttl_s: float = 10.0, seed: int | None = None,
+                         load_from_stats: bool = False, **_: Any) -> None:
         self._buckets = sorted(int(b) for b in buckets)
+        # HAProxy mode (bucket_route.py): requests bypass this router, so Ray's queue-length cache
+        # (updated on send/complete, else by a probe RPC every 10 s) never sees them; the replicas'
+        # reported queue depth (every router.stats_period_s) is the fresher load.
+        self._load_from_stats = bool(load_from_stats)
         self._imbalance = int(imbalance_threshold)
         self._hint_ttl_s = float(hint_ttl_s)
         self._rng = random.Random(seed)
@@ -172,17 +177,34 @@ class WarmBucketRouter(RequestRouter):  # type: ignore[misc,valid-type]
             return [pair]
         bucket = bucket_for(n, buckets)
         now = time.monotonic()
+        if self._load_from_stats:
+            self._load_queue_lens_from_stats(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         order = choose_replicas(bucket, [self._view(r, now) for r in candidate_replicas], self._rng,
                                 imbalance_threshold=self._imbalance)
-        if pending_request is not None:
+        if self._load_from_stats:
+            # HAProxy mode: on_request_routed never fires. The base class takes the first replica
+            # whose (just loaded) queue length leaves room, so the placement is known here.
+            chosen = next((v for v in order if v.max_load is None or v.load < v.max_load), None)
+            if chosen is not None:
+                self._note_placement(chosen.id, bucket, bucket in chosen.warm)
+        elif pending_request is not None:
             self._remember_bucket(pending_request.metadata.internal_request_id, bucket)
         return [[by_id[v.id]] for v in order]
 
+    def _load_queue_lens_from_stats(self, replicas: Sequence[Any]) -> None:
+        """Put each replica's reported queue depth into Ray's queue-length cache: ``_view`` reads
+        the load from it, and the base class then picks among the ranked replicas without a probe
+        RPC on the request's path (it still probes a replica reported full, as Ray does)."""
+        for r in replicas:
+            depth = (r.routing_stats or {}).get("queue_depth")
+            if isinstance(depth, int):
+                self._replica_queue_len_cache.update(r.replica_id, depth)
+
     def _remember_bucket(self, request_id: str, bucket: int) -> None:
-        """Keep the request's bucket for ``on_request_routed``. Requests routed without that hook
-        firing (HAProxy's ``choose_replica`` path, see bucket_route.py) would pile up here, so the
-        map keeps only the newest ``MAX_PENDING_BUCKETS`` entries, dropping the oldest first."""
+        """Keep the request's bucket for ``on_request_routed``. Should requests be routed without
+        that hook firing, they would pile up here, so the map keeps only the newest
+        ``MAX_PENDING_BUCKETS`` entries, dropping the oldest first."""
         d = self._bucket_of_request
         d[request_id] = bucket
         while len(d) > MAX_PENDING_BUCKETS:
@@ -194,18 +216,20 @@ class WarmBucketRouter(RequestRouter):  # type: ignore[misc,valid-type]
         bucket = self._bucket_of_request.pop(pending_request.metadata.internal_request_id, None)
         if bucket is None:
             return
-        rid = replica_id.unique_id
         replica = self._replicas.get(replica_id)
         stats = (replica.routing_stats if replica is not None else None) or {}
-        warm = bucket in set(stats.get("warm_buckets", ()))
+        self._note_placement(replica_id.unique_id, bucket, bucket in set(stats.get("warm_buckets", ())))
+
+    def _note_placement(self, rid: str, bucket: int, warm: bool) -> None:
+        """Count the warm/cold choice; remember a cold placement so the next prompts of that bucket
+        follow it until the replica's stats report the bucket (hint_ttl_s)."""
         try:
             from deployments.metrics import observe_router_choice
             observe_router_choice(warm)
         except Exception:  # metrics never break routing
             pass
-        if warm:
-            return
-        self._hints.setdefault(rid, {})[bucket] = time.monotonic()
+        if not warm:
+            self._hints.setdefault(rid, {})[bucket] = time.monotonic()
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)

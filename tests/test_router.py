@@ -141,3 +141,46 @@ def test_pending_bucket_map_is_bounded_and_drops_the_oldest():
     assert "req-0" not in r._bucket_of_request and f"req-{n - MAX_PENDING_BUCKETS - 1}" not in r._bucket_of_request
     assert r._bucket_of_request[f"req-{n - MAX_PENDING_BUCKETS}"] == BUCKETS[(n - MAX_PENDING_BUCKETS) % len(BUCKETS)]
     assert r._bucket_of_request[f"req-{n - 1}"] == BUCKETS[(n - 1) % len(BUCKETS)]
+
+
+@pytest.mark.parametrize("load_from_stats", [True, False])
+def test_haproxy_mode_takes_the_load_from_the_replicas_reported_queue_depth(load_from_stats):
+    # In HAProxy mode the requests bypass Ray's router, so its queue-length cache keeps whatever a
+    # probe saw up to 10 s ago. With load_from_stats the reported queue depth replaces it: the warm
+    # replica reported 5 deep spills the prompt to the idle cold one (imbalance threshold 2), and the
+    # cache now holds the reported depths, so Ray's base class picks without a probe RPC.
+    import asyncio
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from ray.serve._private.request_router.common import ReplicaQueueLengthCache
+
+    from deployments.router import TOKENS_KWARG, WarmBucketRouter
+
+    @dataclass(frozen=True)
+    class Rid:
+        unique_id: str
+
+    def replica(rid, warm, depth):
+        stats = {"buckets": BUCKETS, "warm_buckets": warm, "capturing_buckets": [], "queue_depth": depth}
+        return SimpleNamespace(replica_id=Rid(rid), routing_stats=stats, max_ongoing_requests=8)
+
+    warm, cold = replica("warm", [32], 5), replica("cold", [], 0)
+    r = object.__new__(WarmBucketRouter)
+    r.initialize_state(buckets=BUCKETS, seed=0, load_from_stats=load_from_stats)
+    r._replica_queue_len_cache = ReplicaQueueLengthCache()
+    r._replica_queue_len_cache.update(warm.replica_id, 0)    # a probe's view from seconds ago
+    r._replica_queue_len_cache.update(cold.replica_id, 0)
+    req = SimpleNamespace(kwargs={TOKENS_KWARG: 20}, metadata=SimpleNamespace(internal_request_id="q1"),
+                          routing_context=SimpleNamespace(should_backoff=False))
+    order = asyncio.run(r.choose_replicas([warm, cold], req))
+    first = order[0][0].replica_id.unique_id
+    if load_from_stats:
+        assert first == "cold"
+        assert r._replica_queue_len_cache.get(warm.replica_id) == 5
+        # on_request_routed never fires in this mode: the cold placement is remembered right away
+        # (the next prompt of the bucket follows it before the replica's stats list the bucket)
+        assert set(r._hints.get("cold", {})) == {32} and not r._bucket_of_request
+    else:
+        assert first == "warm"                                 # the stale cache hides the queue
+        assert r._replica_queue_len_cache.get(warm.replica_id) == 0
