@@ -20,6 +20,28 @@ ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWA
        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
+def wait_haproxy_routing(stats_port: int, n_replicas: int, timeout_s: float = 60.0) -> None:
+    """Block until HAProxy's routed backend lists ``n_replicas`` replicas, all UP (its stats CSV).
+    Right after the app is RUNNING, HAProxy may still be health-checking a replica or not yet send
+    POSTs through the route server; requests then go by HAProxy's own balancing (seen as a rare flake:
+    the first prompts of a bucket landed on both replicas)."""
+    deadline = time.monotonic() + timeout_s
+    rows: list = []
+    while time.monotonic() < deadline:
+        try:
+            csv = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=2).text
+            rows = [ln.split(",") for ln in csv.splitlines() if ln and not ln.startswith("#")]
+            up = [r for r in rows if r[0].endswith("-via-ingress-request-router")
+                  and r[1].startswith("SERVE_REPLICA_") and r[17] == "UP"]
+            if len(up) >= n_replicas:
+                time.sleep(2.0)   # and the route server's router has the replicas' routing stats
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"HAProxy's routed backend not UP after {timeout_s}s: {[r[:2] + r[17:18] for r in rows]}")
+
+
 def test_prompt_tokens_reads_the_openai_bodies_the_engine_will_count():
     tok = ByteTokenizer(512)
     body = lambda d: json.dumps(d).encode()   # noqa: E731
@@ -58,7 +80,9 @@ def app():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", True)
         mp.setattr(build_app, "RAY_SERVE_ENABLE_HA_PROXY", True)
-        with serve_app(free_port(), app_args=args, env=ENV) as base:
+        stats_port = free_port()
+        with serve_app(free_port(), app_args=args, env={**ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port)}) as base:
+            wait_haproxy_routing(stats_port, n_replicas=2)
             yield base
 
 
