@@ -69,6 +69,48 @@ def test_ingress_router_config_names_what_it_needs():
     assert AppConfig.model_validate({**base, "topology": "colocated", "ingress_router": True}).ingress_router
 
 
+def test_route_server_answers_haproxy_contract_without_ray():
+    # The handler itself, with a stand-in for the model handle: POST /internal/route counts the
+    # prompt's tokens, passes them to choose_replica without reserving a slot, and answers the
+    # replica's host/port/id; other paths get a 404 that names what is served.
+    import asyncio
+    import contextlib
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from deployments.bucket_route import BucketRouteServer
+    from deployments.router import TOKENS_KWARG
+
+    calls: list[dict] = []
+
+    class Handle:
+        @contextlib.asynccontextmanager
+        async def choose_replica(self, **kw):
+            calls.append(kw)
+            rid = SimpleNamespace(to_full_id_str=lambda: "app#ModelServer#abc")
+            yield SimpleNamespace(replica_id="abc", _replica=SimpleNamespace(
+                backend_http_endpoint=("10.0.0.7", 30001), replica_id=rid))
+
+    srv = object.__new__(BucketRouteServer)
+    srv.tok, srv.model = ByteTokenizer(512), Handle()
+
+    def call(method: str, path: str, body: bytes = b""):
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+        scope = {"type": "http", "method": method, "path": path, "headers": [], "query_string": b""}
+        return asyncio.run(srv(Request(scope, receive)))
+
+    out = call("POST", "/internal/route", json.dumps({"prompt": "x" * 40}).encode())
+    assert out == {"host": "10.0.0.7", "port": 30001, "replica_id": "app#ModelServer#abc"}
+    assert calls == [{"_reserve": False, TOKENS_KWARG: 41}]          # BOS + 40 bytes
+    call("POST", "/internal/route", b"{not json")
+    assert calls[-1] == {"_reserve": False}                           # no count: Ray's default choice
+    assert call("GET", "/healthz").body == b"ok"
+    r = call("GET", "/nope")
+    assert r.status_code == 404 and b"/internal/route" in r.body
+
+
 @pytest.fixture(scope="module")
 def app():
     args = {"num_replicas": 2, "topology": "colocated", "ingress_router": True,
