@@ -1,8 +1,9 @@
+# Route-call timing behind HAProxy (CPU). Run from a checkout: HS_REPO=$PWD PYTHONPATH=$PWD python <this file> (HS_REPO defaults to /work/main, where the first run was made)
 import os, time, statistics, httpx, ray
 os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"; os.environ["RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"] = "1"
 from ray import serve
 from deployments.app import build_app
-ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": "/work/main", "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1"}})
+ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("HS_REPO", "/work/main"), "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1"}})
 serve.start(http_options={"host": "127.0.0.1", "port": 18400})
 args = {"engine": {"model": "tiny", "device": "cpu"}, "num_gpus": 0, "num_replicas": 2, "topology": "colocated", "ingress_router": True}
 serve.run(build_app(args), name="hs", route_prefix="/")
