@@ -225,10 +225,22 @@ def decode_attention(q, k_cache, v_cache, kv_len, sm_scale):
 # Batch-1 decode is a matrix-vector product per weight: time = weight bytes / bandwidth. One program
 # streams BLOCK_N full rows of W (contiguous, 16-byte loads, pipelined by num_stages) and keeps the
 # dot products in registers; M <= 16 rows of x (a short prefill bucket) share each weight load.
-_SKINNY_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                   for bn, bk, w, s in [(8, 512, 4, 4), (16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 8, 3),
-                                        (4, 1024, 4, 4), (8, 1024, 8, 3), (16, 128, 4, 6), (64, 128, 8, 4),
-                                        (2, 2048, 8, 4), (2, 2048, 8, 3), (4, 2048, 4, 3), (2, 1024, 4, 4)]]
+_ROW_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "WX": False}, num_warps=w, num_stages=s)
+                for bn, bk, w, s in [(8, 512, 4, 4), (4, 1024, 4, 4), (8, 1024, 8, 3), (2, 2048, 8, 4),
+                                     (2, 2048, 8, 3), (4, 2048, 4, 3), (2, 1024, 4, 4), (16, 512, 8, 3)]]
+# 16 rows (prefill bucket 16): tl.dot tiles. WX puts the weight tile in the MMA's A operand (BLOCK_N >= 64:
+# Hopper's wgmma), else x is A and BLOCK_N is the MMA's N. Each program re-reads x (16 x K) from L2 for its
+# BLOCK_N weight rows, so small BLOCK_N doubles the on-chip traffic of the weight stream.
+_ROWS16_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "WX": wx}, num_warps=w, num_stages=s)
+                   for bn, bk, wx, w, s in [(16, 256, False, 4, 4), (16, 512, False, 8, 3), (32, 256, False, 8, 3),
+                                            (16, 128, False, 4, 6), (64, 128, False, 8, 4)]]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The autotuner tries only the configs of its row count (configs set from outside, as the interpreter
+    tests do, are all tried)."""
+    want = _ROW_CONFIGS if kwargs.get("BLOCK_M") == 1 else _ROWS16_CONFIGS
+    return [c for c in configs if any(c is w for w in want)] or configs
 
 
 # autotune results go to Triton's cache dir when this Triton supports it: the artifact store ships them
@@ -260,22 +272,27 @@ def _row_chunk(acc, ss, w, X, LN, k, K, NORM: tl.constexpr, GATED: tl.constexpr)
 
 
 @triton.jit
-def _rows_chunk(acc, ss, w, X, LN, m, mmask, k, K, x_stride, NORM: tl.constexpr, GATED: tl.constexpr):
-    """Up to 16 rows: acc (BLOCK_M, BLOCK_N) += act(x[m, k]) @ w.T on the tensor cores; NORM as above."""
+def _rows_chunk(acc, ss, w, X, LN, m, mmask, k, K, x_stride, NORM: tl.constexpr, GATED: tl.constexpr,
+                WX: tl.constexpr):
+    """Up to 16 rows on the tensor cores: acc (BLOCK_M, BLOCK_N) += act(x[m, k]) @ w.T, or with WX its
+    transpose acc (BLOCK_N, BLOCK_M) += w @ act(x[m, k]).T; NORM as above."""
     x = _load_act(X + m[:, None] * x_stride + k[None, :], K, mmask[:, None] & (k[None, :] < K), GATED)
     if NORM:
         xf = x.to(tl.float32)
         ss += tl.sum(xf * xf, axis=1)
         x = (xf * tl.load(LN + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(w.dtype)
+    if WX:
+        return acc + tl.dot(w, tl.trans(x)), ss
     return acc + tl.dot(x, tl.trans(w)), ss
 
 
 # restore_value: autotuning runs every config on the live arguments, and with RES each run adds into Y
-@triton.autotune(configs=_SKINNY_CONFIGS, key=["N", "K", "BLOCK_M", "NORM", "RES", "GATED"], restore_value=["Y"],
-                 **_AUTOTUNE_CACHE)
+@triton.autotune(configs=_ROW_CONFIGS + _ROWS16_CONFIGS, key=["N", "K", "BLOCK_M", "NORM", "RES", "GATED"],
+                 prune_configs_by={"early_config_prune": _prune_configs}, restore_value=["Y"], **_AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["M", "eps"])
 def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr,
-                   GATED: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   GATED: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   WX: tl.constexpr):
     """Y = act(x) @ W.T for M <= 16 rows. Every program walks all of K, so it sees each row of x whole:
     NORM: the RMSNorm of x runs inside the K loop (x * LN feeds the dot, sum(x^2) accumulates beside it,
           the dot is scaled by rstd at the end): no norm kernel, no normed copy of x.
@@ -314,12 +331,17 @@ def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.co
         _pdl_wait(USE_PDL)
         m = tl.arange(0, BLOCK_M)
         mmask = m < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        if WX:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         ss = tl.zeros((BLOCK_M,), tl.float32)
         for kb in range(0, K, BLOCK_K):
             k = kb + k0
             w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
-            acc, ss = _rows_chunk(acc, ss, w, X, LN, m, mmask, k, K, x_stride, NORM, GATED)
+            acc, ss = _rows_chunk(acc, ss, w, X, LN, m, mmask, k, K, x_stride, NORM, GATED, WX)
+        if WX:
+            acc = tl.trans(acc)
         if NORM:
             acc = acc * (1.0 / tl.sqrt(ss / K + eps))[:, None]
         ptrs = Y + m[:, None] * N + n[None, :]

@@ -24,7 +24,7 @@ def k():
     assert not mod.PDL
     # one config keeps the interpreted autotuning short: BLOCK_K 64 makes K=300 and K=1000 take the
     # pipelined loop after the two chunks loaded before the PDL wait, and K=96 a masked second chunk
-    mod._skinny_kernel.configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4, num_stages=2)]
+    mod._skinny_kernel.configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "WX": False}, num_warps=4, num_stages=2)]
     return mod
 
 
@@ -40,8 +40,12 @@ def torch_ops(fn):
         ops.use_triton(True)
 
 
-@pytest.mark.parametrize("M", [1, 5, 16])
-def test_skinny_matmul_plain_norm_and_gated_residual(k, M):
+@pytest.mark.parametrize("M,wx", [(1, False), (5, False), (16, False), (5, True), (16, True)])
+def test_skinny_matmul_plain_norm_and_gated_residual(k, M, wx):
+    """wx: the 16-row form with the weight tile as the MMA's A operand (acc transposed)."""
+    k._skinny_kernel.configs = [triton.Config({"BLOCK_N": 64 if wx else 16, "BLOCK_K": 64, "WX": wx},
+                                              num_warps=4, num_stages=2)]
+    k._skinny_kernel.cache.clear()
     g = torch.Generator().manual_seed(M)
     for N, K in ((100, 300), (64, 96), (48, 1000)):
         x = torch.randn(M, K, generator=g).half()
