@@ -50,7 +50,7 @@ def main() -> None:
     for n in a.lengths:
         b = eng.bucket_for(n)
         g = eng._graphs[b]
-        ids = lambda: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
+        ids = lambda n=n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
         for _ in range(5):
             eng.generate(ids(), p1)
         req, same, raw, gpu = [], [], [], []
@@ -84,6 +84,10 @@ def main() -> None:
         res["lengths"][str(n)] = row
         print(f"len {n:4d} (bucket {b}): " + "  ".join(f"{k} {v['p50']:.3f}/{v['p99']:.3f}" for k, v in row.items()
                                                      if isinstance(v, dict)) + " ms (p50/p99)", flush=True)
+    from engine import kernels
+    res["gemv_autotune_picks"] = {str(k): str(v) for k, v in kernels._skinny_kernel.cache.items()}
+    for k, v in res["gemv_autotune_picks"].items():
+        print(f"  {k[:40]}: {v}")
     eng.shutdown()
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -228,12 +228,15 @@ def decode_attention(q, k_cache, v_cache, kv_len, sm_scale):
 _ROW_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "WX": False}, num_warps=w, num_stages=s)
                 for bn, bk, w, s in [(8, 512, 4, 4), (4, 1024, 4, 4), (8, 1024, 8, 3), (2, 2048, 8, 4),
                                      (2, 2048, 8, 3), (4, 2048, 4, 3), (2, 1024, 4, 4), (16, 512, 8, 3)]]
-# 16 rows (prefill bucket 16): tl.dot tiles. WX puts the weight tile in the MMA's A operand (BLOCK_N >= 64:
-# Hopper's wgmma), else x is A and BLOCK_N is the MMA's N. Each program re-reads x (16 x K) from L2 for its
-# BLOCK_N weight rows, so small BLOCK_N doubles the on-chip traffic of the weight stream.
+# 16 rows (prefill bucket 16): tl.dot tiles. WX puts the weight tile in the MMA's A operand (acc is
+# (BLOCK_N, 16)), else x is A and BLOCK_N the MMA's N. Each program re-reads x (16 x K, from L2) for its
+# BLOCK_N weight rows, so BLOCK_N = 16 doubles the on-chip traffic of the weight stream. The list is the
+# top of bench/gemv16.py's sweep (H100, 2026-11-27: e.g. gate_up 65.8 -> 62.3 us with WX 64 x 128,
+# 4 warps, 6 stages; the one-row GEMV streams the same weights in 59.3 us) plus the earlier picks.
 _ROWS16_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "WX": wx}, num_warps=w, num_stages=s)
-                   for bn, bk, wx, w, s in [(16, 256, False, 4, 4), (16, 512, False, 8, 3), (32, 256, False, 8, 3),
-                                            (16, 128, False, 4, 6), (64, 128, False, 8, 4)]]
+                   for bn, bk, wx, w, s in [(64, 128, True, 4, 6), (64, 128, True, 4, 4), (32, 128, False, 4, 4),
+                                            (32, 256, True, 4, 4), (32, 256, False, 4, 4), (16, 256, False, 4, 4),
+                                            (32, 256, False, 8, 3)]]
 
 
 def _prune_configs(configs, named_args, **kwargs):
