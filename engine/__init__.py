@@ -2,12 +2,12 @@
 from .api import GenerationResult, Logprob, RequestMetrics, SamplingParams, StreamChunk, TokenLogprobs
 from .config import EngineConfig
 from .engine import HybridEngine
-from .errors import (EmptyPromptError, EngineClosedError, EngineError, EngineInputError, InvalidSamplingParams,
-                     ModelLoadError, PromptTooLongError)
+from .errors import (EmptyPromptError, EngineClosedError, EngineError, EngineInputError, EngineStartError,
+                     InvalidSamplingParams, ModelLoadError, PromptTooLongError)
 
 __version__ = "0.1.0"
 
 __all__ = ["HybridEngine", "SamplingParams", "EngineConfig", "GenerationResult", "RequestMetrics",
            "StreamChunk", "Logprob", "TokenLogprobs", "EngineError", "EngineClosedError", "EngineInputError",
-           "EmptyPromptError", "PromptTooLongError",
+           "EmptyPromptError", "PromptTooLongError", "EngineStartError",
            "InvalidSamplingParams", "ModelLoadError", "__version__"]

@@ -30,7 +30,8 @@ from . import ops
 from .api import (LOGPROB_FLOOR, MAX_LOGPROBS, GenerationResult, Logprob, RequestMetrics, SamplingParams,
                   StreamChunk, TokenLogprobs)
 from .config import EngineConfig
-from .errors import EmptyPromptError, EngineClosedError, EngineInputError, ModelLoadError, PromptTooLongError
+from .errors import (EmptyPromptError, EngineClosedError, EngineInputError, EngineStartError, ModelLoadError,
+                     PromptTooLongError)
 from .model import Llama, ModelArgs, load_checkpoint, random_weights
 from .presets import PRESETS
 from .sampling import sample, shape_logits
@@ -265,6 +266,7 @@ class HybridEngine:
         """All graph work happens on one capture thread (its cuBLAS handle and the Triton kernels are
         warmed there first): warm-up runs for every bucket (compiles each kernel once), then the
         prewarm buckets largest first (all graphs share one memory pool), then the decode graph."""
+        self._start_error: BaseException | None = None
         self._capture_thread = threading.Thread(target=self._capture_loop, name="hybridserve-capture",
                                                 daemon=True)
         self._capture_thread.start()
@@ -287,6 +289,9 @@ class HybridEngine:
             self._capture_q.put(b)
         if wait:
             while any(b in self._pending for b in todo) or not hasattr(self, "compile_s"):
+                if self._start_error is not None or not self._capture_thread.is_alive():
+                    raise EngineStartError(f"the engine's start-up compile failed: {self._start_error!r}; "
+                                           "see the log for the kernel's error") from self._start_error
                 time.sleep(0.005)
 
     def _warm_serving_thread(self) -> None:
@@ -316,7 +321,12 @@ class HybridEngine:
         self.compile_s = time.perf_counter() - t0
 
     def _capture_loop(self) -> None:
-        self._warm_up()
+        try:
+            self._warm_up()
+        except BaseException as e:      # start-up fails with this error (capture() raises it), never hangs
+            self._start_error = e
+            log.exception("start-up warm-up (kernel compile) failed")
+            return
         while True:
             b = self._capture_q.get()
             if b is None:

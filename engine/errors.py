@@ -25,5 +25,9 @@ class ModelLoadError(EngineError, ValueError):
     """Unknown preset, missing/invalid checkpoint files, unsupported architecture."""
 
 
+class EngineStartError(EngineError, RuntimeError):
+    """The engine could not compile or capture its kernels at start-up (the cause is chained)."""
+
+
 class EngineClosedError(EngineError, RuntimeError):
     """The engine shut down before a queued request ran; nothing was generated, retry it elsewhere."""

@@ -284,9 +284,11 @@ def _rows_chunk(acc, ss, w, X, LN, m, mmask, k, K, x_stride, NORM: tl.constexpr,
         xf = x.to(tl.float32)
         ss += tl.sum(xf * xf, axis=1)
         x = (xf * tl.load(LN + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(w.dtype)
-    if WX:
-        return acc + tl.dot(w, tl.trans(x)), ss
-    return acc + tl.dot(x, tl.trans(w)), ss
+    if WX:   # one return: Triton compiles every return of a function, a constexpr branch's too
+        acc = acc + tl.dot(w, tl.trans(x))
+    else:
+        acc = acc + tl.dot(x, tl.trans(w))
+    return acc, ss
 
 
 # restore_value: autotuning runs every config on the live arguments, and with RES each run adds into Y

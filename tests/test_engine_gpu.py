@@ -226,3 +226,17 @@ def test_prompt_logprobs_on_cuda_match_hf_and_keep_the_graph_output(gpu_ckpt):
     want = ref[:-1].gather(1, torch.tensor(ids[1:], device="cuda")[:, None])[:, 0].cpu()
     assert (got - want).abs().max().item() < 0.05
     eng.shutdown()
+
+
+def test_a_failing_start_up_compile_raises_instead_of_hanging(gpu_ckpt, monkeypatch):
+    """A kernel that fails to compile in the start-up warm-up (it runs on the capture thread) fails the
+    engine's start with EngineStartError carrying the cause; before, start-up waited for it forever."""
+    from engine import EngineStartError
+
+    def broken(self):
+        raise RuntimeError("kernel compile failed (test)")
+    monkeypatch.setattr(HybridEngine, "_warm_up", broken)
+    t0 = time.time()
+    with pytest.raises(EngineStartError, match="compile failed") as e:
+        warm_engine(gpu_ckpt)
+    assert isinstance(e.value.__cause__, RuntimeError) and time.time() - t0 < 60
