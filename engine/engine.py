@@ -21,7 +21,6 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ from .model import Llama, ModelArgs, load_checkpoint, random_weights
 from .presets import PRESETS
 from .sampling import sample, shape_logits
 from .tokenizer import ByteTokenizer, HFTokenizer, IncrementalText, Tokenizer
+from .worker import EngineThread
 
 log = logging.getLogger("hybridserve.engine")
 
@@ -107,7 +107,7 @@ class HybridEngine:
         # synchronously at its launch, so the token is read and emitted first and then the next step runs.
         self._read_ahead = self.cuda
 
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridserve-engine")
+        self._executor = EngineThread(cfg.spin_s if self.cuda else 0.0)
         self.graph_mem_bytes = 0
         self._restore_artifacts()
         if self.cuda:
