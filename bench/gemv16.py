@@ -71,7 +71,7 @@ WX = [(bn, bk, w, s) for bn, bk in [(64, 64), (64, 128), (128, 64), (32, 128), (
 
 
 def graph_us(fn) -> float:
-    return triton.testing.do_bench_cudagraph(lambda: [fn(i) for i in range(4)], rep=300) * 1e3 / 4
+    return triton.testing.do_bench_cudagraph(lambda: [fn(i) for i in range(4)], rep=100) * 1e3 / 4
 
 
 def main() -> None:
