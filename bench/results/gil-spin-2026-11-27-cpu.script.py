@@ -1,5 +1,5 @@
 """Does a thread polling with time.sleep(0) slow an asyncio loop thread's Python work? (GIL contention)"""
-import asyncio, json, statistics, threading, time, sys
+import asyncio, json, statistics, threading, time
 stop = False
 def spinner():
     while not stop:
