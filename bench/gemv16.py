@@ -2,12 +2,13 @@
 
 The bucket-16 prefill graph is ~0.9 ms slower than a decode step on an H100 (bench/NOTES.md): its
 16-row GEMVs take 5.15 ms where the one-row GEMVs of a decode step take 4.68 ms for the same weights.
-This sweeps tile shapes for two forms of the 16-row kernel, each timed inside a CUDA graph (4 calls per
+This sweeps tile shapes for the two forms of the engine's 16-row kernel (kernels._skinny_kernel launched
+with an explicit config, bypassing its autotuner), each timed inside a CUDA graph (4 calls per
 replay over 4 weight copies, > L2), next to the engine's autotuned kernel, cuBLAS at 16 rows and the
 engine's one-row GEMV (the bandwidth a 16-row kernel should reach):
-  xw: acc (16, BLOCK_N) += x (16, BLOCK_K) . w (BLOCK_N, BLOCK_K)^T   (the engine's form)
-  wx: acc (BLOCK_N, 16) += w (BLOCK_N, BLOCK_K) . x (16, BLOCK_K)^T   (the weight tile as the MMA's A
-      operand: BLOCK_N >= 64 lets Hopper's wgmma take it)
+  xw: acc (16, BLOCK_N) += x (16, BLOCK_K) . w (BLOCK_N, BLOCK_K)^T   (WX=False)
+  wx: acc (BLOCK_N, 16) += w (BLOCK_N, BLOCK_K) . x (16, BLOCK_K)^T   (WX=True: the weight tile as the MMA's
+      A operand; BLOCK_N >= 64 lets Hopper's wgmma take it)
 Every result is checked against torch. Prints a table per shape and writes JSON (--out).
 """
 from __future__ import annotations
@@ -21,47 +22,12 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import kernels  # noqa: E402
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 M = 16
-
-
-@triton.jit
-def _xw_kernel(X, W, Y, M, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    m = tl.arange(0, 16)
-    mmask = m < M
-    k0 = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((16, BLOCK_N), tl.float32)
-    for kb in range(0, K, BLOCK_K):
-        k = kb + k0
-        w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
-        x = tl.load(X + m[:, None] * K + k[None, :], mask=mmask[:, None] & (k[None, :] < K), other=0.0)
-        acc += tl.dot(x, tl.trans(w))
-    tl.store(Y + m[:, None] * N + n[None, :], acc.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
-
-
-@triton.jit
-def _wx_kernel(X, W, Y, M, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    m = tl.arange(0, 16)
-    mmask = m < M
-    k0 = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, 16), tl.float32)
-    for kb in range(0, K, BLOCK_K):
-        k = kb + k0
-        w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
-        x = tl.load(X + m[:, None] * K + k[None, :], mask=mmask[:, None] & (k[None, :] < K), other=0.0)
-        acc += tl.dot(w, tl.trans(x))
-    tl.store(Y + m[None, :] * N + n[:, None], acc.to(Y.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
 
 
 XW = [(bn, bk, w, s) for bn, bk in [(16, 128), (16, 256), (16, 512), (32, 128), (32, 256), (64, 64), (64, 128)]
@@ -100,12 +66,14 @@ def main() -> None:
         row["engine_1"] = graph_us(lambda i: kernels.skinny_matmul(x1, ws[i]))
         row["cublas_16"] = graph_us(lambda i: torch.mm(x, ws[i].t(), out=y))
         sweep = []
-        for form, kern, cfgs in (("xw", _xw_kernel, XW), ("wx", _wx_kernel, WX)):
+        kern = kernels._skinny_kernel.fn          # the engine's kernel itself, one config at a time
+        for form, cfgs in (("xw", XW), ("wx", WX)):
             for bn, bk, nw, ns in cfgs:
                 grid = (triton.cdiv(N, bn),)
 
-                def call(i, kern=kern, bn=bn, bk=bk, nw=nw, ns=ns, grid=grid):
-                    kern[grid](x, ws[i], y, M, N, K, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+                def call(i, bn=bn, bk=bk, nw=nw, ns=ns, grid=grid, wx=form == "wx"):
+                    kern[grid](x, ws[i], ws[i], y, M, N, K, 0.0, BLOCK_M=16, NORM=False, RES=False, GATED=False,
+                               USE_PDL=False, BLOCK_N=bn, BLOCK_K=bk, WX=wx, num_warps=nw, num_stages=ns)
                 try:
                     call(0)
                     torch.cuda.synchronize()

@@ -289,9 +289,11 @@ class HybridEngine:
             self._capture_q.put(b)
         if wait:
             while any(b in self._pending for b in todo) or not hasattr(self, "compile_s"):
-                if self._start_error is not None or not self._capture_thread.is_alive():
+                if self._start_error is not None:
                     raise EngineStartError(f"the engine's start-up compile failed: {self._start_error!r}; "
                                            "see the log for the kernel's error") from self._start_error
+                if not self._capture_thread.is_alive():
+                    raise EngineClosedError("the engine is shut down: no graph can be captured")
                 time.sleep(0.005)
 
     def _warm_serving_thread(self) -> None:
