@@ -72,7 +72,7 @@ def main() -> None:
                 grid = (triton.cdiv(N, bn),)
 
                 def call(i, bn=bn, bk=bk, nw=nw, ns=ns, grid=grid, wx=form == "wx"):
-                    kern[grid](x, ws[i], ws[i], y, M, N, K, 0.0, BLOCK_M=16, NORM=False, RES=False, GATED=False,
+                    kern[grid](x, ws[i], ws[i], y, M, N, K, 0.0, BLOCK_M=16, NORM=False, RES=False, GATED=False, SWIGLU=False,
                                USE_PDL=False, BLOCK_N=bn, BLOCK_K=bk, WX=wx, num_warps=nw, num_stages=ns)
                 try:
                     call(0)

@@ -4,7 +4,7 @@
     python bench/profile_decode.py --device cpu --preset tiny    # plumbing check, no GEMV sweep
 
 Writes bench/results/profile-decode-<date>-<gpu|cpu>.json with:
-  0. prefill_16 / prefill_128: the same for the prefill graphs of buckets 16 and 128 (TTFT's GPU part);
+  0. prefill_<bucket>: the same for the prefill graphs of buckets 16, 64 and 128 (TTFT's GPU part; --prefill);
   1. step: the decode graph replayed back to back (CUDA events, per step) vs the sum of the GPU time of
      the kernels in one step (torch.profiler over eager steps and over graph replays), per kernel family:
      launches and µs per step. step - kernels = the gaps between kernels inside the graph.
@@ -39,7 +39,7 @@ from engine import EngineConfig, HybridEngine, SamplingParams  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = [  # (substring of the kernel name, family): first match wins
     ("_skinny_kernel", "gemv (triton)"), ("_rms_norm_kernel", "rms_norm"), ("_rope_cache_kernel", "rope + kv write"),
-    ("_decode_attn_split", "attention split"), ("_decode_attn_reduce", "attention reduce"),
+    ("_short_prefill_attn", "short prefill attention"), ("_decode_attn_split", "attention split"), ("_decode_attn_reduce", "attention reduce"),
     ("_silu_mul", "silu*up"), ("flash", "attention (sdpa)"), ("fmha", "attention (sdpa)"),
     ("gemv", "gemv (cublas)"), ("gemm", "gemm (cublas)"), ("cutlass", "gemm (cublas)"),
     ("nvjet", "gemm (cublas)"), ("argmax", "argmax"), ("reduce", "argmax"), ("index", "embedding"),
@@ -97,6 +97,11 @@ VARIANTS = {  # A/B of the decode step's levers (bench/NOTES.md steps 10-11); ea
     "silu-kernel": {"ops.GATE_IN_GEMV": False},     # silu(gate) * up as its own kernel before the down GEMV
     "attn-8x64": {"kernels.ATTN_SPLITS": 8, "kernels.ATTN_BLOCK_N": 64},   # fewer, longer attention splits
     "no-pdl": {"kernels.PDL": False},               # plain stream-ordered launches (no programmatic dependent launch)
+    "sdpa-prefill": {"ops.SHORT_PREFILL_KERNEL": False},   # bucket 16: rope kernel + SDPA, not the one-kernel form
+    "rope-1tok": {"kernels.ROPE_TOKENS": 1},        # one rope program per (token, head), as before session 10
+    "pdl1": {"kernels.PDL_ROWS": 1},                # PDL launches in the decode step only (before session 10)
+    "silu-kernel16": {"ops.SWIGLU_PREFILL": False},   # bucket 16: a SiLU kernel, not the gate/up GEMV's epilogue
+    "swiglu-decode": {"ops.SWIGLU_DECODE": True},   # decode: SiLU in the gate/up GEMV's epilogue, plain down GEMV
 }
 
 
@@ -259,7 +264,7 @@ def fused_launch(name: str, x, w, y, ln, bn: int, bk: int, nw: int, ns: int):
     N, Kd = w.shape
     K._skinny_kernel.fn[(triton.cdiv(N, bn),)](
         x, ln if "norm" in kind else w, w, y, 1, N, Kd, 1e-5, BLOCK_M=1, NORM="norm" in kind, RES="res" in kind,
-        GATED="gated" in kind, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+        GATED="gated" in kind, SWIGLU=False, USE_PDL=False, WX=False, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
 
 
 def fused_reference(name: str, x, w, ln):
@@ -346,7 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--long-tokens", type=int, default=1024)
     ap.add_argument("--long-requests", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: step,prefill_16,prefill_128,streaming,gemv")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: step,prefill_<bucket>,streaming,gemv")
+    ap.add_argument("--prefill", default="16:10,64:50,128:100",
+                    help="bucket:tokens of the prefill graphs profiled (buckets prewarmed)")
     ap.add_argument("--tag", default="", help="suffix of the result file names (a leading '-' is added: --tag run1)")
     ap.add_argument("--out", default=str(RESULTS), help="directory of the JSON")
     ap.add_argument("--variant", default="default", choices=list(VARIANTS), help="engine/kernel knobs (A/B)")
@@ -371,8 +378,10 @@ def main(argv: list[str] | None = None) -> None:
         path.write_text(json.dumps(out, indent=1))
 
     t0 = time.perf_counter()
+    prefill = [tuple(int(v) for v in bt.split(":")) for bt in a.prefill.split(",") if bt]
+    buckets = sorted({16} | {b for b, _ in prefill})
     eng = HybridEngine(EngineConfig(model=a.preset, device=a.device, num_layers=a.layers, max_context=1280,
-                                    buckets=[16, 128], prewarm_buckets=[16, 128] if cuda else [], **overrides))
+                                    buckets=buckets, prewarm_buckets=buckets if cuda else [], **overrides))
     out["engine_start_s"] = round(time.perf_counter() - t0, 1)
     log(f"engine up in {out['engine_start_s']} s")
     def part(name: str, fn) -> None:
@@ -393,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         out["gemv_autotune_picks"] = {str(k): str(v) for k, v in kernels._skinny_kernel.cache.items()}
     for c in a.contexts[1:]:
         part(f"step_context_{c}", lambda c=c: profile_step(eng, a.steps, c))
-    for b, n in ((16, 10), (128, 100)):    # the buckets prewarmed above: TTFT's GPU part at 10 and 100 tokens
+    for b, n in prefill:    # the buckets prewarmed above: TTFT's GPU part at (by default) 10, 50 and 100 tokens
         part(f"prefill_{b}", lambda b=b, n=n: profile_prefill(eng, b, n, a.steps))
     part("streaming", lambda: streaming(eng, a.requests, a.tokens, a.long_tokens, a.long_requests))
     ar = eng.args

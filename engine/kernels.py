@@ -40,6 +40,14 @@ def _pdl_supported() -> bool:
 # attention) made TTFT 0.1-0.8 ms slower (500 tokens: 12.63 -> 13.47 ms). Off: plain stream order
 # (PDL = False, or HYBRIDSERVE_PDL=0 in the environment: A/B runs).
 PDL = _pdl_supported() and os.environ.get("HYBRIDSERVE_PDL", "1") != "0"
+# Up to how many rows (tokens) kernels launch with PDL: the decode step, and the bucket-16 prefill graph, which
+# is all Triton kernels too (16-row GEMVs, RMSNorm, the one-kernel short attention): bucket-16 graph 5,386 ->
+# 5,330 us on an H100 (2026-11-27, bench/NOTES.md step 23). 1 = the decode step only.
+PDL_ROWS = 16
+
+
+def _pdl(rows: int) -> bool:
+    return PDL and rows <= PDL_ROWS
 
 
 @triton.jit
@@ -54,28 +62,37 @@ def _pdl_wait(USE_PDL: tl.constexpr):
         tl.extra.cuda.gdc_wait()
 
 
-@triton.jit(do_not_specialize=["n_cols", "eps"])
-def _rms_norm_kernel(X, W, OUT, stride, n_cols, eps, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["eps"])
+def _rms_norm_kernel(X, W, OUT, stride, n_cols, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """One program per row: OUT = W * (x * rstd), x * rstd rounded to the model dtype as the eager model
-    rounds it. Used where the GEMV does not take the norm into its loads (prefill: more than one row)."""
+    rounds it. Used where the GEMV does not take the norm into its loads (prefill: more than one row).
+    n_cols (the hidden size, fixed per model) is specialised: its divisibility by 16 lets the masked
+    loads and stores be 16-byte vectors."""
+    _pdl_start(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    _pdl_wait(USE_PDL)
     xf = tl.load(X + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0)
     tl.store(OUT + row * stride + cols, w * (xf * rstd).to(OUT.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
     n = x.shape[-1]
-    _rms_norm_kernel[(x.shape[0],)](x, w, out, x.stride(0), n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8)
+    pdl = _pdl(x.shape[0])
+    _rms_norm_kernel[(x.shape[0],)](x, w, out, x.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
+                                    USE_PDL=pdl, launch_pdl=pdl, num_warps=8)
     return out
 
 
-@triton.jit(do_not_specialize=["n_inter"])
-def _silu_mul_kernel(GU, OUT, n_inter, BLOCK: tl.constexpr):
+@triton.jit
+def _silu_mul_kernel(GU, OUT, n_inter, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    """silu(gate) * up of [gate | up] rows; n_inter (fixed per model) specialised, as in _rms_norm_kernel."""
+    _pdl_start(USE_PDL)
+    _pdl_wait(USE_PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_inter
@@ -89,50 +106,128 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     n = two_i // 2
     out = torch.empty((L, n), device=gu.device, dtype=gu.dtype)
     BLOCK = 1024
-    _silu_mul_kernel[(L, triton.cdiv(n, BLOCK))](gu, out, n, BLOCK=BLOCK, num_warps=4)
+    pdl = _pdl(L)
+    _silu_mul_kernel[(L, triton.cdiv(n, BLOCK))](gu, out, n, BLOCK=BLOCK, USE_PDL=pdl, launch_pdl=pdl, num_warps=4)
     return out
 
 
-@triton.jit(do_not_specialize=["n_heads", "n_kv", "stride_qkv", "stride_kh"])
-def _rope_cache_kernel(QKV, POS, COS, SIN, Q_OUT, K_CACHE, V_CACHE, stride_qkv, stride_kh,
-                       n_heads, n_kv, HD: tl.constexpr, USE_PDL: tl.constexpr):
-    """One program per (token, head) over the fused qkv row: q heads rotate into Q_OUT, k heads
-    rotate into K_CACHE[kv, pos], v heads copy into V_CACHE[kv, pos]."""
+@triton.jit(do_not_specialize=["L", "n_heads", "n_kv", "stride_qkv", "stride_kh"])
+def _rope_cache_kernel(QKV, POS, COS, SIN, Q_OUT, K_CACHE, V_CACHE, L, stride_qkv, stride_kh,
+                       n_heads, n_kv, HD: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr):
+    """One program per (BLOCK_T tokens, head) over the fused qkv rows: q heads rotate into Q_OUT, k heads
+    rotate into K_CACHE[kv, pos], v heads copy into V_CACHE[kv, pos]. BLOCK_T = 1 at decode; a prefill
+    takes up to 16 tokens per program (one token per one-warp program made 12,288 programs of 256 bytes
+    each at 128 tokens: 9.4 us a call on an H100, session 6's bucket-128 profile)."""
     _pdl_start(USE_PDL)
     _pdl_wait(USE_PDL)
-    tok = tl.program_id(0)
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)
     HALF: tl.constexpr = HD // 2
-    pos = tl.load(POS + tok)
-    offs = tl.arange(0, HALF)
-    src = QKV + tok * stride_qkv + head * HD
-    x1 = tl.load(src + offs)
-    x2 = tl.load(src + HALF + offs)
+    tmask = (tok < L)[:, None]
+    pos = tl.load(POS + tok, mask=tok < L, other=0)[:, None]
+    offs = tl.arange(0, HALF)[None, :]
+    src = QKV + tok[:, None] * stride_qkv + head * HD + offs
+    x1 = tl.load(src, mask=tmask, other=0.0)
+    x2 = tl.load(src + HALF, mask=tmask, other=0.0)
     if head < n_heads + n_kv:
-        c = tl.load(COS + pos * HD + offs).to(tl.float32)
-        s = tl.load(SIN + pos * HD + offs).to(tl.float32)
+        c = tl.load(COS + pos * HD + offs, mask=tmask, other=0.0).to(tl.float32)
+        s = tl.load(SIN + pos * HD + offs, mask=tmask, other=0.0).to(tl.float32)
         o1 = (x1.to(tl.float32) * c - x2.to(tl.float32) * s).to(x1.dtype)
         o2 = (x2.to(tl.float32) * c + x1.to(tl.float32) * s).to(x1.dtype)
         if head < n_heads:
-            dst = Q_OUT + (tok * n_heads + head) * HD
+            dst = Q_OUT + (tok[:, None] * n_heads + head) * HD + offs
         else:
-            dst = K_CACHE + (head - n_heads) * stride_kh + pos * HD
-        tl.store(dst + offs, o1)
-        tl.store(dst + HALF + offs, o2)
+            dst = K_CACHE + (head - n_heads) * stride_kh + pos * HD + offs
+        tl.store(dst, o1, mask=tmask)
+        tl.store(dst + HALF, o2, mask=tmask)
     else:
-        dst = V_CACHE + (head - n_heads - n_kv) * stride_kh + pos * HD
-        tl.store(dst + offs, x1)
-        tl.store(dst + HALF + offs, x2)
+        dst = V_CACHE + (head - n_heads - n_kv) * stride_kh + pos * HD + offs
+        tl.store(dst, x1, mask=tmask)
+        tl.store(dst + HALF, x2, mask=tmask)
+
+
+ROPE_TOKENS = 16     # tokens per rope program (1: one program per token and head, as before session 10)
 
 
 def rope_and_cache(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv, hd):
     L = qkv.shape[0]
     q = torch.empty((L, n_heads, hd), device=qkv.device, dtype=qkv.dtype)
-    pdl = PDL and L == 1
-    _rope_cache_kernel[(L, n_heads + 2 * n_kv)](qkv, positions, cos, sin, q, k_cache, v_cache,
-                                                 qkv.stride(0), k_cache.stride(0), n_heads, n_kv,
-                                                 HD=hd, USE_PDL=pdl, launch_pdl=pdl, num_warps=1)
+    pdl = _pdl(L)
+    bt = min(ROPE_TOKENS, triton.next_power_of_2(L))
+    _rope_cache_kernel[(triton.cdiv(L, bt), n_heads + 2 * n_kv)](
+        qkv, positions, cos, sin, q, k_cache, v_cache, L, qkv.stride(0), k_cache.stride(0), n_heads, n_kv,
+        HD=hd, BLOCK_T=bt, USE_PDL=pdl, launch_pdl=pdl, num_warps=1 if bt == 1 else 4)
     return q
+
+
+@triton.jit
+def _rope_rows(src, pos, COS, SIN, tmask, HD: tl.constexpr):
+    """The two rotated halves of one head's rows at src (BLOCK_T, HD), rounded to the model dtype as
+    _rope_cache_kernel rounds them."""
+    HALF: tl.constexpr = HD // 2
+    offs = tl.arange(0, HALF)[None, :]
+    x1 = tl.load(src + offs, mask=tmask, other=0.0)
+    x2 = tl.load(src + HALF + offs, mask=tmask, other=0.0)
+    c = tl.load(COS + pos * HD + offs, mask=tmask, other=0.0).to(tl.float32)
+    s = tl.load(SIN + pos * HD + offs, mask=tmask, other=0.0).to(tl.float32)
+    o1 = (x1.to(tl.float32) * c - x2.to(tl.float32) * s).to(x1.dtype)
+    o2 = (x2.to(tl.float32) * c + x1.to(tl.float32) * s).to(x1.dtype)
+    return o1, o2
+
+
+@triton.jit(do_not_specialize=["L", "n_heads", "n_kv", "stride_qkv", "stride_kh", "sm_scale"])
+def _short_prefill_attn_kernel(QKV, POS, COS, SIN, OUT, K_CACHE, V_CACHE, L, stride_qkv, stride_kh, n_heads,
+                               n_kv, sm_scale, GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_T: tl.constexpr,
+                               USE_PDL: tl.constexpr):
+    """A whole short prefill's attention for one query head in one program: rope of its q rows and of its
+    kv head's k rows, straight from the fused qkv rows; causal softmax(q k^T) v over all L <= BLOCK_T
+    tokens in one tile; the first query head of each kv group writes the rotated k and the v rows into the
+    cache at their positions. Replaces the rope + KV-write kernel and SDPA for buckets <= SHORT_PREFILL."""
+    _pdl_start(USE_PDL)
+    _pdl_wait(USE_PDL)
+    h = tl.program_id(0)
+    kvh = h // GROUP
+    HALF: tl.constexpr = HD // 2
+    t = tl.arange(0, BLOCK_T)
+    tmask = (t < L)[:, None]
+    pos = tl.load(POS + t, mask=t < L, other=0)[:, None]
+    row = QKV + t[:, None] * stride_qkv
+    q1, q2 = _rope_rows(row + h * HD, pos, COS, SIN, tmask, HD)
+    k1, k2 = _rope_rows(row + (n_heads + kvh) * HD, pos, COS, SIN, tmask, HD)
+    offs = tl.arange(0, HALF)[None, :]
+    v1 = tl.load(row + (n_heads + n_kv + kvh) * HD + offs, mask=tmask, other=0.0)
+    v2 = tl.load(row + (n_heads + n_kv + kvh) * HD + HALF + offs, mask=tmask, other=0.0)
+    if h % GROUP == 0:
+        kd = K_CACHE + kvh * stride_kh + pos * HD + offs
+        vd = V_CACHE + kvh * stride_kh + pos * HD + offs
+        tl.store(kd, k1, mask=tmask)
+        tl.store(kd + HALF, k2, mask=tmask)
+        tl.store(vd, v1, mask=tmask)
+        tl.store(vd + HALF, v2, mask=tmask)
+    s = (tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))) * sm_scale
+    s = tl.where((t[None, :] <= t[:, None]) & (t[None, :] < L), s, float("-inf"))   # causal, no padding keys
+    p = tl.exp(s - tl.max(s, axis=1)[:, None])
+    p = (p / tl.sum(p, axis=1)[:, None]).to(v1.dtype)
+    o = OUT + (t[:, None] * n_heads + h) * HD + offs
+    tl.store(o, tl.dot(p, v1).to(v1.dtype), mask=tmask)
+    tl.store(o + HALF, tl.dot(p, v2).to(v1.dtype), mask=tmask)
+
+
+SHORT_PREFILL = 16    # the longest prompt bucket whose attention runs in _short_prefill_attn_kernel
+
+
+def short_prefill_attention(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv, hd, sm_scale):
+    """Rope, KV write and causal attention of a prefill of L <= SHORT_PREFILL tokens in one launch
+    (one program per query head). Returns (L, H, hd)."""
+    L = qkv.shape[0]
+    assert L <= SHORT_PREFILL
+    out = torch.empty((L, n_heads, hd), device=qkv.device, dtype=qkv.dtype)
+    pdl = _pdl(L)
+    _short_prefill_attn_kernel[(n_heads,)](
+        qkv, positions, cos, sin, out, k_cache, v_cache, L, qkv.stride(0), k_cache.stride(0), n_heads, n_kv,
+        sm_scale, GROUP=n_heads // n_kv, HD=hd, BLOCK_T=max(16, triton.next_power_of_2(L)), USE_PDL=pdl,
+        launch_pdl=pdl, num_warps=4)
+    return out
 
 
 @triton.jit(do_not_specialize=["sm_scale", "stride_kh"])
@@ -265,20 +360,31 @@ def _load_act(ptrs, K, mask, GATED: tl.constexpr):
 
 
 @triton.jit
-def _row_chunk(acc, ss, w, X, LN, k, K, NORM: tl.constexpr, GATED: tl.constexpr):
-    """One row: acc (BLOCK_N) += w (BLOCK_N, BLOCK_K) . act(x[k]); NORM: ss += x^2 and x * LN feeds the dot."""
+def _swiglu(g, u, dtype):
+    """silu(g) * u of fp32 accumulators, rounded as the reference rounds them: g and u to the model dtype (the
+    [gate | up] matmul's output), silu in fp32 rounded, times u."""
+    gf = g.to(dtype).to(tl.float32)
+    return (gf / (1.0 + tl.exp(-gf))).to(dtype) * u.to(dtype)
+
+
+@triton.jit
+def _row_chunk(acc, acc_u, ss, w, wu, X, LN, k, K, NORM: tl.constexpr, GATED: tl.constexpr, SWIGLU: tl.constexpr):
+    """One row: acc (BLOCK_N) += w (BLOCK_N, BLOCK_K) . act(x[k]) (SWIGLU: acc_u += wu . act(x[k]) too);
+    NORM: ss += x^2 and x * LN feeds the dot."""
     x = _load_act(X + k, K, k < K, GATED).to(tl.float32)
     if NORM:
         ss += x * x
         x = x * tl.load(LN + k, mask=k < K, other=0.0).to(tl.float32)
-    return acc + tl.sum(w.to(tl.float32) * x[None, :], axis=1), ss
+    if SWIGLU:
+        acc_u += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
+    return acc + tl.sum(w.to(tl.float32) * x[None, :], axis=1), acc_u, ss
 
 
 @triton.jit
-def _rows_chunk(acc, ss, w, X, LN, m, mmask, k, K, x_stride, NORM: tl.constexpr, GATED: tl.constexpr,
-                WX: tl.constexpr):
+def _rows_chunk(acc, acc_u, ss, w, wu, X, LN, m, mmask, k, K, x_stride, NORM: tl.constexpr, GATED: tl.constexpr,
+                WX: tl.constexpr, SWIGLU: tl.constexpr):
     """Up to 16 rows on the tensor cores: acc (BLOCK_M, BLOCK_N) += act(x[m, k]) @ w.T, or with WX its
-    transpose acc (BLOCK_N, BLOCK_M) += w @ act(x[m, k]).T; NORM as above."""
+    transpose acc (BLOCK_N, BLOCK_M) += w @ act(x[m, k]).T; SWIGLU: acc_u the same with wu; NORM as above."""
     x = _load_act(X + m[:, None] * x_stride + k[None, :], K, mmask[:, None] & (k[None, :] < K), GATED)
     if NORM:
         xf = x.to(tl.float32)
@@ -286,23 +392,30 @@ def _rows_chunk(acc, ss, w, X, LN, m, mmask, k, K, x_stride, NORM: tl.constexpr,
         x = (xf * tl.load(LN + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(w.dtype)
     if WX:   # one return: Triton compiles every return of a function, a constexpr branch's too
         acc = acc + tl.dot(w, tl.trans(x))
+        if SWIGLU:
+            acc_u = acc_u + tl.dot(wu, tl.trans(x))
     else:
         acc = acc + tl.dot(x, tl.trans(w))
-    return acc, ss
+        if SWIGLU:
+            acc_u = acc_u + tl.dot(x, tl.trans(wu))
+    return acc, acc_u, ss
 
 
 # restore_value: autotuning runs every config on the live arguments, and with RES each run adds into Y
-@triton.autotune(configs=_ROW_CONFIGS + _ROWS16_CONFIGS, key=["N", "K", "BLOCK_M", "NORM", "RES", "GATED"],
+@triton.autotune(configs=_ROW_CONFIGS + _ROWS16_CONFIGS, key=["N", "K", "BLOCK_M", "NORM", "RES", "GATED", "SWIGLU"],
                  prune_configs_by={"early_config_prune": _prune_configs}, restore_value=["Y"], **_AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["M", "eps"])
 def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr,
-                   GATED: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   WX: tl.constexpr):
+                   GATED: tl.constexpr, SWIGLU: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, WX: tl.constexpr):
     """Y = act(x) @ W.T for M <= 16 rows. Every program walks all of K, so it sees each row of x whole:
     NORM: the RMSNorm of x runs inside the K loop (x * LN feeds the dot, sum(x^2) accumulates beside it,
           the dot is scaled by rstd at the end): no norm kernel, no normed copy of x.
     RES:  Y is the residual stream: Y += result in place (rounded as the eager model rounds r + y).
     GATED: x = silu(gate) * up read from [gate | up] rows (the down projection): no SiLU kernel.
+    SWIGLU: W is [gate | up] (2N rows) and Y = silu(x @ gate.T) * (x @ up.T) (N columns): each program
+          streams its BLOCK_N gate rows and the same BLOCK_N up rows and applies the SiLU in its epilogue,
+          so the down projection reads a plain activation (no SiLU kernel, no SiLU in its loads).
     One row (decode): the first two weight chunks load before the PDL wait (they do not depend on the
     previous kernel; with BLOCK_K = 2048 that is all of a 4096-wide row), x, LN and Y after it, the rest
     of K through the pipelined loop. More rows: the plain pipelined loop after the wait (peeling two of its
@@ -313,22 +426,40 @@ def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.co
     nmask = n < N
     x_stride = 2 * K if GATED else K
     k0 = tl.arange(0, BLOCK_K)
+    WU = W + N * K          # SWIGLU: the up rows
     if BLOCK_M == 1:
         k1 = BLOCK_K + k0
-        w0 = tl.load(W + n[:, None] * K + k0[None, :], mask=nmask[:, None] & (k0[None, :] < K), other=0.0)
-        w1 = tl.load(W + n[:, None] * K + k1[None, :], mask=nmask[:, None] & (k1[None, :] < K), other=0.0)
+        m0 = nmask[:, None] & (k0[None, :] < K)
+        m1 = nmask[:, None] & (k1[None, :] < K)
+        w0 = tl.load(W + n[:, None] * K + k0[None, :], mask=m0, other=0.0)
+        w1 = tl.load(W + n[:, None] * K + k1[None, :], mask=m1, other=0.0)
+        u0 = w0
+        u1 = w1
+        if SWIGLU:
+            u0 = tl.load(WU + n[:, None] * K + k0[None, :], mask=m0, other=0.0)
+            u1 = tl.load(WU + n[:, None] * K + k1[None, :], mask=m1, other=0.0)
         _pdl_wait(USE_PDL)
         acc = tl.zeros((BLOCK_N,), tl.float32)
+        acc_u = tl.zeros((BLOCK_N,), tl.float32)
         ss = tl.zeros((BLOCK_K,), tl.float32)
-        acc, ss = _row_chunk(acc, ss, w0, X, LN, k0, K, NORM, GATED)
-        acc, ss = _row_chunk(acc, ss, w1, X, LN, k1, K, NORM, GATED)
+        acc, acc_u, ss = _row_chunk(acc, acc_u, ss, w0, u0, X, LN, k0, K, NORM, GATED, SWIGLU)
+        acc, acc_u, ss = _row_chunk(acc, acc_u, ss, w1, u1, X, LN, k1, K, NORM, GATED, SWIGLU)
         for kb in range(BLOCK_K + BLOCK_K, K, BLOCK_K):
             k = kb + k0
-            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
-            acc, ss = _row_chunk(acc, ss, w, X, LN, k, K, NORM, GATED)
+            mk = nmask[:, None] & (k[None, :] < K)
+            w = tl.load(W + n[:, None] * K + k[None, :], mask=mk, other=0.0)
+            wu = w
+            if SWIGLU:
+                wu = tl.load(WU + n[:, None] * K + k[None, :], mask=mk, other=0.0)
+            acc, acc_u, ss = _row_chunk(acc, acc_u, ss, w, wu, X, LN, k, K, NORM, GATED, SWIGLU)
         if NORM:
-            acc = acc * (1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps))
-        y = acc.to(Y.dtype.element_ty)
+            rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+            acc = acc * rstd
+            acc_u = acc_u * rstd
+        if SWIGLU:
+            y = _swiglu(acc, acc_u, Y.dtype.element_ty)
+        else:
+            y = acc.to(Y.dtype.element_ty)
         if RES:
             y = (y + tl.load(Y + n, mask=nmask, other=0.0)).to(Y.dtype.element_ty)
         tl.store(Y + n, y, mask=nmask)
@@ -340,38 +471,54 @@ def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.co
             acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc_u = acc
         ss = tl.zeros((BLOCK_M,), tl.float32)
         for kb in range(0, K, BLOCK_K):
             k = kb + k0
-            w = tl.load(W + n[:, None] * K + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
-            acc, ss = _rows_chunk(acc, ss, w, X, LN, m, mmask, k, K, x_stride, NORM, GATED, WX)
+            mk = nmask[:, None] & (k[None, :] < K)
+            w = tl.load(W + n[:, None] * K + k[None, :], mask=mk, other=0.0)
+            wu = w
+            if SWIGLU:
+                wu = tl.load(WU + n[:, None] * K + k[None, :], mask=mk, other=0.0)
+            acc, acc_u, ss = _rows_chunk(acc, acc_u, ss, w, wu, X, LN, m, mmask, k, K, x_stride, NORM, GATED, WX,
+                                         SWIGLU)
         if WX:
             acc = tl.trans(acc)
+            acc_u = tl.trans(acc_u)
         if NORM:
-            acc = acc * (1.0 / tl.sqrt(ss / K + eps))[:, None]
+            rstd = (1.0 / tl.sqrt(ss / K + eps))[:, None]
+            acc = acc * rstd
+            acc_u = acc_u * rstd
         ptrs = Y + m[:, None] * N + n[None, :]
         ymask = mmask[:, None] & nmask[None, :]
-        y = acc.to(Y.dtype.element_ty)
+        if SWIGLU:
+            y = _swiglu(acc, acc_u, Y.dtype.element_ty)
+        else:
+            y = acc.to(Y.dtype.element_ty)
         if RES:
             y = (y + tl.load(ptrs, mask=ymask, other=0.0)).to(Y.dtype.element_ty)
         tl.store(ptrs, y, mask=ymask)
 
 
 def skinny_matmul(x: torch.Tensor, w: torch.Tensor, ln: torch.Tensor | None = None, eps: float = 0.0,
-                  residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+                  residual: torch.Tensor | None = None, gated: bool = False, swiglu: bool = False) -> torch.Tensor:
     """x (M <= 16, K), or (M, 2K) [gate | up] when gated, contiguous; w (N, K) contiguous.
     Returns act(x) @ w.T (M, N), where act = silu(gate) * up if gated, then rms_norm(.) * ln if ln is given;
-    with residual (M, N) contiguous: residual += that, in place, and returns residual. One launch."""
+    with residual (M, N) contiguous: residual += that, in place, and returns residual. swiglu: w is
+    [gate | up] (2N, K) and the result silu(x' @ gate.T) * (x' @ up.T) (M, N), x' the (normed) x. One launch."""
     M = x.shape[0]
     N, K = w.shape
+    if swiglu:
+        assert not gated and N % 2 == 0
+        N //= 2
     assert M <= 16 and x.shape[1] == (2 * K if gated else K) and x.is_contiguous() and w.is_contiguous()
     if residual is None:
         y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     else:
         assert residual.shape == (M, N) and residual.is_contiguous()
         y = residual
-    pdl = PDL and M == 1
+    pdl = _pdl(M)
     _skinny_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
         x, ln if ln is not None else w, w, y, M, N, K, eps, BLOCK_M=1 if M == 1 else 16,
-        NORM=ln is not None, RES=residual is not None, GATED=gated, USE_PDL=pdl, launch_pdl=pdl)
+        NORM=ln is not None, RES=residual is not None, GATED=gated, SWIGLU=swiglu, USE_PDL=pdl, launch_pdl=pdl)
     return y

@@ -143,15 +143,16 @@ class Llama:
         L = r.shape[0]
         for i, lw in enumerate(self.layers):
             qkv = ops.norm_linear(r, lw["ln1"], a.rms_eps, lw["wqkv"])              # norm + fused QKV
-            q = ops.rope_and_cache(qkv, positions, self.cos, self.sin, self.k_cache[i], self.v_cache[i],
-                                   a.n_heads, a.n_kv_heads, a.head_dim)      # (L, H, hd); K,V -> cache
-            if kv_len is None:
-                attn = ops.prefill_attention(q, self.k_cache[i], self.v_cache[i], L, self.sm_scale)
+            if kv_len is None:      # rope, K,V -> cache, causal attention over the L tokens: (L, H, hd)
+                attn = ops.prefill_rope_attention(qkv, positions, self.cos, self.sin, self.k_cache[i],
+                                                  self.v_cache[i], a.n_heads, a.n_kv_heads, a.head_dim,
+                                                  self.sm_scale)
             else:
+                q = ops.rope_and_cache(qkv, positions, self.cos, self.sin, self.k_cache[i], self.v_cache[i],
+                                       a.n_heads, a.n_kv_heads, a.head_dim)  # (1, H, hd); K,V -> cache
                 attn = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], kv_len, self.sm_scale)
             ops.linear_residual(attn.reshape(L, -1), lw["wo"], r)                   # r += attn @ wo.T
-            gu = ops.norm_linear(r, lw["ln2"], a.rms_eps, lw["w13"])                # norm + fused gate/up
-            ops.linear_residual(gu, lw["w2"], r, gated=True)                        # r += silu(g)*u @ w2.T
+            ops.mlp_residual(r, lw["ln2"], a.rms_eps, lw["w13"], lw["w2"])         # r += silu(g)*u @ w2.T
         return r
 
     def _logits(self, r_last: torch.Tensor) -> torch.Tensor:

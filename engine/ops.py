@@ -12,6 +12,12 @@ _enabled = True
 _skinny = True
 _fused = True
 GATE_IN_GEMV = True   # one row: silu(gate) * up computed in the down GEMV's loads (no SiLU kernel)
+SHORT_PREFILL_KERNEL = True   # short buckets: rope + KV write + attention in one kernel (A/B: False)
+# silu(gate) * up in the gate/up GEMV's epilogue, the down GEMV plain (H100, 2026-11-27, bench/NOTES.md step 24:
+# decode step 4,986 -> 4,957 us against the SiLU in the down GEMV's loads; bucket-16 graph 5,399 -> 5,353 us
+# against a SiLU kernel). Off: those (A/B).
+SWIGLU_DECODE = True    # one row (decode)
+SWIGLU_PREFILL = True   # 2-16 rows (the bucket-16 prefill)
 
 
 def use_triton(flag: bool, skinny_matmul: bool | None = None, fused_gemv_norm: bool | None = None) -> None:
@@ -83,6 +89,22 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, gated: bo
         r.add_(linear(act, w))
 
 
+def mlp_residual(r: torch.Tensor, ln: torch.Tensor, eps: float, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """r += silu(g) * u @ w2.T in place, [g | u] = rms_norm(r) * ln @ w13.T: the MLP block. Short M on CUDA with
+    SWIGLU_DECODE / SWIGLU_PREFILL: the gate/up GEMV applies the SiLU in its epilogue (it streams each block
+    of gate rows beside the same block of up rows) and the down GEMV reads a plain activation; otherwise
+    norm_linear, then linear_residual with the SiLU in the down GEMV's loads (one row) or a SiLU kernel."""
+    M = r.shape[0]
+    if (k := _gemv(r)) is not None and (SWIGLU_DECODE if M == 1 else SWIGLU_PREFILL):
+        if _fused and M == 1:
+            act = k.skinny_matmul(r, w13, ln=ln, eps=eps, swiglu=True)
+        else:
+            act = k.skinny_matmul(rms_norm(r, ln, eps), w13, swiglu=True)
+        linear_residual(act, w2, r)
+        return
+    linear_residual(norm_linear(r, ln, eps, w13), w2, r, gated=True)
+
+
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     """gu: (L, 2I) = [gate | up] -> silu(gate) * up, (L, I)."""
     if (k := _k(gu)) is not None:
@@ -109,6 +131,19 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
     k_cache.index_copy_(1, positions, rot(kk).transpose(0, 1))
     v_cache.index_copy_(1, positions, v.transpose(0, 1))
     return rot(q)
+
+
+def prefill_rope_attention(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, hd: int,
+                           sm_scale: float) -> torch.Tensor:
+    """A prefill's attention from its fused qkv rows (positions 0..L-1): rope of q and k, K and V into the
+    cache, causal attention. A short prompt bucket on CUDA: one Triton kernel for all of it (no rope
+    kernel, no SDPA launch); otherwise rope_and_cache, then prefill_attention. Returns (L, H, hd)."""
+    L = qkv.shape[0]
+    if (k := _k(qkv)) is not None and L <= k.SHORT_PREFILL and SHORT_PREFILL_KERNEL:
+        return k.short_prefill_attention(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv, hd, sm_scale)
+    q = rope_and_cache(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv, hd)
+    return prefill_attention(q, k_cache, v_cache, L, sm_scale)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, L: int,

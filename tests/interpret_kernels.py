@@ -60,6 +60,11 @@ def test_skinny_matmul_plain_norm_and_gated_residual(k, M, wx):
         torch_ops(lambda: ops.linear_residual(xg.float(), w.float(), r_ref, gated=True))
         out = k.skinny_matmul(xg, w, residual=r, gated=True)
         assert out.data_ptr() == r.data_ptr() and close(r, r_ref), (N, K)
+        w13 = (torch.randn(2 * N, K, generator=g) * 0.05).half()         # [gate | up]: SiLU in the epilogue
+        ref = torch_ops(lambda: ops.silu_mul(x.float() @ w13.float().t()))
+        assert close(k.skinny_matmul(x, w13, swiglu=True), ref), (N, K)
+        ref = torch_ops(lambda: ops.silu_mul(ops.norm_linear(x.float(), ln.float(), 1e-5, w13.float())))
+        assert close(k.skinny_matmul(x, w13, ln=ln, eps=1e-5, swiglu=True), ref), (N, K)
 
 
 def test_norm_silu_rope_and_split_attention(k):
@@ -72,13 +77,34 @@ def test_norm_silu_rope_and_split_attention(k):
     qkv = torch.randn(3, (H + 2 * KV) * hd, generator=g)
     ang = torch.rand(T, hd // 2, generator=g) * 6
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    pos = torch.tensor([5, 6, 40])
-    kc, vc, kr, vr = (torch.zeros(KV, T, hd) for _ in range(4))
-    q = k.rope_and_cache(qkv, pos, cos, sin, kc, vc, H, KV, hd)
-    q_ref = torch_ops(lambda: ops.rope_and_cache(qkv, pos, cos, sin, kr, vr, H, KV, hd))
-    assert close(q, q_ref, 1e-5) and close(kc, kr, 1e-5) and close(vc, vr, 1e-5)
+    for pos in (torch.tensor([5, 6, 40]), torch.tensor([40]), torch.arange(3, 23)):  # 4-, 1- and 16-token tiles
+        qkv = torch.randn(len(pos), (H + 2 * KV) * hd, generator=g)
+        kc, vc, kr, vr = (torch.zeros(KV, T, hd) for _ in range(4))
+        q = k.rope_and_cache(qkv, pos, cos, sin, kc, vc, H, KV, hd)
+        q_ref = torch_ops(lambda: ops.rope_and_cache(qkv, pos, cos, sin, kr, vr, H, KV, hd))
+        assert close(q, q_ref, 1e-5) and close(kc, kr, 1e-5) and close(vc, vr, 1e-5), len(pos)
     kc, vc, q1 = torch.randn(KV, T, hd, generator=g), torch.randn(KV, T, hd, generator=g), torch.randn(1, H, hd)
     for n in (1, 17, 37, T):                     # the 16 splits of 32-position tiles: empty, partial, all
         L = torch.tensor([n])
         assert close(k.decode_attention(q1, kc, vc, L, 0.25),
                      torch_ops(lambda: ops.decode_attention(q1, kc, vc, L, 0.25)), 1e-4), n
+
+
+@pytest.mark.parametrize("H,KV", [(4, 4), (4, 2)])
+def test_short_prefill_attention_matches_rope_cache_then_sdpa(k, H, KV):
+    """The one-kernel short prefill (rope + KV write + causal attention) against the reference composition:
+    the same attention output and the same K/V cache rows, at a full and a masked (5 of 16) tile."""
+    g = torch.Generator().manual_seed(H + KV)
+    hd, T = 32, 64
+    ang = torch.rand(T, hd // 2, generator=g) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).half(), torch.cat([ang.sin()] * 2, -1).half()
+    for L in (5, 16):
+        qkv = torch.randn(L, (H + 2 * KV) * hd, generator=g).half()
+        pos = torch.arange(L)
+        kc, vc = torch.zeros(KV, T, hd).half(), torch.zeros(KV, T, hd).half()
+        kr, vr = kc.float(), vc.float()
+        out = k.short_prefill_attention(qkv, pos, cos, sin, kc, vc, H, KV, hd, hd ** -0.5)
+        ref = torch_ops(lambda: ops.prefill_rope_attention(qkv.float(), pos, cos.float(), sin.float(), kr, vr,
+                                                            H, KV, hd, hd ** -0.5))
+        assert out.shape == (L, H, hd) and close(out, ref, 1e-2), L
+        assert close(kc, kr, 1e-2) and close(vc, vr, 1e-5) and kc[:, L:].abs().sum() == 0, L

@@ -20,7 +20,7 @@ def test_profile_decode_cpu_parts_complete(tmp_path):
                          "--tag", "test", "--out", str(tmp_path)])
     (path,) = tmp_path.glob("profile-decode-*-cpu-test.json")
     res = json.loads(path.read_text())
-    for part in ("step", "step_context_40", "prefill_16", "prefill_128", "streaming"):
+    for part in ("step", "step_context_40", "prefill_16", "prefill_64", "prefill_128", "streaming"):
         assert part in res and "error" not in res[part], (part, res.get(part))
     assert res["step"]["eager_kernels"]["kernel_us_per_step"] > 0
     assert res["prefill_16"]["bucket"] == 16 and res["prefill_16"]["tokens"] == 10

@@ -169,3 +169,54 @@ def test_pdl_chain_in_a_graph_matches_plain_launches():
     assert not plain.isnan().any()
     for o in pdl:
         assert torch.equal(o, plain)
+
+
+@pytest.mark.parametrize("H,KV", [(32, 32), (32, 8)])
+def test_short_prefill_attention_matches_rope_then_sdpa(H, KV):
+    """The one-kernel short prefill (rope + KV write + causal attention, buckets <= 16 tokens) against the
+    rope kernel then SDPA, eagerly and replayed from a CUDA graph: same output, same cache rows, the cache
+    past the L written rows untouched (NaN poison stays)."""
+    from engine import kernels
+    g = torch.Generator(device="cuda").manual_seed(H + KV)
+    hd, T, dt = 128, 256, torch.float16
+    ang = torch.rand(T, hd // 2, device="cuda", generator=g) * 6.3
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)
+    for L in (1, 7, 16):
+        qkv = torch.randn(L, (H + 2 * KV) * hd, device="cuda", dtype=dt, generator=g)
+        pos = torch.arange(L, device="cuda")
+        kc, vc = (torch.full((KV, T, hd), float("nan"), device="cuda", dtype=dt) for _ in range(2))
+        kr, vr = kc.clone(), vc.clone()
+        out = kernels.short_prefill_attention(qkv, pos, cos, sin, kc, vc, H, KV, hd, hd ** -0.5)
+        q = ops.rope_and_cache(qkv, pos, cos, sin, kr, vr, H, KV, hd)
+        ref = ops.prefill_attention(q, kr, vr, L, hd ** -0.5)
+        assert not out.isnan().any() and rel_err(out, ref) < 2e-3, L
+        assert rel_err(kc[:, :L], kr[:, :L]) < 1e-3 and torch.equal(vc[:, :L], vr[:, :L]), L
+        assert kc[:, L:].isnan().all() and vc[:, L:].isnan().all(), L
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out_g = kernels.short_prefill_attention(qkv, pos, cos, sin, kc, vc, H, KV, hd, hd ** -0.5)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out_g, out), L
+
+
+@pytest.mark.parametrize("decode,prefill", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_mlp_residual_matches_reference(M, decode, prefill, monkeypatch):
+    """The MLP block with the SiLU in the gate/up GEMV's epilogue (SWIGLU_*) or in the down GEMV's loads / a
+    SiLU kernel: r updated in place to the reference composition's result."""
+    monkeypatch.setattr(ops, "SWIGLU_DECODE", decode)
+    monkeypatch.setattr(ops, "SWIGLU_PREFILL", prefill)
+    ops.use_triton(True, skinny_matmul=True, fused_gemv_norm=True)
+    g = torch.Generator(device="cuda").manual_seed(M)
+    D, I = 4096, 11008
+    r = torch.randn(M, D, device="cuda", dtype=torch.float16, generator=g)
+    ln = 1 + 0.1 * torch.randn(D, device="cuda", dtype=torch.float16, generator=g)
+    w13 = torch.randn(2 * I, D, device="cuda", dtype=torch.float16, generator=g) * 0.02
+    w2 = torch.randn(D, I, device="cuda", dtype=torch.float16, generator=g) * 0.02
+    r_ref = r.clone()
+    reference(lambda: ops.mlp_residual(r_ref, ln, 1e-5, w13, w2))
+    ptr, before = r.data_ptr(), r.clone()
+    ops.mlp_residual(r, ln, 1e-5, w13, w2)
+    assert r.data_ptr() == ptr and not torch.equal(r, before)
+    assert not r.isnan().any() and rel_err(r, r_ref) < 2e-3
