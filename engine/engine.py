@@ -109,17 +109,21 @@ class HybridEngine:
 
         self._executor = EngineThread(cfg.spin_s if self.cuda else 0.0)
         self.graph_mem_bytes = 0
-        self._restore_artifacts()
-        if self.cuda:
-            ops.use_triton(cfg.kernels != "torch", cfg.skinny_matmul, cfg.fused_gemv_norm)
-            self.cuda_stream = torch.cuda.Stream(self.device)
-            self._capture_stream = torch.cuda.Stream(self.device)
-            self._pool = torch.cuda.graph_pool_handle()
-            self._decode_graph: torch.cuda.CUDAGraph | None = None
-            self._capture_q: queue.Queue[int | str | None] = queue.Queue()
-            self._start_cuda()
-            self._executor.submit(self._warm_serving_thread).result()
-            self.publish_artifacts()
+        try:
+            self._restore_artifacts()
+            if self.cuda:
+                ops.use_triton(cfg.kernels != "torch", cfg.skinny_matmul, cfg.fused_gemv_norm)
+                self.cuda_stream = torch.cuda.Stream(self.device)
+                self._capture_stream = torch.cuda.Stream(self.device)
+                self._pool = torch.cuda.graph_pool_handle()
+                self._decode_graph: torch.cuda.CUDAGraph | None = None
+                self._capture_q: queue.Queue[int | str | None] = queue.Queue()
+                self._start_cuda()
+                self._executor.submit(self._warm_serving_thread).result()
+                self.publish_artifacts()
+        except BaseException:
+            self.shutdown()     # a failed start leaves no engine or capture thread behind
+            raise
         self._serving = True
         gc.freeze()   # start-up objects leave the GC's generations: no long collections mid-request
 
@@ -667,6 +671,6 @@ class HybridEngine:
             return
         self._closed = True     # the running request finishes; queued ones end with EngineClosedError
         self._executor.shutdown(wait=True)
-        if self.cuda:
+        if self.cuda and hasattr(self, "_capture_thread"):      # (a start that failed before it began)
             self._capture_q.put(None)
             self._capture_thread.join(timeout=30)

@@ -563,3 +563,20 @@ def test_no_instance_attribute_shadows_a_method():
                 if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
     assert "cuda_stream" in assigned          # the parse sees the CUDA-only branch
     assert not assigned & methods, assigned & methods
+
+
+def test_a_failed_start_leaves_no_engine_thread(monkeypatch):
+    """A start-up that fails after the engine thread exists (here: the artifact restore) raises its error and
+    shuts that thread down instead of leaving it behind (it polls and holds its engine's memory)."""
+    import threading
+
+    def alive() -> int:
+        return sum(t.name == "hybridserve-engine" and t.is_alive() for t in threading.enumerate())
+
+    def broken(self):
+        raise RuntimeError("store unreadable (test)")
+    before = alive()
+    monkeypatch.setattr(HybridEngine, "_restore_artifacts", broken)
+    with pytest.raises(RuntimeError, match="store unreadable"):
+        HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=[32]))
+    assert alive() == before
