@@ -94,14 +94,15 @@ def kernel_table(prof, steps: int, cuda: bool) -> dict:
 VARIANTS = {  # A/B of the decode step's levers (bench/NOTES.md steps 10-11); each sets engine or kernel knobs
     "default": {},
     "unfused-norm": {"fused_gemv_norm": False},     # an RMSNorm kernel before each projection
-    "silu-kernel": {"ops.GATE_IN_GEMV": False},     # silu(gate) * up as its own kernel before the down GEMV
+    "silu-kernel": {"ops.SWIGLU_DECODE": False, "ops.GATE_IN_GEMV": False},   # decode: a SiLU kernel before down
     "attn-8x64": {"kernels.ATTN_SPLITS": 8, "kernels.ATTN_BLOCK_N": 64},   # fewer, longer attention splits
     "no-pdl": {"kernels.PDL": False},               # plain stream-ordered launches (no programmatic dependent launch)
     "sdpa-prefill": {"ops.SHORT_PREFILL_KERNEL": False},   # bucket 16: rope kernel + SDPA, not the one-kernel form
     "rope-1tok": {"kernels.ROPE_TOKENS": 1},        # one rope program per (token, head), as before session 10
     "pdl1": {"kernels.PDL_ROWS": 1},                # PDL launches in the decode step only (before session 10)
     "silu-kernel16": {"ops.SWIGLU_PREFILL": False},   # bucket 16: a SiLU kernel, not the gate/up GEMV's epilogue
-    "swiglu-decode": {"ops.SWIGLU_DECODE": True},   # decode: SiLU in the gate/up GEMV's epilogue, plain down GEMV
+    "silu-in-down": {"ops.SWIGLU_DECODE": False},   # decode: SiLU in the down GEMV's loads (before session 10;
+                                                    # session 10's file ...-s10c-swiglu-decode.json is the A/B)
 }
 
 
