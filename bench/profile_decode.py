@@ -103,6 +103,12 @@ VARIANTS = {  # A/B of the decode step's levers (bench/NOTES.md steps 10-11); ea
     "silu-kernel16": {"ops.SWIGLU_PREFILL": False},   # bucket 16: a SiLU kernel, not the gate/up GEMV's epilogue
     "silu-in-down": {"ops.SWIGLU_DECODE": False},   # decode: SiLU in the down GEMV's loads (before session 10;
                                                     # session 10's file ...-s10c-swiglu-decode.json is the A/B)
+    "rope-kernel-decode": {"ops.DECODE_ROPE_IN_ATTN": False},   # decode: a rope + KV-write kernel before the
+                                                    # split attention (before session 11)
+    "blas-lt": {"torch.blas": "cublaslt"},
+    "short-prefill-16": {"kernels.SHORT_PREFILL": 16},   # the one-kernel rope + attention up to bucket 16 only
+                                                    # (before session 11; 32 / 64 were variants then, 64 the default now)
+    "short-prefill-128": {"kernels.SHORT_PREFILL": 128},   # ... up to bucket 128 (one 128-row tile per query head)          # buckets > 16: cuBLASLt's heuristics instead of cuBLAS's
 }
 
 
@@ -112,7 +118,9 @@ def apply_variant(name: str) -> dict:
     cfg = {}
     for k, v in VARIANTS[name].items():
         mod, _, attr = k.rpartition(".")
-        if mod:
+        if k == "torch.blas":
+            torch.backends.cuda.preferred_blas_library(v)
+        elif mod:
             setattr({"ops": ops, "kernels": kernels}[mod], attr, v)
         else:
             cfg[k] = v

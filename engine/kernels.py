@@ -213,7 +213,10 @@ def _short_prefill_attn_kernel(QKV, POS, COS, SIN, OUT, K_CACHE, V_CACHE, L, str
     tl.store(o + HALF, tl.dot(p, v2).to(v1.dtype), mask=tmask)
 
 
-SHORT_PREFILL = 16    # the longest prompt bucket whose attention runs in _short_prefill_attn_kernel
+# The longest prompt bucket whose attention runs in _short_prefill_attn_kernel. 64 (one 64-row tile per query
+# head, 8 warps) since session 11: H100 graphs at bucket 32 5,861 -> 5,718 us, bucket 64 5,992 -> 5,892 us against
+# the rope kernel + SDPA (bench/NOTES.md step 27).
+SHORT_PREFILL = 64
 
 
 def short_prefill_attention(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv, hd, sm_scale):
@@ -223,22 +226,34 @@ def short_prefill_attention(qkv, positions, cos, sin, k_cache, v_cache, n_heads,
     assert L <= SHORT_PREFILL
     out = torch.empty((L, n_heads, hd), device=qkv.device, dtype=qkv.dtype)
     pdl = _pdl(L)
+    bt = max(16, triton.next_power_of_2(L))
     _short_prefill_attn_kernel[(n_heads,)](
         qkv, positions, cos, sin, out, k_cache, v_cache, L, qkv.stride(0), k_cache.stride(0), n_heads, n_kv,
-        sm_scale, GROUP=n_heads // n_kv, HD=hd, BLOCK_T=max(16, triton.next_power_of_2(L)), USE_PDL=pdl,
-        launch_pdl=pdl, num_warps=4)
+        sm_scale, GROUP=n_heads // n_kv, HD=hd, BLOCK_T=bt, USE_PDL=pdl, launch_pdl=pdl, num_warps=4 if bt <= 32 else 8)
     return out
 
 
-@triton.jit(do_not_specialize=["sm_scale", "stride_kh"])
-def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scale,
+@triton.jit
+def _rope_head(src, pos, COS, SIN, tmask, HD: tl.constexpr):
+    """_rope_rows's two halves side by side: the rotated rows (rows, HD) of one head at src (rows, 1)."""
+    o1, o2 = _rope_rows(src, pos, COS, SIN, tmask, HD)
+    return tl.reshape(tl.permute(tl.join(o1, o2), (0, 2, 1)), (o1.shape[0], HD))
+
+
+@triton.jit(do_not_specialize=["sm_scale", "stride_kh", "n_heads", "n_kv"])
+def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scale, COS, SIN, n_heads, n_kv,
                               GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HD: tl.constexpr,
-                              BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
+                              BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, ROPE: tl.constexpr,
+                              USE_PDL: tl.constexpr):
     """Flash-decoding, split over the sequence. The valid length comes from device memory (one CUDA graph
     serves every position, only valid KV is read) and so does the split size: the length is cut into
     N_SPLITS chunks of whole BLOCK_N tiles, so a short context spreads over several programs per head
     instead of queueing behind one (a chunk sized for the whole cache left all but one split idle).
-    Program (kv_head, split) attends the GROUP query heads sharing this kv head over its chunk."""
+    Program (kv_head, split) attends the GROUP query heads sharing this kv head over its chunk.
+    ROPE: Q is the token's fused qkv row, not its rotated q. Each program rotates its q heads itself, and
+    the new token (position LEN - 1) takes its rotated k and its v from the row, not from the cache; the
+    program whose chunk holds that position writes them into the cache (no rope kernel before this one;
+    nothing else in this launch reads that cache row)."""
     _pdl_start(USE_PDL)
     _pdl_wait(USE_PDL)
     kvh = tl.program_id(0)
@@ -249,7 +264,19 @@ def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scal
     end = tl.minimum(start + chunk, length)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HD)
-    q = tl.load(Q + (kvh * GROUP + g)[:, None] * HD + d[None, :], mask=g[:, None] < GROUP, other=0.0)
+    heads = kvh * GROUP + g
+    gmask = g < GROUP
+    if ROPE:
+        pos = length - 1
+        one = tl.full((1, 1), 1, tl.int1)
+        q = _rope_head(Q + heads[:, None] * HD, pos, COS, SIN, gmask[:, None], HD)
+        k_new = _rope_head(Q + (n_heads + kvh) * HD + tl.zeros((1, 1), tl.int32), pos, COS, SIN, one, HD)
+        v_new = tl.load(Q + (n_heads + n_kv + kvh) * HD + d[None, :])
+        if (pos >= start) & (pos < end):
+            tl.store(K + kvh * stride_kh + pos * HD + d[None, :], k_new)
+            tl.store(V + kvh * stride_kh + pos * HD + d[None, :], v_new)
+    else:
+        q = tl.load(Q + heads[:, None] * HD + d[None, :], mask=gmask[:, None], other=0.0)
     m = tl.full((GROUP_PAD,), -1e30, tl.float32)
     l = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HD), tl.float32)
@@ -258,6 +285,8 @@ def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scal
         valid = n < end
         kv_off = kvh * stride_kh + n[:, None] * HD + d[None, :]
         k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
+        if ROPE:
+            k = tl.where((n == pos)[:, None], k_new, k)
         s = tl.dot(q, tl.trans(k)) * sm_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -265,13 +294,13 @@ def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scal
         alpha = tl.exp(m - m_new)
         l = l * alpha + tl.sum(p, axis=1)
         v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
+        if ROPE:
+            v = tl.where((n == pos)[:, None], v_new, v)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None]
     lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))   # empty split: weight 0
-    heads = kvh * GROUP + g
-    gmask = g < GROUP
     tl.store(O_PART + (heads[:, None] * N_SPLITS + split) * HD + d[None, :], out, mask=gmask[:, None])
     tl.store(LSE_PART + heads * N_SPLITS + split, lse, mask=gmask)
 
@@ -296,24 +325,37 @@ ATTN_BLOCK_N = 32     # positions per tile: at 100 positions, 4 splits of one ti
 _scratch: dict = {}
 
 
-def decode_attention(q, k_cache, v_cache, kv_len, sm_scale):
-    H, hd = q.shape[1], q.shape[2]
+def _decode_attention(q_or_qkv, k_cache, v_cache, kv_len, sm_scale, H, hd, cos=None, sin=None):
     n_kv = k_cache.shape[0]
     group = H // n_kv
     n_splits, block_n = ATTN_SPLITS, ATTN_BLOCK_N
-    key = (q.device, H, hd, n_splits)
+    dev = q_or_qkv.device
+    key = (dev, H, hd, n_splits)
     if key not in _scratch:  # fixed scratch, allocated outside any graph capture at warm-up
-        _scratch[key] = (torch.empty((H, n_splits, hd), device=q.device, dtype=torch.float32),
-                         torch.empty((H, n_splits), device=q.device, dtype=torch.float32))
+        _scratch[key] = (torch.empty((H, n_splits, hd), device=dev, dtype=torch.float32),
+                         torch.empty((H, n_splits), device=dev, dtype=torch.float32))
     o_part, lse_part = _scratch[key]
-    out = torch.empty((1, H, hd), device=q.device, dtype=q.dtype)
+    out = torch.empty((1, H, hd), device=dev, dtype=q_or_qkv.dtype)
+    rope = cos is not None
     _decode_attn_split_kernel[(n_kv, n_splits)](
-        q, k_cache, v_cache, kv_len, o_part, lse_part, k_cache.stride(0), sm_scale,
+        q_or_qkv, k_cache, v_cache, kv_len, o_part, lse_part, k_cache.stride(0), sm_scale,
+        cos if rope else q_or_qkv, sin if rope else q_or_qkv, H, n_kv,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd,
-        BLOCK_N=block_n, N_SPLITS=n_splits, USE_PDL=PDL, launch_pdl=PDL, num_warps=4)
+        BLOCK_N=block_n, N_SPLITS=n_splits, ROPE=rope, USE_PDL=PDL, launch_pdl=PDL, num_warps=4)
     _decode_attn_reduce_kernel[(H,)](o_part, lse_part, out, HD=hd, N_SPLITS=n_splits, USE_PDL=PDL,
                                      launch_pdl=PDL, num_warps=4)
     return out
+
+
+def decode_attention(q, k_cache, v_cache, kv_len, sm_scale):
+    """q (1, H, hd), already rotated, its K/V already in the cache."""
+    return _decode_attention(q, k_cache, v_cache, kv_len, sm_scale, q.shape[1], q.shape[2])
+
+
+def decode_rope_attention(qkv, cos, sin, k_cache, v_cache, kv_len, n_heads, hd, sm_scale):
+    """One decode token's attention from its fused qkv row (1, (H + 2 KV) hd), at position kv_len - 1: rope,
+    its K/V into the cache and the split attention in one launch, then the reduce. Returns (1, H, hd)."""
+    return _decode_attention(qkv, k_cache, v_cache, kv_len, sm_scale, n_heads, hd, cos, sin)
 
 
 # ------------------------------------------------------------------ skinny matmul (decode GEMV)

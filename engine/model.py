@@ -147,10 +147,10 @@ class Llama:
                 attn = ops.prefill_rope_attention(qkv, positions, self.cos, self.sin, self.k_cache[i],
                                                   self.v_cache[i], a.n_heads, a.n_kv_heads, a.head_dim,
                                                   self.sm_scale)
-            else:
-                q = ops.rope_and_cache(qkv, positions, self.cos, self.sin, self.k_cache[i], self.v_cache[i],
-                                       a.n_heads, a.n_kv_heads, a.head_dim)  # (1, H, hd); K,V -> cache
-                attn = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], kv_len, self.sm_scale)
+            else:                   # rope, K,V -> cache at the token's position, attention over kv_len: (1, H, hd)
+                attn = ops.decode_rope_attention(qkv, positions, kv_len, self.cos, self.sin, self.k_cache[i],
+                                                 self.v_cache[i], a.n_heads, a.n_kv_heads, a.head_dim,
+                                                 self.sm_scale)
             ops.linear_residual(attn.reshape(L, -1), lw["wo"], r)                   # r += attn @ wo.T
             ops.mlp_residual(r, lw["ln2"], a.rms_eps, lw["w13"], lw["w2"])         # r += silu(g)*u @ w2.T
         return r

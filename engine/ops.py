@@ -18,6 +18,7 @@ SHORT_PREFILL_KERNEL = True   # short buckets: rope + KV write + attention in on
 # against a SiLU kernel). Off: those (A/B).
 SWIGLU_DECODE = True    # one row (decode)
 SWIGLU_PREFILL = True   # 2-16 rows (the bucket-16 prefill)
+DECODE_ROPE_IN_ATTN = True   # decode: rope + KV write inside the split attention kernel (A/B: a rope kernel first)
 
 
 def use_triton(flag: bool, skinny_matmul: bool | None = None, fused_gemv_norm: bool | None = None) -> None:
@@ -154,6 +155,19 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k, v, is_causal=True,
                                        scale=sm_scale, enable_gqa=k.shape[1] != q.shape[1])
     return o[0].transpose(0, 1)                                              # (L, H, hd)
+
+
+def decode_rope_attention(qkv: torch.Tensor, pos: torch.Tensor, kv_len: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int,
+                          hd: int, sm_scale: float) -> torch.Tensor:
+    """One decode token's attention from its fused qkv row (1, (H + 2 KV) hd) at position pos (device
+    tensor, (1,)): rope, K/V into the cache at pos, attention over kv_len = pos + 1 positions. On CUDA with
+    DECODE_ROPE_IN_ATTN the split attention kernel does the rope and the KV write itself (no rope launch);
+    otherwise rope_and_cache, then decode_attention. Returns (1, H, hd)."""
+    if (k := _k(qkv)) is not None and DECODE_ROPE_IN_ATTN:
+        return k.decode_rope_attention(qkv, cos, sin, k_cache, v_cache, kv_len, n_heads, hd, sm_scale)
+    q = rope_and_cache(qkv, pos, cos, sin, k_cache, v_cache, n_heads, n_kv, hd)
+    return decode_attention(q, k_cache, v_cache, kv_len, sm_scale)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -93,12 +93,12 @@ def test_norm_silu_rope_and_split_attention(k):
 @pytest.mark.parametrize("H,KV", [(4, 4), (4, 2)])
 def test_short_prefill_attention_matches_rope_cache_then_sdpa(k, H, KV):
     """The one-kernel short prefill (rope + KV write + causal attention) against the reference composition:
-    the same attention output and the same K/V cache rows, at a full and a masked (5 of 16) tile."""
+    the same attention output and the same K/V cache rows, at a full and a masked (5 of 16, 40 of 64) tile."""
     g = torch.Generator().manual_seed(H + KV)
     hd, T = 32, 64
     ang = torch.rand(T, hd // 2, generator=g) * 6
     cos, sin = torch.cat([ang.cos()] * 2, -1).half(), torch.cat([ang.sin()] * 2, -1).half()
-    for L in (5, 16):
+    for L in (5, 16, 40):
         qkv = torch.randn(L, (H + 2 * KV) * hd, generator=g).half()
         pos = torch.arange(L)
         kc, vc = torch.zeros(KV, T, hd).half(), torch.zeros(KV, T, hd).half()
@@ -108,3 +108,28 @@ def test_short_prefill_attention_matches_rope_cache_then_sdpa(k, H, KV):
                                                             H, KV, hd, hd ** -0.5))
         assert out.shape == (L, H, hd) and close(out, ref, 1e-2), L
         assert close(kc, kr, 1e-2) and close(vc, vr, 1e-5) and kc[:, L:].abs().sum() == 0, L
+
+
+@pytest.mark.parametrize("H,KV", [(4, 4), (8, 2)])
+def test_decode_rope_attention_matches_rope_cache_then_split_attention(k, H, KV):
+    """Decode attention from the fused qkv row (rope and the KV write inside the split kernel) against the
+    reference rope_and_cache + decode_attention: same output, the new token's K/V row written at its
+    position (in whichever split holds it: the first, a middle one, the last), every other cache row kept."""
+    g = torch.Generator().manual_seed(H * KV)
+    hd, T = 16, 64
+    ang = torch.rand(T, hd // 2, generator=g) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).half(), torch.cat([ang.sin()] * 2, -1).half()
+    for p in (0, 16, 36, T - 1):
+        qkv = torch.randn(1, (H + 2 * KV) * hd, generator=g).half()
+        kc, vc = torch.randn(KV, T, hd, generator=g).half(), torch.randn(KV, T, hd, generator=g).half()
+        kr, vr = kc.float(), vc.float()
+        before = kc.clone(), vc.clone()
+        pos, kv_len = torch.tensor([p]), torch.tensor([p + 1])
+        out = k.decode_rope_attention(qkv, cos, sin, kc, vc, kv_len, H, hd, 0.25)
+        ref = torch_ops(lambda: ops.decode_rope_attention(qkv.float(), pos, kv_len, cos.float(), sin.float(), kr, vr,
+                                                          H, KV, hd, 0.25))
+        assert out.shape == (1, H, hd) and close(out, ref, 1e-2), p
+        assert close(kc, kr, 1e-2) and close(vc, vr, 1e-5), p
+        others = torch.arange(T) != p
+        assert torch.equal(kc[:, others], before[0][:, others]) and torch.equal(vc[:, others], before[1][:, others]), p
+        assert not torch.equal(kc[:, p], before[0][:, p]), p

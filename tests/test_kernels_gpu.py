@@ -173,7 +173,7 @@ def test_pdl_chain_in_a_graph_matches_plain_launches():
 
 @pytest.mark.parametrize("H,KV", [(32, 32), (32, 8)])
 def test_short_prefill_attention_matches_rope_then_sdpa(H, KV):
-    """The one-kernel short prefill (rope + KV write + causal attention, buckets <= 16 tokens) against the
+    """The one-kernel short prefill (rope + KV write + causal attention, buckets <= 64 tokens) against the
     rope kernel then SDPA, eagerly and replayed from a CUDA graph: same output, same cache rows, the cache
     past the L written rows untouched (NaN poison stays)."""
     from engine import kernels
@@ -181,7 +181,7 @@ def test_short_prefill_attention_matches_rope_then_sdpa(H, KV):
     hd, T, dt = 128, 256, torch.float16
     ang = torch.rand(T, hd // 2, device="cuda", generator=g) * 6.3
     cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)
-    for L in (1, 7, 16):
+    for L in (1, 7, 16, 37, 64):            # 16-row tiles (4 warps), 64-row tiles (8 warps)
         qkv = torch.randn(L, (H + 2 * KV) * hd, device="cuda", dtype=dt, generator=g)
         pos = torch.arange(L, device="cuda")
         kc, vc = (torch.full((KV, T, hd), float("nan"), device="cuda", dtype=dt) for _ in range(2))
@@ -220,3 +220,41 @@ def test_mlp_residual_matches_reference(M, decode, prefill, monkeypatch):
     ops.mlp_residual(r, ln, 1e-5, w13, w2)
     assert r.data_ptr() == ptr and not torch.equal(r, before)
     assert not r.isnan().any() and rel_err(r, r_ref) < 2e-3
+
+
+@pytest.mark.parametrize("H,KV", [(32, 32), (32, 8)])
+def test_decode_rope_attention_matches_rope_kernel_then_split_attention(H, KV):
+    """Decode attention with the rope and the KV write inside the split kernel (ops.DECODE_ROPE_IN_ATTN)
+    against the rope kernel then the split attention, eagerly and from one captured graph replayed at
+    several positions (the position comes from device memory): same output, the same K/V row written at
+    the position, the cache past it untouched (NaN poison stays)."""
+    from engine import kernels
+    g = torch.Generator(device="cuda").manual_seed(H + KV)
+    hd, T, dt = 128, 1024, torch.float16
+    ang = torch.rand(T, hd // 2, device="cuda", generator=g) * 6.3
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)
+    qkv = torch.empty(1, (H + 2 * KV) * hd, device="cuda", dtype=dt)
+    pos = torch.zeros(1, device="cuda", dtype=torch.long)
+    kv_len = torch.ones(1, device="cuda", dtype=torch.long)
+    kc, vc = (torch.full((KV, T, hd), float("nan"), device="cuda", dtype=dt) for _ in range(2))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g = kernels.decode_rope_attention(qkv, cos, sin, kc, vc, kv_len, H, hd, hd ** -0.5)
+    for p in (0, 5, 99, 700, T - 1):
+        kc[:, :p] = torch.randn(KV, p, hd, device="cuda", dtype=dt, generator=g)
+        vc[:, :p] = torch.randn(KV, p, hd, device="cuda", dtype=dt, generator=g)
+        kc[:, p:], vc[:, p:] = float("nan"), float("nan")
+        qkv.copy_(torch.randn(qkv.shape, device="cuda", dtype=dt, generator=g))
+        pos.fill_(p)
+        kv_len.fill_(p + 1)
+        kr, vr = kc.clone(), vc.clone()
+        q = kernels.rope_and_cache(qkv, pos, cos, sin, kr, vr, H, KV, hd)
+        ref = kernels.decode_attention(q, kr, vr, kv_len, hd ** -0.5)
+        ke, ve = kc.clone(), vc.clone()
+        out = kernels.decode_rope_attention(qkv, cos, sin, ke, ve, kv_len, H, hd, hd ** -0.5)
+        assert not out.isnan().any() and rel_err(out, ref) < 2e-3, p
+        assert rel_err(ke[:, :p + 1], kr[:, :p + 1]) < 1e-3 and torch.equal(ve[:, :p + 1], vr[:, :p + 1]), p
+        assert ke[:, p + 1:].isnan().all() and ve[:, p + 1:].isnan().all(), p
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out_g, out) and torch.equal(kc[:, :p + 1], ke[:, :p + 1]), p
