@@ -190,13 +190,15 @@ def measure(e, a, rng, vocab: int, unseen_len: int) -> dict:
         print(f"  {e.name:14s} len {n:4d}: ttft p50 {out['ttft_ms'][str(n)]['p50']:.2f} ms  "
               f"p99 {out['ttft_ms'][str(n)]['p99']:.2f} ms", flush=True)
     out["tpot_ms"] = summ(tpot)
+    print(f"  {e.name:14s} tpot p50 {out['tpot_ms']['p50']:.3f} ms  p99 {out['tpot_ms']['p99']:.3f} ms", flush=True)
     out["paths"] = sorted(paths)
     tt, tp = [], []
     for _ in range(n_random):
         t, toks, _ = e.run(rand_ids(rng, rng.randint(10, 500), vocab), a.random_decode_tokens)
         tt.append(t)
         tp += toks
-    out["random"] = {"ttft_ms": summ(tt), "tpot_ms": summ(tp), "lengths": "uniform 10-500"}
+    if n_random:      # --random-requests 0: the per-length table only (quick A/B runs)
+        out["random"] = {"ttft_ms": summ(tt), "tpot_ms": summ(tp), "lengths": "uniform 10-500"}
     out.update(e.extra())
     return out
 
@@ -210,8 +212,9 @@ def table(res: dict) -> str:
         cells = [f"{r['ttft_ms'][str(n)]['p50']:.2f} / {r['ttft_ms'][str(n)]['p99']:.2f}" for n in lens]
         rows.append(f"| {r['engine']} | " + " | ".join(cells) +
                     f" | {r['tpot_ms']['p50']:.2f} / {r['tpot_ms']['p99']:.2f}"
-                    f" | {r['random']['ttft_ms']['p50']:.2f} / {r['random']['ttft_ms']['p99']:.2f}"
-                    f" | {r['random']['tpot_ms']['p50']:.2f} / {r['random']['tpot_ms']['p99']:.2f}"
+                    + (f" | {r['random']['ttft_ms']['p50']:.2f} / {r['random']['ttft_ms']['p99']:.2f}"
+                       f" | {r['random']['tpot_ms']['p50']:.2f} / {r['random']['tpot_ms']['p99']:.2f}"
+                       if "random" in r else " | - | -") +
                     f" | {r['first_unseen_ms']:.1f} ms ({r['first_unseen_path']}, x{r['first_unseen_ratio']})"
                     f" | {r.get('graph_mem_gib', '-')} |")
     return "\n".join(rows)

@@ -18,7 +18,11 @@ SHORT_PREFILL_KERNEL = True   # short buckets: rope + KV write + attention in on
 # against a SiLU kernel). Off: those (A/B).
 SWIGLU_DECODE = True    # one row (decode)
 SWIGLU_PREFILL = True   # 2-16 rows (the bucket-16 prefill)
-DECODE_ROPE_IN_ATTN = True   # decode: rope + KV write inside the split attention kernel (A/B: a rope kernel first)
+# Decode: rope + KV write inside the split attention kernel instead of a rope kernel before it. Off: on one H100
+# (2026-11-27, bench/NOTES.md step 26) it took 86 us off the step at 100 positions (TPOT 4.94 -> 4.86 ms at 10-token
+# prompts) but cost +43 us at ~500 positions (TPOT 5.03 -> 5.07, p99 5.08 -> 5.22): every split program ropes q
+# before its first KV load. Kept for the A/B (bench/profile_decode.py --variant rope-in-attn) and its tests.
+DECODE_ROPE_IN_ATTN = False
 
 
 def use_triton(flag: bool, skinny_matmul: bool | None = None, fused_gemv_norm: bool | None = None) -> None:
