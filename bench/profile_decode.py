@@ -106,10 +106,10 @@ VARIANTS = {  # A/B of the decode step's levers (bench/NOTES.md steps 10-11); ea
     "rope-in-attn": {"ops.DECODE_ROPE_IN_ATTN": True},   # decode: rope + KV write inside the split attention
                                                     # kernel (session 11's s11-default / s11q-default files ran with it
                                                     # on; s11-rope-kernel-decode is the rope kernel, the default now)
-    "blas-lt": {"torch.blas": "cublaslt"},
+    "blas-lt": {"torch.blas": "cublaslt"},          # buckets > 16: cuBLASLt's heuristics instead of cuBLAS's
     "short-prefill-16": {"kernels.SHORT_PREFILL": 16},   # the one-kernel rope + attention up to bucket 16 only
                                                     # (before session 11; 32 / 64 were variants then, 64 the default now)
-    "short-prefill-128": {"kernels.SHORT_PREFILL": 128},   # ... up to bucket 128 (one 128-row tile per query head)          # buckets > 16: cuBLASLt's heuristics instead of cuBLAS's
+    "short-prefill-128": {"kernels.SHORT_PREFILL": 128},   # ... up to bucket 128 (one 128-row tile per query head)
 }
 
 
