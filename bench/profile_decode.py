@@ -103,9 +103,9 @@ VARIANTS = {  # A/B of the decode step's levers (bench/NOTES.md steps 10-11); ea
     "silu-kernel16": {"ops.SWIGLU_PREFILL": False},   # bucket 16: a SiLU kernel, not the gate/up GEMV's epilogue
     "silu-in-down": {"ops.SWIGLU_DECODE": False},   # decode: SiLU in the down GEMV's loads (before session 10;
                                                     # session 10's file ...-s10c-swiglu-decode.json is the A/B)
-    "rope-in-attn": {"ops.DECODE_ROPE_IN_ATTN": True},   # decode: rope + KV write inside the split attention
-                                                    # kernel (session 11's s11-default / s11q-default files ran with it
-                                                    # on; s11-rope-kernel-decode is the rope kernel, the default now)
+    "rope-kernel-decode": {"ops.DECODE_ROPE_IN_ATTN": False},   # decode: a rope + KV-write kernel before the split
+                                                    # attention (the default until session 12; session 12's
+                                                    # ...-s12-default.json ran this, ...-s12-rope-in-attn.json the default now)
     "blas-lt": {"torch.blas": "cublaslt"},          # buckets > 16: cuBLASLt's heuristics instead of cuBLAS's
     "short-prefill-16": {"kernels.SHORT_PREFILL": 16},   # the one-kernel rope + attention up to bucket 16 only
                                                     # (before session 11; 32 / 64 were variants then, 64 the default now)

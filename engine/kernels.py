@@ -234,10 +234,19 @@ def short_prefill_attention(qkv, positions, cos, sin, k_cache, v_cache, n_heads,
 
 
 @triton.jit
-def _rope_head(src, pos, COS, SIN, tmask, HD: tl.constexpr):
-    """_rope_rows's two halves side by side: the rotated rows (rows, HD) of one head at src (rows, 1)."""
-    o1, o2 = _rope_rows(src, pos, COS, SIN, tmask, HD)
-    return tl.reshape(tl.permute(tl.join(o1, o2), (0, 2, 1)), (o1.shape[0], HD))
+def _rope_head(src, pos, COS, SIN, mask, HD: tl.constexpr):
+    """The rotated rows (rows, HD) of one head at src (rows, 1), at one position, over the whole head width:
+    x * cos - x[d + HD/2] * sin in the first half, x * cos + x[d - HD/2] * sin in the second (_rope_rows's
+    arithmetic, without splitting the row into halves; the cos/sin tables repeat their half in the second
+    half, as the model builds them)."""
+    HALF: tl.constexpr = HD // 2
+    d = tl.arange(0, HD)[None, :]
+    x = tl.load(src + d, mask=mask, other=0.0)
+    xr = tl.load(src + (d + HALF) % HD, mask=mask, other=0.0)
+    c = tl.load(COS + pos * HD + d, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(SIN + pos * HD + d, mask=mask, other=0.0).to(tl.float32)
+    xf, xrf = x.to(tl.float32), xr.to(tl.float32)
+    return tl.where(d < HALF, xf * c - xrf * s, xf * c + xrf * s).to(x.dtype)
 
 
 @triton.jit(do_not_specialize=["sm_scale", "stride_kh", "n_heads", "n_kv"])
@@ -250,10 +259,11 @@ def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scal
     N_SPLITS chunks of whole BLOCK_N tiles, so a short context spreads over several programs per head
     instead of queueing behind one (a chunk sized for the whole cache left all but one split idle).
     Program (kv_head, split) attends the GROUP query heads sharing this kv head over its chunk.
-    ROPE: Q is the token's fused qkv row, not its rotated q. Each program rotates its q heads itself, and
-    the new token (position LEN - 1) takes its rotated k and its v from the row, not from the cache; the
-    program whose chunk holds that position writes them into the cache (no rope kernel before this one;
-    nothing else in this launch reads that cache row)."""
+    ROPE: Q is the token's fused qkv row, not its rotated q. Each program rotates its q heads itself; only
+    the program whose chunk holds the new token (position LEN - 1) rotates its k, takes it and its v from the
+    row inside its tile loop (not from the cache) and writes both into the cache (no rope kernel before this
+    one; nothing else in this launch reads that cache row). Other programs' loads of the new row are masked
+    off, so the rope adds one round of q / cos / sin loads to them, no more."""
     _pdl_start(USE_PDL)
     _pdl_wait(USE_PDL)
     kvh = tl.program_id(0)
@@ -268,11 +278,12 @@ def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scal
     gmask = g < GROUP
     if ROPE:
         pos = length - 1
-        one = tl.full((1, 1), 1, tl.int1)
+        owner = (pos >= start) & (pos < end)
+        mine = (tl.zeros((1, 1), tl.int32) == 0) & owner       # (1, 1): this program's chunk holds pos
         q = _rope_head(Q + heads[:, None] * HD, pos, COS, SIN, gmask[:, None], HD)
-        k_new = _rope_head(Q + (n_heads + kvh) * HD + tl.zeros((1, 1), tl.int32), pos, COS, SIN, one, HD)
-        v_new = tl.load(Q + (n_heads + n_kv + kvh) * HD + d[None, :])
-        if (pos >= start) & (pos < end):
+        k_new = _rope_head(Q + (n_heads + kvh) * HD + tl.zeros((1, 1), tl.int32), pos, COS, SIN, mine, HD)
+        v_new = tl.load(Q + (n_heads + n_kv + kvh) * HD + d[None, :], mask=mine, other=0.0)
+        if owner:
             tl.store(K + kvh * stride_kh + pos * HD + d[None, :], k_new)
             tl.store(V + kvh * stride_kh + pos * HD + d[None, :], v_new)
     else:

@@ -18,11 +18,13 @@ SHORT_PREFILL_KERNEL = True   # short buckets: rope + KV write + attention in on
 # against a SiLU kernel). Off: those (A/B).
 SWIGLU_DECODE = True    # one row (decode)
 SWIGLU_PREFILL = True   # 2-16 rows (the bucket-16 prefill)
-# Decode: rope + KV write inside the split attention kernel instead of a rope kernel before it. Off: on one H100
-# (2026-11-27, bench/NOTES.md step 26) it took 86 us off the step at 100 positions (TPOT 4.94 -> 4.86 ms at 10-token
-# prompts) but cost +43 us at ~500 positions (TPOT 5.03 -> 5.07, p99 5.08 -> 5.22): every split program ropes q
-# before its first KV load. Kept for the A/B (bench/profile_decode.py --variant rope-in-attn) and its tests.
-DECODE_ROPE_IN_ATTN = False
+# Decode: rope + KV write inside the split attention kernel instead of a rope kernel before it (bench/NOTES.md
+# steps 26 and 30). Session 11's first form (every split program roped q and the new k, with tl.join/tl.reshape
+# shuffles) won at 100 positions but lost ~40 us at ~500. The form here ropes q over the full head width without
+# shuffles and ropes k only in the program whose chunk holds the new token. Same H100, 2026-11-27: decode step
+# 4,962 -> 4,830 us at 100 positions, 5,035 -> 5,022 at 500; TPOT (10- and 500-token prompts) 4.94 -> 4.89-4.91 ms.
+# A/B: bench/profile_decode.py --variant rope-kernel-decode (the separate rope kernel).
+DECODE_ROPE_IN_ATTN = True
 
 
 def use_triton(flag: bool, skinny_matmul: bool | None = None, fused_gemv_norm: bool | None = None) -> None:
