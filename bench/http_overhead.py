@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                 "num_cpus": 1, "router": {"stats_period_s": 1.0}, **extra}
 
     info = device_info(args.device)
-    ray.init(num_cpus=max(2, min(8, os.cpu_count() or 2)), num_gpus=1 if args.device == "cuda" else 0,
+    # every GPU of the host: --app num_replicas=2 puts one replica on each of two
+    ray.init(num_cpus=max(2, min(8, os.cpu_count() or 2)),
+             num_gpus=torch.cuda.device_count() if args.device == "cuda" else 0,
              include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
                  [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}})
     results: dict = {}
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompt = "x" * (n - 1)  # byte tokenizer presets: BOS + one token per byte
                 for _ in range(args.warmup):
                     one_request(client, url, prompt, args.max_tokens)
-                client_ttft, engine_ttft, overhead, e2e, paths = [], [], [], [], []
+                client_ttft, engine_ttft, overhead, e2e, paths, served_by = [], [], [], [], [], []
                 hops: dict[str, list[float]] = {h: [] for h in HOPS}
                 for _ in range(args.requests):
                     c, e, meta = one_request(client, url, prompt, args.max_tokens)
@@ -195,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                     overhead.append(c - meta["engine_ttft_ms"])
                     e2e.append(e)
                     paths.append(meta["path"])
+                    served_by.append(str(meta.get("replica")))
                 results[str(n)] = {
                     "bucket": meta["bucket"], "paths": {p: paths.count(p) for p in set(paths)},
+                    "replicas": {x: served_by.count(x) for x in set(served_by)},
                     "client_ttft_ms": summary(client_ttft), "engine_ttft_ms": summary(engine_ttft),
                     "overhead_ms": summary(overhead), "client_e2e_ms": summary(e2e),
                     "hops_ms": {h: summary(v) for h, v in hops.items() if v},
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": "p50 overhead <= 3 ms on an H100",
         "config": {"device": args.device, "preset": args.preset, "layers": args.layers, "lengths": lengths,
                    "requests_per_length": args.requests, "warmup_per_length": args.warmup,
-                   "max_tokens": args.max_tokens, "replicas": 1, "app_args": app_args, "env": args.env},
+                   "max_tokens": args.max_tokens, "replicas": app_args["num_replicas"], "app_args": app_args, "env": args.env},
         "startup_s": round(startup_s, 2),
         "device_info": info,
         "results": results,

@@ -47,7 +47,9 @@ def model_deployment_options(cfg: AppConfig) -> dict[str, Any]:
     r = cfg.router
     rr: dict[str, Any] = {"request_routing_stats_period_s": r.stats_period_s,
                           "request_routing_stats_timeout_s": r.stats_timeout_s}
-    if r.enabled:
+    # local_first: the replicas apply the policy themselves (deployments/colocated.py); under HAProxy Ray
+    # refuses a custom request router on the ingress deployment. Their routing stats are still polled.
+    if r.enabled and not cfg.local_first:
         rr["request_router_class"] = ROUTER_CLASS
         rr["request_router_kwargs"] = {"buckets": list(cfg.engine.buckets),
                                        "imbalance_threshold": r.imbalance_threshold,

@@ -557,12 +557,12 @@ class OpenAIIngress:
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
         self._auth(request)
-        return await self._respond(body, chat=False, http_in=request.scope.get("hs_http_in"))
+        return await self._respond(body, chat=False, http_in=request.scope.get("hs_http_in"), request=request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._auth(request)
-        return await self._respond(body, chat=True, http_in=request.scope.get("hs_http_in"))
+        return await self._respond(body, chat=True, http_in=request.scope.get("hs_http_in"), request=request)
 
     def _text_and_logprobs(self, req: _Common, payload: dict, out: dict) -> tuple[str, dict | None]:
         """A finished choice's text and OpenAI logprobs; with echo (completions) the prompt comes first,
@@ -619,8 +619,16 @@ class OpenAIIngress:
                     undo(t.result())
             raise
 
-    async def _respond(self, req: _Common, chat: bool, http_in: float | None = None):
+    async def _elsewhere(self, req: _Common, prepared: list[tuple[dict, int]], request: Request | None):
+        """A response from another replica for this validated HTTP request, or None to serve it here.
+        Here: always (the colocated topology's local-first mode overrides it)."""
+        return None
+
+    async def _respond(self, req: _Common, chat: bool, http_in: float | None = None,
+                       request: Request | None = None):
         prepared = self._prepare(req)
+        if (forwarded := await self._elsewhere(req, prepared, request)) is not None:
+            return forwarded
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         count = max(req.n, getattr(req, "best_of", None) or 1)

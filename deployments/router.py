@@ -52,6 +52,20 @@ def bucket_for(n_tokens: int, buckets: Sequence[int]) -> int:
     return bs[min(i, len(bs) - 1)]
 
 
+def view_from_stats(rid: str, stats: dict | None, max_load: int | None, *, load: int | None = None,
+                    hints: dict[int, float] | None = None, now: float = 0.0,
+                    hint_ttl_s: float = 10.0) -> ReplicaView:
+    """A replica's view from its routing stats (``ModelServer.record_routing_stats``): ``load`` when
+    known (else the reported queue depth); ``hints`` ({bucket: time sent there cold}, fresher than
+    ``hint_ttl_s``) count as capturing, since the stats lag a cold placement."""
+    stats = stats or {}
+    fresh = {b for b, t in (hints or {}).items() if now - t <= hint_ttl_s}
+    return ReplicaView(id=rid, load=int(stats.get("queue_depth", 0) if load is None else load),
+                       warm=frozenset(stats.get("warm_buckets", ())),
+                       capturing=frozenset(stats.get("capturing_buckets", ())) | fresh,
+                       max_load=max_load)
+
+
 def choose_replicas(bucket: int, replicas: Sequence[ReplicaView], rng: random.Random, *,
                     imbalance_threshold: int = 2) -> list[ReplicaView]:
     """Order ``replicas`` by preference for a prompt of prefill bucket ``bucket`` (see module doc)."""
@@ -146,18 +160,10 @@ class WarmBucketRouter(RequestRouter):  # type: ignore[misc,valid-type]
         return self._buckets
 
     def _view(self, r: Any, now: float) -> ReplicaView:
-        stats = r.routing_stats or {}
         rid = r.replica_id.unique_id
-        load = self._replica_queue_len_cache.get(r.replica_id)
-        if load is None:
-            load = int(stats.get("queue_depth", 0))
-        hints = self._hints.get(rid, {})
-        fresh = {b for b, t in hints.items() if now - t <= self._hint_ttl_s}
-        return ReplicaView(
-            id=rid, load=int(load),
-            warm=frozenset(stats.get("warm_buckets", ())),
-            capturing=frozenset(stats.get("capturing_buckets", ())) | fresh,
-            max_load=r.max_ongoing_requests)
+        return view_from_stats(rid, r.routing_stats, r.max_ongoing_requests,
+                               load=self._replica_queue_len_cache.get(r.replica_id),
+                               hints=self._hints.get(rid), now=now, hint_ttl_s=self._hint_ttl_s)
 
     # RequestRouter API -------------------------------------------------------
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],

