@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 "num_cpus": 1, "router": {"stats_period_s": 1.0}, **extra}
 
     info = device_info(args.device)
+    import torch
+
     # every GPU of the host: --app num_replicas=2 puts one replica on each of two
     ray.init(num_cpus=max(2, min(8, os.cpu_count() or 2)),
              num_gpus=torch.cuda.device_count() if args.device == "cuda" else 0,
