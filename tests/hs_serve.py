@@ -84,3 +84,44 @@ def serve_app(http_port: int, metrics_port: int | None = None, app_args: dict | 
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def wait_haproxy_up(stats_port: int, n_replicas: int, backend_suffix: str = "", timeout_s: float = 60.0) -> None:
+    """Block until HAProxy's stats CSV lists ``n_replicas`` replica servers UP in a backend whose name
+    ends with ``backend_suffix``, then 2 s more (so the routers have the replicas' routing stats).
+    Right after the app is RUNNING, HAProxy may still be health-checking a replica."""
+    deadline = time.monotonic() + timeout_s
+    rows: list = []
+    while time.monotonic() < deadline:
+        try:
+            csv = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=2).text
+            rows = [ln.split(",") for ln in csv.splitlines() if ln and not ln.startswith("#")]
+            up = {r[1] for r in rows if r[0].endswith(backend_suffix) and r[1].startswith("SERVE_REPLICA_")
+                  and r[17] == "UP"}
+            if len(up) >= n_replicas:
+                time.sleep(2.0)
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"HAProxy's backend not UP after {timeout_s}s: {[r[:2] + r[17:18] for r in rows]}")
+
+
+@contextlib.contextmanager
+def haproxy_app(app_args: dict, env: dict[str, str], n_replicas: int, backend_suffix: str = "") -> Iterator[str]:
+    """serve_app behind Ray Serve's HAProxy ingress (``env`` must set RAY_SERVE_ENABLE_HA_PROXY=1);
+    yields HAProxy's base URL once ``n_replicas`` replicas are UP in it (wait_haproxy_up)."""
+    import pytest
+    from ray.serve._private import build_app, constants
+
+    # Ray reads RAY_SERVE_ENABLE_HA_PROXY when ray.serve is imported; in a pytest process that happened
+    # before env was set (other test modules import it), so the driver's copy of the flag is set here to
+    # what the Ray processes started by serve_app read from env.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", True)
+        mp.setattr(build_app, "RAY_SERVE_ENABLE_HA_PROXY", True)
+        stats_port = free_port()
+        with serve_app(free_port(), app_args=app_args,
+                       env={**env, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port)}) as base:
+            wait_haproxy_up(stats_port, n_replicas, backend_suffix)
+            yield base

@@ -14,32 +14,10 @@ from deployments.bucket_route import prompt_tokens
 from deployments.router import bucket_for
 from engine.config import DEFAULT_BUCKETS
 from engine.tokenizer import ByteTokenizer
-from hs_serve import free_port, serve_app
+from hs_serve import haproxy_app
 
 ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
-
-
-def wait_haproxy_routing(stats_port: int, n_replicas: int, timeout_s: float = 60.0) -> None:
-    """Block until HAProxy's routed backend lists ``n_replicas`` replicas, all UP (its stats CSV).
-    Right after the app is RUNNING, HAProxy may still be health-checking a replica or not yet send
-    POSTs through the route server; requests then go by HAProxy's own balancing (seen as a rare flake:
-    the first prompts of a bucket landed on both replicas)."""
-    deadline = time.monotonic() + timeout_s
-    rows: list = []
-    while time.monotonic() < deadline:
-        try:
-            csv = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=2).text
-            rows = [ln.split(",") for ln in csv.splitlines() if ln and not ln.startswith("#")]
-            up = [r for r in rows if r[0].endswith("-via-ingress-request-router")
-                  and r[1].startswith("SERVE_REPLICA_") and r[17] == "UP"]
-            if len(up) >= n_replicas:
-                time.sleep(2.0)   # and the route server's router has the replicas' routing stats
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"HAProxy's routed backend not UP after {timeout_s}s: {[r[:2] + r[17:18] for r in rows]}")
 
 
 def test_prompt_tokens_reads_the_openai_bodies_the_engine_will_count():
@@ -115,17 +93,10 @@ def test_route_server_answers_haproxy_contract_without_ray():
 def app():
     args = {"num_replicas": 2, "topology": "colocated", "ingress_router": True,
             "router": {"stats_period_s": 0.2}}
-    # Ray reads RAY_SERVE_ENABLE_HA_PROXY when ray.serve is imported; in this pytest process that
-    # happened before ENV was set (other test modules import it), so the driver's copy of the flag
-    # is set here to what the Ray processes started below read from ENV.
-    from ray.serve._private import build_app, constants
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", True)
-        mp.setattr(build_app, "RAY_SERVE_ENABLE_HA_PROXY", True)
-        stats_port = free_port()
-        with serve_app(free_port(), app_args=args, env={**ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port)}) as base:
-            wait_haproxy_routing(stats_port, n_replicas=2)
-            yield base
+    # HAProxy sends POSTs through the route server only once both replicas are UP in its routed backend;
+    # before that it balances them itself (seen as a rare flake: a bucket's first prompts on both replicas)
+    with haproxy_app(args, ENV, n_replicas=2, backend_suffix="-via-ingress-request-router") as base:
+        yield base
 
 
 @pytest.mark.timeout(300)

@@ -14,7 +14,7 @@ import pytest
 from deployments.colocated import FORWARDED_HEADER, forward
 from deployments.router import bucket_for
 from engine.config import DEFAULT_BUCKETS
-from hs_serve import free_port, serve_app
+from hs_serve import free_port, haproxy_app
 
 ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
@@ -95,37 +95,11 @@ def test_forward_relays_a_peer_and_gives_the_request_back_when_the_peer_cannot_t
     asyncio.run(main())
 
 
-def wait_haproxy_backend(stats_port: int, n_replicas: int, timeout_s: float = 60.0) -> None:
-    """Block until HAProxy's stats list ``n_replicas`` replica servers UP (then a little longer, so
-    each replica's router has the others' routing stats)."""
-    deadline = time.monotonic() + timeout_s
-    rows: list = []
-    while time.monotonic() < deadline:
-        try:
-            csv = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=2).text
-            rows = [ln.split(",") for ln in csv.splitlines() if ln and not ln.startswith("#")]
-            up = {r[1] for r in rows if r[1].startswith("SERVE_REPLICA_") and r[17] == "UP"}
-            if len(up) >= n_replicas:
-                time.sleep(2.0)
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"HAProxy's backend not UP after {timeout_s}s: {[r[:2] + r[17:18] for r in rows]}")
-
-
 @pytest.fixture(scope="module")
 def app():
     args = {"num_replicas": 2, "topology": "colocated", "local_first": True, "router": {"stats_period_s": 0.2}}
-    # as in test_bucket_route.py: the driver imported ray.serve before ENV was set
-    from ray.serve._private import build_app, constants
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", True)
-        mp.setattr(build_app, "RAY_SERVE_ENABLE_HA_PROXY", True)
-        stats_port = free_port()
-        with serve_app(free_port(), app_args=args, env={**ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port)}) as base:
-            wait_haproxy_backend(stats_port, n_replicas=2)
-            yield base
+    with haproxy_app(args, ENV, n_replicas=2) as base:
+        yield base
 
 
 @pytest.mark.timeout(300)
