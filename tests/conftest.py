@@ -52,6 +52,10 @@ def make_checkpoint(out: Path, variant: str, seed: int = 0, **sizes) -> Path:
                 bos_token_id=1, eos_token_id=2)
     cfg = LlamaConfig(**{**base, **VARIANTS[variant], **sizes})
     model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():   # RMSNorm weights away from 1 (HF initialises them to 1; trained models are not)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
     model.save_pretrained(out, safe_serialization=True)
     make_tokenizer(out, cfg.vocab_size)
     return out
