@@ -110,10 +110,8 @@ VARIANTS = {  # A/B of the decode step's levers (bench/NOTES.md steps 10-11); ea
     "short-prefill-16": {"kernels.SHORT_PREFILL": 16},   # the one-kernel rope + attention up to bucket 16 only
                                                     # (before session 11; 32 / 64 were variants then, 64 the default now)
     "short-prefill-128": {"kernels.SHORT_PREFILL": 128},   # ... up to bucket 128 (one 128-row tile per query head)
-    "unfolded-norm": {"ops.FOLD_NORM": False},      # norm weights kept apart: an RMSNorm kernel before each 2-16-row
-                                                    # projection (before session 13)
-    "fold-norm-kernel": {"ops.NORM_STATS": False},  # norm weights folded, but an RMSNorm kernel (no weight) before
-                                                    # each 2-16-row projection instead of the statistics slots
+    "unfolded-norm": {"ops.FOLD_NORM": False},      # norm weights kept apart, multiplied in the GEMV's / RMSNorm
+                                                    # kernel's loads (before session 13)
 }
 
 

@@ -393,10 +393,6 @@ _ROWS16_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "WX": wx}, num_w
                                             (32, 256, False, 8, 3)]]
 
 
-_MIN_BLOCK_N16 = 16   # no 2-16-row config is narrower: an SS_OUT grid has at most cdiv(N, 16) programs
-assert all(c.kwargs["BLOCK_N"] >= _MIN_BLOCK_N16 for c in _ROWS16_CONFIGS)
-
-
 def _prune_configs(configs, named_args, **kwargs):
     """The autotuner tries only the configs of its row count (configs set from outside, as the interpreter
     tests do, are all tried)."""
@@ -469,26 +465,19 @@ def _rows_chunk(acc, acc_u, ss, w, wu, X, LN, m, mmask, k, K, x_stride, NORM: tl
 
 
 # restore_value: autotuning runs every config on the live arguments, and with RES each run adds into Y
-@triton.autotune(configs=_ROW_CONFIGS + _ROWS16_CONFIGS,
-                 key=["N", "K", "BLOCK_M", "NORM", "HAS_LN", "RES", "GATED", "SWIGLU", "SS_IN", "SS_OUT"],
-                 prune_configs_by={"early_config_prune": _prune_configs}, restore_value=["Y", "S"], **_AUTOTUNE_CACHE)
+@triton.autotune(configs=_ROW_CONFIGS + _ROWS16_CONFIGS, key=["N", "K", "BLOCK_M", "NORM", "HAS_LN", "RES", "GATED",
+                                                             "SWIGLU"],
+                 prune_configs_by={"early_config_prune": _prune_configs}, restore_value=["Y"], **_AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["M", "eps"])
-def _skinny_kernel(X, LN, W, Y, S, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.constexpr, HAS_LN: tl.constexpr,
-                   RES: tl.constexpr, GATED: tl.constexpr, SWIGLU: tl.constexpr, SS_IN: tl.constexpr,
-                   SS_OUT: tl.constexpr, NPART: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, WX: tl.constexpr):
+def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.constexpr, HAS_LN: tl.constexpr,
+                   RES: tl.constexpr, GATED: tl.constexpr, SWIGLU: tl.constexpr, USE_PDL: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WX: tl.constexpr):
     """Y = act(x) @ W.T for M <= 16 rows. Every program walks all of K, so it sees each row of x whole:
     NORM: the RMSNorm of x runs inside the K loop (x * LN feeds the dot, or x alone when the norm weight
           is folded into W (HAS_LN False); sum(x^2) accumulates beside it, the dot is scaled by rstd at the
           end): no norm kernel, no normed copy of x. One row only in the engine (at 16 rows every program
           would redo the x-side work, and x changed in registers cannot feed the tensor cores from the
           async copy pipeline: bench/NOTES.md steps 10 and 21).
-    SS_IN (2-16 rows): the RMSNorm of x with its weight folded into W, without touching x: raw x feeds the
-          dot, and the epilogue scales row m by rstd = 1/sqrt(sum(S[m, :NPART]) / K + eps), S holding the
-          partial sums of x^2 that the kernel which wrote x left there (SS_OUT). No norm kernel.
-    SS_OUT (2-16 rows, with RES): program p also writes S[m, p] = sum over its columns of the new Y[m]^2
-          (as rounded and stored), the partials a later SS_IN kernel sums: per-program slots, not atomics,
-          so the sum's order is fixed and the result deterministic.
     RES:  Y is the residual stream: Y += result in place (rounded as the eager model rounds r + y).
     GATED: x = silu(gate) * up read from [gate | up] rows (the down projection): no SiLU kernel.
     SWIGLU: W is [gate | up] (2N rows) and Y = silu(x @ gate.T) * (x @ up.T) (N columns): each program
@@ -545,9 +534,6 @@ def _skinny_kernel(X, LN, W, Y, S, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl
         _pdl_wait(USE_PDL)
         m = tl.arange(0, BLOCK_M)
         mmask = m < M
-        if SS_IN:   # issued before the weight stream, summed after it: the loads' latency hides under the loop
-            part = tl.arange(0, NPART)
-            ss_part = tl.load(S + m[:, None] * NPART + part[None, :], mask=mmask[:, None], other=0.0)
         if WX:
             acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         else:
@@ -566,9 +552,7 @@ def _skinny_kernel(X, LN, W, Y, S, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl
         if WX:
             acc = tl.trans(acc)
             acc_u = tl.trans(acc_u)
-        if SS_IN:
-            ss = tl.sum(ss_part, axis=1)
-        if NORM or SS_IN:
+        if NORM:
             rstd = (1.0 / tl.sqrt(ss / K + eps))[:, None]
             acc = acc * rstd
             acc_u = acc_u * rstd
@@ -581,50 +565,31 @@ def _skinny_kernel(X, LN, W, Y, S, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl
         if RES:
             y = (y + tl.load(ptrs, mask=ymask, other=0.0)).to(Y.dtype.element_ty)
         tl.store(ptrs, y, mask=ymask)
-        if SS_OUT:
-            yf = tl.where(ymask, y.to(tl.float32), 0.0)
-            tl.store(S + m * NPART + pid, tl.sum(yf * yf, axis=1), mask=mmask)
 
 
 def skinny_matmul(x: torch.Tensor, w: torch.Tensor, ln: torch.Tensor | None = None, eps: float = 0.0,
                   residual: torch.Tensor | None = None, gated: bool = False, swiglu: bool = False,
-                  norm: bool = False, ss: torch.Tensor | None = None,
-                  ss_out: torch.Tensor | None = None) -> torch.Tensor:
+                  norm: bool = False) -> torch.Tensor:
     """x (M <= 16, K), or (M, 2K) [gate | up] when gated, contiguous; w (N, K) contiguous.
     Returns act(x) @ w.T (M, N), where act = silu(gate) * up if gated, then rms_norm(.) * ln if ln is given
     (norm=True without ln: rms_norm(.) alone, its weight folded into w); with residual (M, N) contiguous:
     residual += that, in place, and returns residual. swiglu: w is [gate | up] (2N, K) and the result
-    silu(x' @ gate.T) * (x' @ up.T) (M, N), x' the (normed) x. One launch.
-    2-16 rows: ss (16, P) fp32, the partial sums of x^2 an earlier call left in its ss_out: the rows are
-    normed (weight folded into w) by scaling the accumulator, x untouched. ss_out (16, P) with residual:
-    this call's partial sums of the new residual rows' squares, one column per program (P >= programs)."""
+    silu(x' @ gate.T) * (x' @ up.T) (M, N), x' the (normed) x. One launch."""
     M = x.shape[0]
     N, K = w.shape
     if swiglu:
         assert not gated and N % 2 == 0
         N //= 2
     assert M <= 16 and x.shape[1] == (2 * K if gated else K) and x.is_contiguous() and w.is_contiguous()
-    assert (ss is None and ss_out is None) or M > 1, "row statistics are for 2-16 rows"
-    assert ss_out is None or residual is not None
     if residual is None:
         y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     else:
         assert residual.shape == (M, N) and residual.is_contiguous()
         y = residual
-    stats = ss if ss is not None else ss_out
-    if stats is not None:
-        assert stats.dtype == torch.float32 and stats.shape[0] == 16 and stats.is_contiguous()
-        assert ss_out is None or triton.cdiv(N, _MIN_BLOCK_N16) <= stats.shape[1], "ss_out has too few columns"
     pdl = _pdl(M)
     _skinny_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-        x, ln if ln is not None else w, w, y, x if stats is None else stats, M, N, K, eps,
-        BLOCK_M=1 if M == 1 else 16, NORM=ln is not None or norm, HAS_LN=ln is not None,
-        RES=residual is not None, GATED=gated, SWIGLU=swiglu, SS_IN=ss is not None, SS_OUT=ss_out is not None,
-        NPART=1 if stats is None else stats.shape[1], USE_PDL=pdl, launch_pdl=pdl)
+        x, ln if ln is not None else w, w, y, M, N, K, eps, BLOCK_M=1 if M == 1 else 16,
+        NORM=ln is not None or norm, HAS_LN=ln is not None, RES=residual is not None, GATED=gated,
+        SWIGLU=swiglu, USE_PDL=pdl, launch_pdl=pdl)
     return y
 
-
-def norm_partials(hidden: int) -> int:
-    """Columns of a row-statistics slot (skinny_matmul's ss / ss_out) for a residual stream of this width:
-    one per program of the widest 2-16-row grid, a power of two (the SS_IN kernel sums them in one tile)."""
-    return triton.next_power_of_2(triton.cdiv(hidden, _MIN_BLOCK_N16))

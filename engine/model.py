@@ -103,10 +103,8 @@ class Llama:
         self.lm_head = self.embed if a.tie_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
         self.layers = []
         # ops.FOLD_NORM: each layer's two RMSNorm weights are folded into the projections they feed
-        # (rms_norm(x) * ln @ W.T == rms_norm(x) @ (W * ln).T), so the norm is a per-row scale the 2-16-row
-        # GEMV applies to its accumulator; ln1 / ln2 are then None. The final norm stays (the LM head may be
-        # the tied embedding).
-        self.fold_norm = ops.FOLD_NORM
+        # (rms_norm(x) * ln @ W.T == rms_norm(x) @ (W * ln).T); ln1 / ln2 are then None. The final norm
+        # stays (the LM head may be the tied embedding).
         for i in range(a.n_layers):
             p = f"model.layers.{i}."
             lw = dict(
@@ -117,7 +115,7 @@ class Llama:
                 ln1=w(p + "input_layernorm.weight"),
                 ln2=w(p + "post_attention_layernorm.weight"),
             )
-            if self.fold_norm:
+            if ops.FOLD_NORM:
                 lw["wqkv"].mul_(lw.pop("ln1")[None, :])
                 lw["w13"].mul_(lw.pop("ln2")[None, :])
                 lw["ln1"] = lw["ln2"] = None
@@ -148,17 +146,11 @@ class Llama:
         returned. kv_len=None means prefill (causal over the L tokens from position 0); otherwise decode
         of one token attending to kv_len cached positions. Each RMSNorm happens inside the projection
         that reads it (norm_linear) and each residual add inside the projection that writes it
-        (linear_residual): on CUDA at one row (decode) that is one GEMV launch each, no norm kernels. At 2-16
-        rows (bucket 16) with the norm weights folded: the GEMV that updates r leaves its rows' sums of
-        squares in a statistics slot and the next projection scales by rstd from it (ops.norm_stats): no
-        norm kernels after the first."""
+        (linear_residual): on CUDA at one row (decode) that is one GEMV launch each, no norm kernels."""
         a = self.args
         L = r.shape[0]
-        n = len(self.layers)
-        st = ops.norm_stats(r, 2 * n) if self.fold_norm else None     # slot 2i: r into layer i's attention
-        slot = (lambda j: None) if st is None else (lambda j: st[j] if 0 < j < 2 * n else None)   # 2i+1: MLP
         for i, lw in enumerate(self.layers):
-            qkv = ops.norm_linear(r, lw["ln1"], a.rms_eps, lw["wqkv"], ss=slot(2 * i))      # norm + fused QKV
+            qkv = ops.norm_linear(r, lw["ln1"], a.rms_eps, lw["wqkv"])              # norm + fused QKV
             if kv_len is None:      # rope, K,V -> cache, causal attention over the L tokens: (L, H, hd)
                 attn = ops.prefill_rope_attention(qkv, positions, self.cos, self.sin, self.k_cache[i],
                                                   self.v_cache[i], a.n_heads, a.n_kv_heads, a.head_dim,
@@ -167,9 +159,8 @@ class Llama:
                 attn = ops.decode_rope_attention(qkv, positions, kv_len, self.cos, self.sin, self.k_cache[i],
                                                  self.v_cache[i], a.n_heads, a.n_kv_heads, a.head_dim,
                                                  self.sm_scale)
-            ops.linear_residual(attn.reshape(L, -1), lw["wo"], r, ss_out=slot(2 * i + 1))   # r += attn @ wo.T
-            ops.mlp_residual(r, lw["ln2"], a.rms_eps, lw["w13"], lw["w2"],                   # r += silu(g)*u @ w2.T
-                             ss=slot(2 * i + 1), ss_out=slot(2 * i + 2))
+            ops.linear_residual(attn.reshape(L, -1), lw["wo"], r)                   # r += attn @ wo.T
+            ops.mlp_residual(r, lw["ln2"], a.rms_eps, lw["w13"], lw["w2"])         # r += silu(g)*u @ w2.T
         return r
 
     def _logits(self, r_last: torch.Tensor) -> torch.Tensor:

@@ -26,12 +26,11 @@ SWIGLU_PREFILL = True   # 2-16 rows (the bucket-16 prefill)
 # A/B: bench/profile_decode.py --variant rope-kernel-decode (the separate rope kernel).
 DECODE_ROPE_IN_ATTN = True
 # The attention and MLP RMSNorms' weights folded into the projections after them at load (model.py: wqkv and
-# w13 scaled by ln1 / ln2 along K), so the norm is a per-row scale, rstd, which the 2-16-row GEMV applies to
-# its accumulator without touching x. rstd comes from the sum of x^2 that the kernel which wrote that residual
-# row (the o / down GEMV, in its epilogue) left in a statistics slot (norm_stats). The bucket-16 graph loses
-# its 63 RMSNorm kernels (bench/NOTES.md step 32). Off: the norm weights stay separate (A/B).
+# w13 scaled by ln1 / ln2 along K; rms_norm(x) * ln @ W.T == rms_norm(x) @ (W * ln).T): the one-row GEMV's
+# in-loop norm no longer loads and multiplies ln per chunk. Same H100, 2026-11-27 (bench/NOTES.md step 32):
+# decode step 4,907-4,940 -> 4,845-4,853 us at 100 positions; the bucket-16 graph unchanged. Off: the norm
+# weights stay separate (A/B: bench/profile_decode.py --variant unfolded-norm).
 FOLD_NORM = True
-NORM_STATS = True   # with FOLD_NORM, 2-16 rows: rstd from the statistics slots (off: an RMSNorm kernel without weight)
 
 
 def use_triton(flag: bool, skinny_matmul: bool | None = None, fused_gemv_norm: bool | None = None) -> None:
@@ -78,42 +77,26 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tenso
     return y if w is None else w * y
 
 
-def norm_stats(r: torch.Tensor, n: int) -> torch.Tensor | None:
-    """n zeroed statistics slots (n, 16, P) for the residual stream r (M, D), or None where the GEMVs do not
-    use them (CPU, one row, more than 16 rows): slot j is written by the GEMV that updates r (ss_out=) and
-    read by the one that norms r next (ss=). One memset per forward."""
-    if not (NORM_STATS and 1 < r.shape[0] <= 16) or (k := _gemv(r)) is None:
-        return None
-    return torch.zeros((n, 16, k.norm_partials(r.shape[1])), device=r.device, dtype=torch.float32)
-
-
-def norm_linear(x: torch.Tensor, ln: torch.Tensor | None, eps: float, w: torch.Tensor,
-                ss: torch.Tensor | None = None) -> torch.Tensor:
+def norm_linear(x: torch.Tensor, ln: torch.Tensor | None, eps: float, w: torch.Tensor) -> torch.Tensor:
     """rms_norm(x) * ln @ w.T (ln None: its weight folded into w). One row (decode) on CUDA (fused_gemv_norm):
-    one GEMV that normalises x in its own loads; 2-16 rows with the statistics slot ss (norm_stats): one GEMV
-    that scales its accumulator by rstd from ss; otherwise an RMSNorm, then the matmul (the reference). The
-    one-row form only at one row: every GEMV program re-reads all of x, so the per-element norm work grows
-    with M while the weight work does not (at 16 rows it would cost more than the norm kernel it saves)."""
-    if ss is not None:
-        return _gemv(x).skinny_matmul(x.contiguous(), w, eps=eps, ss=ss)
+    one GEMV that normalises x in its own loads; otherwise an RMSNorm, then the matmul (the reference). Only
+    at one row: every GEMV program re-reads all of x, so the per-element norm work grows with M while the
+    weight work does not (at 16 rows it would cost more than the norm kernel it saves)."""
     if _fused and x.shape[0] == 1 and (k := _gemv(x)) is not None:
         return k.skinny_matmul(x.contiguous(), w, ln=ln, eps=eps, norm=True)
     return linear(rms_norm(x, ln, eps), w)
 
 
-def linear_residual(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, gated: bool = False,
-                    ss_out: torch.Tensor | None = None) -> None:
+def linear_residual(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, gated: bool = False) -> None:
     """r += act(x) @ w.T in place (the residual stream), act = silu(gate) * up of x = [gate | up] when gated.
     Short M on CUDA: the GEMV adds into r in its epilogue (and at one row computes silu * up in its loads:
-    like the norm, that work is repeated by every program, so at more rows silu_mul runs first), and with
-    ss_out (2-16 rows) leaves the new rows' sums of squares there; longer M on CUDA: silu_mul, then one
-    cuBLAS addmm into r; CPU: the eager model's r + linear(act)."""
+    like the norm, that work is repeated by every program, so at more rows silu_mul runs first); longer M
+    on CUDA: silu_mul, then one cuBLAS addmm into r; CPU: the eager model's r + linear(act)."""
     if (k := _gemv(x)) is not None:
         if gated and not (GATE_IN_GEMV and x.shape[0] == 1):
             x, gated = silu_mul(x), False
-        k.skinny_matmul(x.contiguous(), w, residual=r, gated=gated, ss_out=ss_out)
+        k.skinny_matmul(x.contiguous(), w, residual=r, gated=gated)
         return
-    assert ss_out is None, "row statistics are for the 2-16-row GEMV"
     act = silu_mul(x) if gated else x
     if r.is_cuda:
         r.addmm_(act, w.t())
@@ -121,24 +104,21 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, gated: bo
         r.add_(linear(act, w))
 
 
-def mlp_residual(r: torch.Tensor, ln: torch.Tensor | None, eps: float, w13: torch.Tensor, w2: torch.Tensor,
-                 ss: torch.Tensor | None = None, ss_out: torch.Tensor | None = None) -> None:
-    """r += silu(g) * u @ w2.T in place, [g | u] = rms_norm(r) * ln @ w13.T: the MLP block (ss / ss_out: the
-    statistics slots of norm_linear / linear_residual). Short M on CUDA with SWIGLU_DECODE / SWIGLU_PREFILL:
-    the gate/up GEMV applies the SiLU in its epilogue (it streams each block of gate rows beside the same
-    block of up rows) and the down GEMV reads a plain activation; otherwise norm_linear, then
-    linear_residual with the SiLU in the down GEMV's loads (one row) or a SiLU kernel."""
+def mlp_residual(r: torch.Tensor, ln: torch.Tensor | None, eps: float, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """r += silu(g) * u @ w2.T in place, [g | u] = rms_norm(r) * ln @ w13.T: the MLP block (ln None: folded into
+    w13). Short M on CUDA with SWIGLU_DECODE / SWIGLU_PREFILL: the gate/up GEMV applies the SiLU in its
+    epilogue (it streams each block of gate rows beside the same block of up rows) and the down GEMV reads
+    a plain activation; otherwise norm_linear, then linear_residual with the SiLU in the down GEMV's loads
+    (one row) or a SiLU kernel."""
     M = r.shape[0]
     if (k := _gemv(r)) is not None and (SWIGLU_DECODE if M == 1 else SWIGLU_PREFILL):
-        if ss is not None:
-            act = k.skinny_matmul(r, w13, eps=eps, ss=ss, swiglu=True)
-        elif _fused and M == 1:
+        if _fused and M == 1:
             act = k.skinny_matmul(r, w13, ln=ln, eps=eps, norm=True, swiglu=True)
         else:
             act = k.skinny_matmul(rms_norm(r, ln, eps), w13, swiglu=True)
-        linear_residual(act, w2, r, ss_out=ss_out)
+        linear_residual(act, w2, r)
         return
-    linear_residual(norm_linear(r, ln, eps, w13, ss=ss), w2, r, gated=True, ss_out=ss_out)
+    linear_residual(norm_linear(r, ln, eps, w13), w2, r, gated=True)
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:

@@ -67,39 +67,29 @@ def test_skinny_matmul_plain_norm_and_gated_residual(k, M, wx):
         assert close(k.skinny_matmul(x, w13, ln=ln, eps=1e-5, swiglu=True), ref), (N, K)
 
 
-@pytest.mark.parametrize("M,wx", [(1, False), (5, False), (16, False), (16, True)])
-def test_folded_norm_from_row_statistics(k, M, wx):
-    """The RMSNorm weight folded into the projection (ops.FOLD_NORM): at 2-16 rows the o / down GEMV leaves
-    the new residual rows' partial sums of squares in a statistics slot (ss_out), and the next projection
-    scales its accumulator by rstd from that slot (ss), raw x into the dot; at one row the in-loop norm
-    without its weight (norm=True). Against the unfolded reference norm_linear(r, ln, w)."""
-    k._skinny_kernel.configs = [triton.Config({"BLOCK_N": 64 if wx else 16, "BLOCK_K": 64, "WX": wx},
-                                              num_warps=4, num_stages=2)]
+@pytest.mark.parametrize("M", [1, 16])
+def test_folded_norm_weight(k, M):
+    """ops.FOLD_NORM: the norm weight folded into W (W * ln along K). One row: the GEMV's in-loop norm without
+    a weight (norm=True, plain and SwiGLU); 16 rows: the weightless RMSNorm kernel, then the GEMV. Against
+    the unfolded reference norm_linear(x, ln, W)."""
+    k._skinny_kernel.configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "WX": False}, num_warps=4, num_stages=2)]
     k._skinny_kernel.cache.clear()
     g = torch.Generator().manual_seed(100 + M)
-    D, Kin, N = 200, 96, 72
+    D, N = 200, 72
     ln = (1 + 0.2 * torch.randn(D, generator=g)).half()
-    w = (torch.randn(N, D, generator=g) * 0.05).half()
-    w13 = (torch.randn(2 * N, D, generator=g) * 0.05).half()
+    w, w13 = (torch.randn(N, D, generator=g) * 0.05).half(), (torch.randn(2 * N, D, generator=g) * 0.05).half()
     wf, w13f = (w.float() * ln.float()).half(), (w13.float() * ln.float()).half()
+    x = torch.randn(M, D, generator=g).half()
+    ref = torch_ops(lambda: ops.norm_linear(x.float(), ln.float(), 1e-5, w.float()))
+    ref13 = torch_ops(lambda: ops.silu_mul(ops.norm_linear(x.float(), ln.float(), 1e-5, w13.float())))
     if M == 1:
-        r = torch.randn(1, D, generator=g).half()
-        ref = torch_ops(lambda: ops.norm_linear(r.float(), ln.float(), 1e-5, w.float()))
-        assert close(k.skinny_matmul(r, wf, eps=1e-5, norm=True), ref)
-        return
-    x = torch.randn(M, Kin, generator=g).half()
-    w_o = (torch.randn(D, Kin, generator=g) * 0.05).half()
-    r = torch.randn(M, D, generator=g).half()
-    slot = torch.zeros(16, k.norm_partials(D))
-    r_ref = r.float() + x.float() @ w_o.float().t()
-    k.skinny_matmul(x, w_o, residual=r, ss_out=slot)
-    assert close(r, r_ref)
-    assert torch.allclose(slot.sum(1)[:M], r.float().square().sum(1), rtol=1e-4)   # of r as stored
-    assert (slot[M:] == 0).all()                                                    # padding rows untouched
-    ref = torch_ops(lambda: ops.norm_linear(r.float(), ln.float(), 1e-5, w.float()))
-    assert close(k.skinny_matmul(r, wf, eps=1e-5, ss=slot), ref)
-    ref = torch_ops(lambda: ops.silu_mul(ops.norm_linear(r.float(), ln.float(), 1e-5, w13.float())))
-    assert close(k.skinny_matmul(r, w13f, eps=1e-5, ss=slot, swiglu=True), ref)
+        out, out13 = (k.skinny_matmul(x, wf, eps=1e-5, norm=True),
+                      k.skinny_matmul(x, w13f, eps=1e-5, norm=True, swiglu=True))
+    else:
+        xn = k.rms_norm(x, None, 1e-5)
+        out, out13 = k.skinny_matmul(xn, wf), k.skinny_matmul(xn, w13f, swiglu=True)
+    assert close(out, ref) and close(out13, ref13)
+    assert not close(out, torch_ops(lambda: ops.norm_linear(x.float(), None, 1e-5, w.float())))   # ln matters
 
 
 def test_norm_silu_rope_and_split_attention(k):
