@@ -18,6 +18,10 @@ Load: Locust user ``FleetUser`` (written into a temp locustfile; it imports the 
 locustfiles/short_prompts.py, 10-500 tokens, and reports the same ttft/e2e/tpot SSE entries) at a
 fixed per-user rate (constant_throughput), so 5x users = 5x request rate. Each request's final SSE
 chunk (``hybridserve``: replica, bucket, warm, path, engine_ttft_ms) goes to a JSONL the driver reads.
+HTTP client: Locust's FastHttpUser (geventhttpclient), reading SSE lines as they arrive
+(short_prompts.sse_lines). The client's per-request cost is part of the measured overhead, and
+python-requests under gevent (HttpUser) adds about 1 ms to it; ``--locust-client requests`` runs the
+old client for an A/B (HS_LOCUST_CLIENT for the Locust process; recorded as load.locust_client).
 
 Measured per config (targets from the issue):
   scale_up.decision_to_first_graph_request_s  scale-up decision (first status poll showing more
@@ -161,7 +165,7 @@ warmup/steady/step shape, logging each request's hybridserve meta to HS_FLEET_LO
 import json, os, random, sys, time
 sys.path.insert(0, os.environ["HS_FLEET_LOCUSTFILES"])
 import short_prompts as sp            # registers --prompt-mix etc.; module import: no extra user class
-from locust import HttpUser, LoadTestShape, constant_throughput, task
+from locust import LoadTestShape, constant_throughput, task
 
 _LOG = open(os.environ["HS_FLEET_LOG"], "a", buffering=1)
 _PHASES = json.loads(os.environ["HS_FLEET_PHASES"])     # [[name, seconds, users], ...]
@@ -171,8 +175,9 @@ def _rec(obj):
     _LOG.write(json.dumps(obj) + "\n")
 
 
-class FleetUser(HttpUser):
+class FleetUser(sp.BaseHttpUser):     # FastHttpUser, or HttpUser with HS_LOCUST_CLIENT=requests
     wait_time = constant_throughput(float(os.environ["HS_FLEET_USER_RPS"]))
+    network_timeout = sp.NETWORK_TIMEOUT_S
 
     def on_start(self):
         opts = self.environment.parsed_options
@@ -195,10 +200,9 @@ class FleetUser(HttpUser):
         with self.client.post("/v1/completions", json=body, stream=True, catch_response=True,
                               name="/v1/completions") as resp:
             try:
-                if resp.status_code != 200:
-                    raise sp.StreamError(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
+                sp.check_sse_response(resp)
                 done = False
-                for raw in resp.iter_lines(decode_unicode=False):
+                for raw in sp.sse_lines(resp):
                     line = raw.decode("utf-8", errors="replace").strip()
                     if not line.startswith("data:"):
                         continue
@@ -236,7 +240,8 @@ class FleetUser(HttpUser):
               "tpot_ms": (last - first) / (chunks - 1) * 1e3 if chunks > 1 else None,
               "e2e_ms": (end - t0) * 1e3, "replica": meta.get("replica"), "bucket": meta.get("bucket"),
               "warm": meta.get("warm"), "path": meta.get("path"),
-              "engine_ttft_ms": meta.get("engine_ttft_ms"), "queue_ms": meta.get("queue_ms")})
+              "engine_ttft_ms": meta.get("engine_ttft_ms"), "queue_ms": meta.get("queue_ms"),
+              "client": sp.CLIENT})      # the HTTP client that ran (HS_LOCUST_CLIENT)
 
 
 class FleetShape(LoadTestShape):
@@ -431,13 +436,15 @@ def run_config(name: str, args, app_args: dict, load: dict, out_tmp: Path, log, 
     lf.write_text(LOCUSTFILE)
     env = dict(os.environ, HS_FLEET_LOG=str(jsonl), HS_FLEET_PHASES=json.dumps(phases),
                HS_FLEET_USER_RPS=str(load["user_rps"]), HS_FLEET_LOCUSTFILES=str(REPO / "locustfiles"),
-               HS_PROMPT_MIX=args.prompt_mix, HS_MAX_TOKENS=str(args.max_tokens))
+               HS_PROMPT_MIX=args.prompt_mix, HS_MAX_TOKENS=str(args.max_tokens),
+               HS_LOCUST_CLIENT=args.locust_client)
     csv_prefix = out_tmp / name
     cmd = [sys.executable, "-m", "locust", "-f", str(lf), "--headless", "--host",
            f"http://127.0.0.1:{port}", "--csv", str(csv_prefix), "--csv-full-history",
            "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "10"]
     total = sum(p[1] for p in phases)
-    log(f"[{name}] locust: {phases} (user rate {load['user_rps']:.3f} req/s), {total:.0f} s")
+    log(f"[{name}] locust ({args.locust_client} client): {phases} (user rate {load['user_rps']:.3f} req/s), "
+        f"{total:.0f} s")
     mon = Monitor(ray, serve)
     mon.poll_stats()
     stats_before = {rid: v[-1] for rid, v in mon.replica_stats.items()}
@@ -473,7 +480,9 @@ def analyse(name: str, jsonl: Path, mon: Monitor, stats_before: dict, load: dict
                 recs.append(o)
     recs.sort(key=lambda r: r["t"])
     out: dict = {"phase_marks": marks, "requests_total": len(recs),
-                 "errors_total": sum(1 for r in recs if not r["ok"])}
+                 "errors_total": sum(1 for r in recs if not r["ok"]),
+                 # the HTTP client(s) the requests ran with, as the Locust process reported them
+                 "locust_client": ",".join(sorted({str(r["client"]) for r in recs if r.get("client")})) or None}
     t_steady, t_step = marks.get("steady"), marks.get("step")
     t_end = marks.get("end", recs[-1]["t"] if recs else time.time())
     objective = load["objective_ms"]
@@ -640,7 +649,8 @@ def table(res: dict) -> str:
             ("step ×5: scaling direction changes", ("step", "direction_changes"), "≤ 1"),
             ("step ×5: seconds at step load", ("step", "seconds_at_step_load"), "300 in the issue"),
             ("step ×5: client TTFT p99 (ms)", ("step", "client_ttft_ms", "p99"), ""),
-            ("errors (all phases)", ("errors_total",), "0")]
+            ("errors (all phases)", ("errors_total",), "0"),
+            ("Locust HTTP client", ("locust_client",), "fast = FastHttpUser, requests = HttpUser")]
     head = "| figure | " + " | ".join(cfgs) + " | target / reference |\n|---|" + "---|" * len(cfgs) + "---|\n"
     return head + "\n".join(f"| {lab} | " + " | ".join(str(g(c, *p)) for c in cfgs) + f" | {t} |"
                             for lab, p, t in rows) + "\n"
@@ -687,6 +697,9 @@ def main(argv=None) -> int:
                     help="steady load as a fraction of one replica's capacity (1 / engine-only e2e mean)")
     ap.add_argument("--rps", type=float, default=None, help="steady request rate (overrides --util)")
     ap.add_argument("--user-rps", type=float, default=2.0, help="request rate of one Locust user (max)")
+    ap.add_argument("--locust-client", choices=["fast", "requests"], default="fast",
+                    help="Locust's HTTP client: fast = FastHttpUser (geventhttpclient), requests = HttpUser "
+                         "(python-requests, about 1 ms more client cost per request in the overhead)")
     ap.add_argument("--step-factor", type=int, default=5)
     ap.add_argument("--p99-ttft-ms", type=float, default=None,
                     help="P99 TTFT objective (default: --objective-x x engine-only e2e mean, >= 10 ms)")
@@ -775,10 +788,11 @@ def main(argv=None) -> int:
     rps = args.rps or args.util * 1e3 / svc_ms
     users = max(1, math.ceil(rps / args.user_rps))
     load = {"service_ms": svc_ms, "steady_rps": round(rps, 3), "users": users, "user_rps": rps / users,
-            "step_users": users * args.step_factor, "objective_ms": objective, "after_s": args.steady_after_s}
+            "step_users": users * args.step_factor, "objective_ms": objective, "after_s": args.steady_after_s,
+            "locust_client": args.locust_client}
     res["load"] = load
     log(f"load: steady {rps:.2f} req/s = {users} users x {rps / users:.3f} req/s; step x{args.step_factor}; "
-        f"P99 TTFT objective {objective} ms (service time {svc_ms:.1f} ms)")
+        f"P99 TTFT objective {objective} ms (service time {svc_ms:.1f} ms); Locust client {args.locust_client}")
     save()
 
     import ray

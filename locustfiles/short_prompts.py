@@ -21,10 +21,19 @@ the byte-level tokenizer of the tiny CPU model; about 4 for LLaMA tokenizers), o
 Other options: ``--max-tokens`` (HS_MAX_TOKENS), ``--model`` (HS_MODEL; default: the first id of
 GET /v1/models), ``--api-key`` (HS_API_KEY / OPENAI_API_KEY), ``--temperature``.
 
+HTTP client: Locust's ``FastHttpUser`` (geventhttpclient) by default; ``HS_LOCUST_CLIENT=requests``
+selects ``HttpUser`` (python-requests) for an A/B. The client's own per-request cost lands in the
+measured TTFT, and so in the "HTTP overhead" (client TTFT - the engine's TTFT); under gevent the
+requests stack costs about 1 ms more per request than a lean client, so the fast client is the
+default. The variable is read at import, because Locust picks the user class when it loads the
+locustfile (a ``--option`` is parsed only afterwards). ``sse_lines`` reads the SSE body line by line
+as the bytes arrive, with either client (not ``FastResponse.iter_content``, which waits for 1 KiB).
+
 Run headless (see docs/observability.md)::
 
     locust -f locustfiles/short_prompts.py --headless -u 8 -r 2 -t 60s \
         --host http://127.0.0.1:8000 --csv results/short
+    HS_LOCUST_CLIENT=requests locust -f locustfiles/short_prompts.py ...   # the python-requests client
 
 Imports only locust and the standard library (no project code).
 """
@@ -34,8 +43,21 @@ import json
 import os
 import random
 import time
+from typing import Iterator
 
 from locust import HttpUser, between, events, task
+from locust.contrib.fasthttp import FastHttpUser
+
+# the load generator's HTTP client, fixed at import (Locust picks the user classes when it loads the file)
+CLIENT_ENV = "HS_LOCUST_CLIENT"
+CLIENTS = {"fast": FastHttpUser, "requests": HttpUser}
+CLIENT = (os.environ.get(CLIENT_ENV) or "fast").strip().lower()
+if CLIENT not in CLIENTS:
+    raise ValueError(f"{CLIENT_ENV}={CLIENT!r}: choose one of {sorted(CLIENTS)}")
+BaseHttpUser = CLIENTS[CLIENT]
+# FastHttpUser's socket timeout (send, connect wait, each read); its default of 60 s can cut a long
+# prompt on CPU. The requests client keeps its default (no timeout).
+NETWORK_TIMEOUT_S = 600.0
 
 DEFAULT_MIX = "10-50:50,51-150:30,151-300:15,301-500:5"
 _WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing "
@@ -114,10 +136,71 @@ class StreamError(Exception):
     pass
 
 
-class ShortPromptUser(HttpUser):
-    """One chat-like client: think 0.1-1 s, then stream one completion."""
+def response_text(resp, limit: int = 200) -> str:
+    """The start of a response body as text, for an error message; never raises."""
+    try:
+        text = resp.text
+    except Exception as exc:   # noqa: BLE001 - e.g. a body cut off on a failed connection
+        return f"<body unreadable: {exc!r}>"
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return (text or "")[:limit]
+
+
+def check_sse_response(resp) -> None:
+    """Raise StreamError unless ``resp`` (HttpUser or FastHttpUser, ``stream=True``) is a 200
+    ``text/event-stream``. Both clients report a failed connection as status 0 with ``resp.error``;
+    FastHttpUser also sets ``resp.error`` on a non-2xx/3xx status, and has no headers without a response."""
+    status = resp.status_code or 0
+    if status == 0:
+        raise StreamError(f"connection failed: {getattr(resp, 'error', None)!r}")
+    if status != 200:
+        raise StreamError(f"HTTP {status}: {response_text(resp)}")
+    headers = resp.headers or {}
+    ctype = headers.get("content-type") or ""
+    if not ctype.startswith("text/event-stream"):
+        raise StreamError(f"content-type {ctype!r} is not text/event-stream")
+
+
+def sse_lines(resp) -> Iterator[bytes]:
+    """The body lines (bytes, without the line ending) of a streamed response, each yielded as soon as
+    it has arrived.
+
+    - FastHttpUser (geventhttpclient): ``readline(b"\\n")`` on the raw response returns a line as soon
+      as it is in the receive buffer, and b"" at the end of the message. (``FastResponse.iter_content``
+      reads 1024-byte blocks: a short SSE chunk would wait for the next ones, which is wrong for TTFT.)
+      A body left unread (the caller stopped early) closes the connection instead of reusing it.
+    - HttpUser (python-requests): ``iter_lines``, which for a chunked body yields each chunk's lines
+      as the chunk arrives.
+    """
+    raw = getattr(resp, "_response", None)
+    if raw is None or not hasattr(raw, "readline") or hasattr(resp, "iter_lines"):
+        yield from resp.iter_lines(decode_unicode=False)
+        return
+    enc = ((resp.headers or {}).get("content-encoding") or "identity").lower()
+    if enc != "identity":   # readline reads the raw body; the server does not compress SSE
+        raise StreamError(f"content-encoding {enc!r}: cannot read SSE lines from a compressed body")
+    try:
+        while True:
+            line = raw.readline(b"\n")
+            if not line:                   # end of the message (or of the bytes after the last newline)
+                break
+            if line.endswith(b"\n"):
+                line = line[:-1]
+            yield line[:-1] if line.endswith(b"\r") else line
+        rest = raw.read()                  # at message end: what followed the last newline, if anything
+        if rest:
+            yield rest[:-1] if rest.endswith(b"\r") else rest
+    finally:
+        raw.release()   # a message read to its end was released already; else close the connection
+
+
+class ShortPromptUser(BaseHttpUser):
+    """One chat-like client: think 0.1-1 s, then stream one completion (FastHttpUser unless
+    HS_LOCUST_CLIENT=requests)."""
 
     wait_time = between(0.1, 1.0)
+    network_timeout = NETWORK_TIMEOUT_S      # FastHttpUser only
 
     def on_start(self) -> None:
         opts = self.environment.parsed_options
@@ -163,15 +246,9 @@ class ShortPromptUser(HttpUser):
         with self.client.post("/v1/completions", json=body, headers=self.headers, stream=True,
                               catch_response=True, name="/v1/completions") as resp:
             try:
-                if resp.status_code == 0:
-                    raise StreamError(f"connection failed: {resp.error!r}")
-                if resp.status_code != 200:
-                    raise StreamError(f"HTTP {resp.status_code}: {resp.text[:200]}")
-                ctype = resp.headers.get("content-type", "")
-                if not ctype.startswith("text/event-stream"):
-                    raise StreamError(f"content-type {ctype!r} is not text/event-stream")
+                check_sse_response(resp)
                 done = False
-                for raw in resp.iter_lines(decode_unicode=False):
+                for raw in sse_lines(resp):
                     nbytes += len(raw) + 1
                     line = raw.decode("utf-8", errors="replace").strip()
                     if not line or line.startswith(":"):
