@@ -63,7 +63,8 @@ def _pdl_wait(USE_PDL: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["eps"])
-def _rms_norm_kernel(X, W, OUT, stride, n_cols, eps, BLOCK: tl.constexpr, HAS_W: tl.constexpr, USE_PDL: tl.constexpr):
+def _rms_norm_kernel(X, W, OUT, stride, n_cols, eps, BLOCK: tl.constexpr, HAS_W: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     """One program per row: OUT = W * (x * rstd), x * rstd rounded to the model dtype as the eager model
     rounds it (HAS_W False: the weight is folded into the next projection, OUT = x * rstd). Used where the
     GEMV does not take the norm into its loads (prefill: more than one row).
