@@ -70,9 +70,14 @@ class Hybrid:
 
     def extra(self) -> dict:
         s = self.eng.stats()
+        # the autotuner's config per GEMV key in this process: TTFT at 10 tokens varies by ~0.5 ms from one
+        # process to the next on the same machine (bench/NOTES.md step 34), and the picks are one suspect
+        from engine import kernels
+        picks = {str(k): str(v) for k, v in kernels._skinny_kernel.cache.items()}
         return {"graph_mem_gib": round(s["graph_mem_bytes"] / 2**30, 3), "start_s": round(self.start_s, 2),
                 "compile_s": round(self.eng.compile_s, 2), "capture_ms": s["capture_ms"],
-                "weight_gib": round(s["weight_bytes"] / 2**30, 3), "kv_gib": round(s["kv_bytes"] / 2**30, 3)}
+                "weight_gib": round(s["weight_bytes"] / 2**30, 3), "kv_gib": round(s["kv_bytes"] / 2**30, 3),
+                "gemv_autotune_picks": picks}
 
     def close(self):
         self.eng.shutdown()

@@ -2,6 +2,8 @@
 
 For a 10-token and a 100-token prompt (buckets 16 and 128), ``--requests`` times each, p50/p99 of:
   request      eng.generate(max_tokens=1): the engine's own TTFT (request arrival -> token on the host)
+  request_ahead  eng.generate(max_tokens=2): the same, with the first decode step queued (read-ahead)
+               before the host waits for the first token, as every longer request does
   same_thread  the same request run on the caller's thread (no hand-off to the engine thread)
   raw          the bare sequence on the engine's stream: ids to the device, seq_len, graph replay,
                token copy to pinned memory, event sync (what the engine cannot avoid)
@@ -53,9 +55,11 @@ def main() -> None:
         ids = lambda n=n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
         for _ in range(5):
             eng.generate(ids(), p1)
-        req, same, raw, gpu = [], [], [], []
+        req, ahead, same, raw, gpu = [], [], [], [], []
+        p2 = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         for _ in range(a.requests):
             req.append(eng.generate(ids(), p1).metrics.ttft_s)
+            ahead.append(eng.generate(ids(), p2).metrics.ttft_s)
         for _ in range(a.requests):
             eng._count(1)
             same.append(eng._run(ids(), p1, None, None, time.perf_counter()).metrics.ttft_s)
@@ -80,7 +84,8 @@ def main() -> None:
                 e1.record()
                 e1.synchronize()
                 gpu.append(e0.elapsed_time(e1) / 1e3)
-        row = {"bucket": b, "request": summ(req), "same_thread": summ(same), "raw": summ(raw), "graph_gpu": summ(gpu)}
+        row = {"bucket": b, "request": summ(req), "request_ahead": summ(ahead), "same_thread": summ(same),
+               "raw": summ(raw), "graph_gpu": summ(gpu)}
         res["lengths"][str(n)] = row
         print(f"len {n:4d} (bucket {b}): " + "  ".join(f"{k} {v['p50']:.3f}/{v['p99']:.3f}" for k, v in row.items()
                                                      if isinstance(v, dict)) + " ms (p50/p99)", flush=True)
