@@ -125,3 +125,22 @@ def haproxy_app(app_args: dict, env: dict[str, str], n_replicas: int, backend_su
                        env={**env, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port)}) as base:
             wait_haproxy_up(stats_port, n_replicas, backend_suffix)
             yield base
+
+
+def bucket_prompts(base_url: str, lengths: tuple[int, ...] = (15, 40, 200), rounds: int = 6,
+                   settle_s: float = 0.5) -> Iterator[tuple[int, httpx.Response]]:
+    """(bucket, response) for prompts of these byte lengths (byte tokenizer: BOS + n tokens; by default
+    buckets 16, 64 and 256), one at a time, ``rounds`` times over, each answered 200. After each, a pause
+    of ``settle_s`` lets the replicas' routing stats (every 0.2 s in the tests) show the bucket warm."""
+    from deployments.router import bucket_for
+    from engine.config import DEFAULT_BUCKETS
+
+    buckets = {n: bucket_for(n + 1, DEFAULT_BUCKETS) for n in lengths}
+    assert len(set(buckets.values())) == len(lengths)
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        for _ in range(rounds):
+            for n in lengths:
+                r = c.post("/v1/completions", json={"prompt": "x" * n, "max_tokens": 2, "temperature": 0})
+                assert r.status_code == 200, r.text
+                yield buckets[n], r
+                time.sleep(settle_s)
