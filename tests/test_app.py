@@ -487,7 +487,7 @@ def test_non_streaming_client_disconnect_cancels_every_choice(app):
             assert stats["engine"]["in_flight"] == 0, stats["engine"]
             cut = [f for f in stats["finishes"] if f["finish_reason"] == "cancelled"][-1]
             assert cut["output_tokens"] < 2000, cut
-            r = post("/cancel/v1/completions", {"prompt": "next", "max_tokens": 4})
+            r = post("/cancel/v1/completions", {"prompt": "next", "max_tokens": 4, **GREEDY})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     finally:
         serve.delete("cancel")

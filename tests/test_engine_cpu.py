@@ -470,7 +470,7 @@ def test_cancelled_generate_async_stops_the_engine():
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        return await eng.generate_async("next", SamplingParams(max_tokens=2))
+        return await eng.generate_async("next", SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
 
     assert len(asyncio.run(main()).token_ids) == 2
     assert done[0]["finish_reason"] == "cancelled" and 0 < done[0]["output_tokens"] < 4000, done[0]
