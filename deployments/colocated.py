@@ -30,9 +30,9 @@ import time
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from .ingress import Ingress
+from .ingress import Ingress, SSEResponse
 from .router import choose_replicas, view_from_stats
 from .server import ModelServer
 
@@ -80,7 +80,7 @@ async def forward(session: Any, endpoint: tuple[str, int], request: Request, *, 
                 yield chunk
         finally:   # done, or the client went away: closing the connection cancels the peer's request
             resp.close()
-    return StreamingResponse(relay(), status_code=resp.status, headers=out)
+    return SSEResponse(relay(), status_code=resp.status, headers=out)
 
 
 class LocalStream:

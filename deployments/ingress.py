@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
@@ -39,7 +39,7 @@ from engine.errors import EngineClosedError, EngineInputError
 
 from .config import AppConfig
 from .router import TOKENS_KWARG
-from .tokenize import count_tokens, load_tokenizer
+from .tokenize import load_tokenizer, prompt_ids
 
 logger = logging.getLogger("ray.serve")
 
@@ -121,6 +121,42 @@ class APIError(Exception):
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type_
         self.headers = headers or {}
+
+
+class SSEResponse(StreamingResponse):
+    """Starlette's StreamingResponse without its anyio task group per response. Below ASGI spec 2.4
+    (uvicorn, hence Ray's replica HTTP server, says 2.3) Starlette streams the body from a second task
+    beside a disconnect listener, which costs ~35 us before the first byte on a 2-core CPU host
+    (bench/asgi_first.py). Here the body is sent from the request's own task; a plain asyncio task waits
+    for http.disconnect and cancels it, so a client that goes away still stops the stream (and with it
+    the engine request) at once. A cancellation from anyone else (Ray's own disconnect handling, a
+    shut-down) propagates as usual."""
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            try:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:       # no disconnect to wait for (the server's receive failed): stream on
+                return
+            gone = True
+            task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not gone or task.cancelling() > 1:
+                raise
+            task.uncancel()         # only our own cancel: the client left, the response ends here
+        finally:
+            watcher.cancel()
+        if self.background is not None:
+            await self.background()
 
 
 class SafeJSONResponse(JSONResponse):
@@ -425,10 +461,19 @@ class OpenAIIngress:
             out[t] = v
         return out
 
-    def _completion_prompts(self, req: CompletionRequest) -> list[str | list[int]]:
-        """The request's prompts: one, or a batch (a list of strings or of token-id lists)."""
+    @staticmethod
+    def _prompts_as_sent(req: _Common) -> list[Any]:
+        """A completions request's prompts as the client sent them: one, or a batch (a list of strings
+        or of token-id lists); [] for chat."""
+        if not isinstance(req, CompletionRequest):
+            return []
         batch = isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int)
-        prompts: list[Any] = list(req.prompt) if batch else [req.prompt]
+        return list(req.prompt) if batch else [req.prompt]
+
+    def _completion_prompts(self, req: CompletionRequest) -> list[str | list[int]]:
+        """The request's prompts (``_prompts_as_sent``), each checked: not empty, token ids in range."""
+        batch = isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int)
+        prompts = self._prompts_as_sent(req)
         for i, prompt in enumerate(prompts):
             where = f"prompt[{i}]" if batch else "prompt"
             if prompt == "" or prompt == []:
@@ -450,7 +495,8 @@ class OpenAIIngress:
         params = self._params(req)
         try:
             prompts = self._completion_prompts(req) if isinstance(req, CompletionRequest) else [self._chat_prompt(req)]
-            counts = [count_tokens(self.tok, prompt) for prompt in prompts]
+            # tokenized here, once: the replica gets the ids (the router needs the count anyway)
+            ids = [prompt_ids(self.tok, prompt) for prompt in prompts]
         except UnicodeError as e:   # e.g. a lone surrogate ("\ud800") in a JSON string
             raise APIError(f"the prompt is not valid Unicode text ({getattr(e, 'reason', e)}); "
                            "send UTF-8 text without lone surrogates", param="messages" if isinstance(req, ChatCompletionRequest)
@@ -460,7 +506,7 @@ class OpenAIIngress:
             raise APIError(f"{len(prompts)} prompt(s) x {calls // len(prompts)} choice(s) = {calls} generations; "
                            f"at most {MAX_CALLS} per request: split the batch", param="prompt")
         # the context check here too: a too-long request never takes a replica's queue slot
-        for n in counts:
+        for n in map(len, ids):
             if n >= self.max_context:
                 raise APIError(f"prompt has {n} tokens but the context holds {self.max_context} "
                                "(prompt + max_tokens); shorten the prompt", param="prompt",
@@ -469,7 +515,8 @@ class OpenAIIngress:
                 raise APIError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
                                f"of {self.max_context} tokens; lower max_tokens to at most "
                                f"{self.max_context - n}", param="max_tokens", code="PromptTooLongError")
-        return [({"prompt": prompt, "params": asdict(params)}, n) for prompt, n in zip(prompts, counts)]
+        fields = vars(params)       # a flat dataclass: a dict of its fields, no deep copy (asdict: ~10 us)
+        return [({"prompt": p, "params": dict(fields)}, len(p)) for p in ids]
 
     def _overloaded(self, e: BaseException) -> APIError:
         return APIError("The server is overloaded: every model replica is busy and the request "
@@ -564,14 +611,13 @@ class OpenAIIngress:
         self._auth(request)
         return await self._respond(body, chat=True, http_in=request.scope.get("hs_http_in"), request=request)
 
-    def _text_and_logprobs(self, req: _Common, payload: dict, out: dict) -> tuple[str, dict | None]:
-        """A finished choice's text and OpenAI logprobs; with echo (completions) the prompt comes first,
-        its tokens scored too (the first one has null logprob)."""
+    def _text_and_logprobs(self, req: _Common, prompt: Any, out: dict) -> tuple[str, dict | None]:
+        """A finished choice's text and OpenAI logprobs; with echo (completions) the prompt (as the client
+        sent it) comes first, its tokens scored too (the first one has null logprob)."""
         chat = isinstance(req, ChatCompletionRequest)
         text = out["text"]
         items = out.get("logprobs")
         if not chat and req.echo:
-            prompt = payload["prompt"]
             text = (prompt if isinstance(prompt, str) else self.tok.decode(prompt)) + text
             if items is not None:
                 items = out["prompt_logprobs"] + items
@@ -645,6 +691,7 @@ class OpenAIIngress:
                      "completion_tokens": sum(o["usage"]["completion_tokens"] for o in outs)}  # best_of's too
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             choices = []
+            sent = self._prompts_as_sent(req)
             for k, (payload, _) in enumerate(prepared):
                 mine = outs[k * count:(k + 1) * count]
                 if ranked:   # best_of: the n choices with the highest total logprob, best first
@@ -652,7 +699,7 @@ class OpenAIIngress:
                     if payload["params"].get("logprobs") is None:
                         mine = [{key: v for key, v in o.items() if key != "logprobs"} for o in mine]
                 for out in mine:
-                    text, lp = self._text_and_logprobs(req, payload, out)
+                    text, lp = self._text_and_logprobs(req, sent[k] if sent else None, out)
                     i, finish = len(choices), _finish(out["finish_reason"])
                     choices.append({"index": i, "message": {"role": "assistant", "content": text},
                                     "logprobs": lp, "finish_reason": finish} if chat else
@@ -674,7 +721,7 @@ class OpenAIIngress:
         if http_in is not None:
             first["timeline"]["http_in"] = http_in
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(self._sse(streams, [k for k, _, _ in calls], rid, created, chat, include_usage),
+        return SSEResponse(self._sse(streams, [k for k, _, _ in calls], rid, created, chat, include_usage),
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", **self._headers(first.get("meta"))})
 
@@ -820,7 +867,8 @@ class OpenAIIngress:
             out = await self._generate(payload, n)
         except APIError as e:
             raise EngineInputError(e.message) from None
-        text, lp = self._text_and_logprobs(req, payload, out)
+        sent = self._prompts_as_sent(req)
+        text, lp = self._text_and_logprobs(req, sent[0] if sent else None, out)
         res = {"text": text, "finish_reason": _finish(out["finish_reason"]),
                "usage": out["usage"], "model": self.model_name, "hybridserve": out["meta"]}
         if lp is not None:

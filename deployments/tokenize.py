@@ -24,6 +24,14 @@ def load_tokenizer(cfg: EngineConfig) -> Tokenizer:
     return HFTokenizer(path, ())
 
 
+def prompt_ids(tok: Tokenizer, prompt: str | list[int]) -> list[int]:
+    """The prompt's token ids as the engine would make them (``HybridEngine.prompt_ids``: BOS included).
+    The ingress sends these, not the text, so a prompt is tokenized once per request."""
+    if isinstance(prompt, str):
+        return tok.encode(prompt, add_special_tokens=True)
+    return list(prompt)
+
+
 def count_tokens(tok: Tokenizer, prompt: str | list[int]) -> int:
     """Token count as the engine will see it (``HybridEngine.count_tokens``)."""
     if isinstance(prompt, str):

@@ -407,9 +407,10 @@ class HybridEngine:
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise EmptyPromptError("prompt must be a non-empty string or a non-empty list of token ids")
         V = self.args.vocab_size
-        for t in prompt:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
-                raise EngineInputError(f"prompt token id {t!r} is not an integer in [0, {V})")
+        # one C-speed pass each (every prompt of a request comes through here); type(t) is int rejects bools
+        if set(map(type, prompt)) != {int} or min(prompt) < 0 or max(prompt) >= V:
+            t = next(t for t in prompt if type(t) is not int or not 0 <= t < V)
+            raise EngineInputError(f"prompt token id {t!r} is not an integer in [0, {V})")
         return list(prompt)
 
     def count_tokens(self, prompt: str | list[int]) -> int:
@@ -440,17 +441,18 @@ class HybridEngine:
         return ids
 
     # ---------------------------------------------------------------- generation
-    def _run(self, prompt: str | list[int], params: SamplingParams,
+    def _run(self, ids: list[int], params: SamplingParams,
              on_chunk: Callable[[StreamChunk], None] | None = None,
              cancel: threading.Event | None = None, t_req: float | None = None) -> GenerationResult:
-        """t_req: when the request arrived (before any wait for the engine thread): TTFT counts from it.
-        The caller counted the request in in_flight() on arrival; it leaves the count here, before its
-        finish event goes to the listeners, so no listener sees a finished request still in flight."""
+        """ids: the prompt as validate() returned it (the caller validated it before queueing it, so the
+        engine thread goes straight to the prefill). t_req: when the request arrived (before any wait for
+        the engine thread): TTFT counts from it. The caller counted the request in in_flight() on arrival;
+        it leaves the count here, before its finish event goes to the listeners, so no listener sees a
+        finished request still in flight."""
         try:
             if self._closed:        # queued behind the shut-down: fail fast, generate nothing
                 raise EngineClosedError("the engine shut down before this request ran; retry it")
             t_req = t_req or time.perf_counter()
-            ids = self.validate(prompt, params)
             bucket = self.bucket_for(len(ids))
             with self._lock:
                 self._idle.clear()
@@ -605,17 +607,16 @@ class HybridEngine:
         """Blocking generation. Runs on the engine thread, like every request (one warm CUDA context,
         cuBLAS handle and stream serve them all)."""
         params = params or SamplingParams()
-        self.validate(prompt, params)
-        return self._submit(prompt, params, None, None, time.perf_counter()).result()
+        return self._submit(self.validate(prompt, params), params, None, None, time.perf_counter()).result()
 
     async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
         """Like generate(); cancelling the awaiting task (the client went away) ends the request at
         the engine's next decode step (finish_reason "cancelled"), or before it starts if still
         queued, so a batch-1 engine never spends its steps on a reply nobody reads."""
         params = params or SamplingParams()
-        self.validate(prompt, params)
+        ids = self.validate(prompt, params)
         cancel = threading.Event()
-        fut = self._submit(prompt, params, None, cancel, time.perf_counter())
+        fut = self._submit(ids, params, None, cancel, time.perf_counter())
         try:
             return await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
@@ -626,7 +627,7 @@ class HybridEngine:
         """Token-by-token chunks; the last one carries finish_reason and metrics. Closing the
         generator early (client gone) cancels the generation within one decode step."""
         params = params or SamplingParams()
-        self.validate(prompt, params)            # raise input errors before the first chunk
+        ids = self.validate(prompt, params)      # raise input errors before the first chunk
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -644,7 +645,7 @@ class HybridEngine:
             else:
                 push(fut.exception() or fut.result())
 
-        self._submit(prompt, params, push, cancel, t_req).add_done_callback(done)
+        self._submit(ids, params, push, cancel, t_req).add_done_callback(done)
         try:
             while True:
                 item = await q.get()
