@@ -7,8 +7,8 @@ from the request's own task with a plain asyncio task watching for the disconnec
 what each costs on the way to the first SSE byte, per request (it is on every streaming request's
 TTFT).
 
-  python bench/asgi_first.py [--rounds 3000]
-Writes bench/results/asgi-first-<date>-<host>.json (medians and P99 in microseconds).
+  python bench/asgi_first.py [--rounds 3000] [--tag cpu]
+Writes bench/results/asgi-first-<date>[-<tag>].json (medians and P99 in microseconds).
 """
 from __future__ import annotations
 
@@ -70,6 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3000)
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--tag", default="", help="suffix of the result file name (a leading '-' is added)")
     a = ap.parse_args()
     res = asyncio.run(run(a.rounds))
     import starlette
@@ -79,7 +80,8 @@ def main() -> None:
            "what": "ASGI call -> first http.response.body message, one process, variants alternating",
            "results": res}
     print(json.dumps(out, indent=1))
-    path = Path(a.out) / f"asgi-first-{dt.date.today().isoformat()}-{platform.node() or 'host'}.json"
+    tag = f"-{a.tag.lstrip('-')}" if a.tag else ""
+    path = Path(a.out) / f"asgi-first-{dt.date.today().isoformat()}{tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
     print("wrote", path)

@@ -67,7 +67,7 @@ def main() -> None:
             x = ids()
             t0 = time.perf_counter()
             with torch.cuda.stream(s), torch.inference_mode():
-                eng._ids_host[:n] = torch.tensor(x, dtype=torch.long)
+                eng._ids_np[:n] = x
                 eng.ids[:n].copy_(eng._ids_host[:n], non_blocking=True)
                 eng.seq_len.fill_(n)
                 g.replay()
