@@ -11,7 +11,8 @@ Python (``serve.get_app_handle("hybridserve")``):
        Invalid input raises ``engine.EngineInputError`` (Ray re-raises it in the caller).
 
 The ingress tokenizes (tokenizer only, no weights) to count the prompt's tokens and passes the count
-as ``n_tokens=`` to the model deployment, where the warm-bucket router reads it.
+as ``n_tokens=`` to the model deployment, where the warm-bucket router reads it; the replica gets the
+token ids, so a prompt is tokenized once per request.
 """
 from __future__ import annotations
 
