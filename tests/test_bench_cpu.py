@@ -26,3 +26,23 @@ def test_profile_decode_cpu_parts_complete(tmp_path):
     assert res["prefill_16"]["bucket"] == 16 and res["prefill_16"]["tokens"] == 10
     assert res["prefill_128"]["eager_kernels"]["kernel_us_per_step"] > 0
     assert "gemv" not in res                     # the GEMV sweep is CUDA-only
+
+
+def test_bucket_edges_cpu_run_chooses_and_writes(tmp_path):
+    """bench/bucket_edges.py's plumbing on CPU: every candidate timed, a choice per k that holds the mix's
+    longest prompt, and with as many buckets as the defaults it never expects worse than the defaults."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bucket_edges
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    bucket_edges.main(["--device", "cpu", "--preset", "tiny", "--candidates", "16:64:8", "--k", "2,3",
+                       "--mix", "10:60", "--reps", "2", "--tag", "test", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("bucket-edges-*-cpu-test.json")
+    res = json.loads(path.read_text())
+    assert sorted(map(int, res["prefill_us"])) == list(range(16, 65, 8))
+    assert res["defaults"]["buckets"] == [16, 32, 64]
+    for k in ("2", "3"):
+        c = res["choices"][k]
+        assert len(c["buckets"]) <= int(k) and c["buckets"][-1] == 64 and c["expected_prefill_ms"] > 0
+    assert res["choices"]["3"]["expected_prefill_ms"] <= res["defaults"]["expected_prefill_ms"]
