@@ -463,17 +463,20 @@ class OpenAIIngress:
         return out
 
     @staticmethod
-    def _prompts_as_sent(req: _Common) -> list[Any]:
-        """A completions request's prompts as the client sent them: one, or a batch (a list of strings
-        or of token-id lists); [] for chat."""
+    def _is_batch(req: CompletionRequest) -> bool:
+        """A batch of prompts: a list of strings or of token-id lists (one token-id list is one prompt)."""
+        return isinstance(req.prompt, list) and bool(req.prompt) and not isinstance(req.prompt[0], int)
+
+    @classmethod
+    def _prompts_as_sent(cls, req: _Common) -> list[Any]:
+        """A completions request's prompts as the client sent them: one, or a batch; [] for chat."""
         if not isinstance(req, CompletionRequest):
             return []
-        batch = isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int)
-        return list(req.prompt) if batch else [req.prompt]
+        return list(req.prompt) if cls._is_batch(req) else [req.prompt]
 
     def _completion_prompts(self, req: CompletionRequest) -> list[str | list[int]]:
         """The request's prompts (``_prompts_as_sent``), each checked: not empty, token ids in range."""
-        batch = isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int)
+        batch = self._is_batch(req)
         prompts = self._prompts_as_sent(req)
         for i, prompt in enumerate(prompts):
             where = f"prompt[{i}]" if batch else "prompt"

@@ -34,6 +34,4 @@ def prompt_ids(tok: Tokenizer, prompt: str | list[int]) -> list[int]:
 
 def count_tokens(tok: Tokenizer, prompt: str | list[int]) -> int:
     """Token count as the engine will see it (``HybridEngine.count_tokens``)."""
-    if isinstance(prompt, str):
-        return len(tok.encode(prompt, add_special_tokens=True))
-    return len(prompt)
+    return len(prompt_ids(tok, prompt))

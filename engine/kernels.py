@@ -593,4 +593,3 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, ln: torch.Tensor | None = No
         NORM=ln is not None or norm, HAS_LN=ln is not None, RES=residual is not None, GATED=gated,
         SWIGLU=swiglu, USE_PDL=pdl, launch_pdl=pdl)
     return y
-
