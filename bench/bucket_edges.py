@@ -4,7 +4,7 @@ the k edges that minimise the mean prefill time over a prompt-length mix (engine
 Every candidate bucket's graph is captured at start-up (prewarm "all") and replayed alone, back to back,
 CUDA events around each replay (the GPU time a prompt of that bucket pays; the host's part of TTFT is the
 same for every bucket). Then, for each k, the chosen edges, their expected mean prefill time over the mix
-against the default powers of two, and the line to put in serve_config.yaml (``engine.buckets``).
+against the default powers of two: the list for serve_config.gpu.yaml's ``engine.buckets``.
 
   python3 bench/bucket_edges.py                               # LLaMA-2-7B preset, 16..512 step 16, uniform 10-500
   python3 bench/bucket_edges.py --layers 4 --reps 10          # quick, 7B-shaped layers

@@ -231,7 +231,10 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None, help="fewer layers for quick iteration")
     p.add_argument("--engines", default="hybrid,hf-eager,torch.compile")
     p.add_argument("--lengths", type=int, nargs="+", default=[10, 50, 100, 200, 500])
-    p.add_argument("--buckets", type=int, nargs="+", default=[16, 32, 64, 128, 256, 384, 512, 1024, 2048])
+    # serve_config.gpu.yaml's buckets: measured on an H100 for LLaMA-2-7B (bench/bucket_edges.py);
+    # --buckets 16 32 64 128 256 384 512 1024 2048 for the powers of two (EngineConfig's default)
+    p.add_argument("--buckets", type=int, nargs="+",
+                   default=[16, 32, 64, 128, 176, 208, 256, 272, 304, 336, 368, 384, 400, 432, 480, 512, 1024, 2048])
     p.add_argument("--max-context", type=int, default=2048)
     p.add_argument("--requests", type=int, default=30)
     p.add_argument("--decode-tokens", type=int, default=32)
