@@ -62,6 +62,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.http_overhead import HOPS  # noqa: E402  (the hops of one request, as that benchmark reports them)
 
 APP = "hybridserve"
 DEPLOYMENT = "ModelServer"
@@ -87,6 +88,27 @@ def summary(xs) -> dict:
         return {"n": 0}
     return {"p50": round(pct(xs, 50), 3), "p90": round(pct(xs, 90), 3), "p99": round(pct(xs, 99), 3),
             "mean": round(statistics.fmean(xs), 3), "max": round(max(xs), 3), "n": len(xs)}
+
+
+def hop_breakdown(recs: list[dict]) -> dict:
+    """Where the HTTP overhead of these requests went: per hop of bench/http_overhead.py's HOPS (wall-clock stamps
+    from the client, the ASGI app, the ingress and the replica), the summary over all requests, and the mean of each
+    hop over the slowest tenth by overhead (client TTFT - engine TTFT), which says where a tail comes from."""
+    rows = []
+    for r in recs:
+        tl = r.get("timeline") or {}
+        if r.get("engine_ttft_ms") is None or r.get("ttft_ms") is None:
+            continue
+        hops = {h: (tl[b] - tl[a]) * 1e3 for h, (a, b) in HOPS.items() if a in tl and b in tl}
+        if hops:
+            rows.append((r["ttft_ms"] - r["engine_ttft_ms"], hops))
+    if not rows:
+        return {}
+    rows.sort(key=lambda x: x[0])
+    tail = rows[-max(1, len(rows) // 10):]
+    return {"hops_ms": {h: summary(hp.get(h) for _, hp in rows) for h in HOPS},
+            "slowest_tenth": {"requests": len(tail), "overhead_ms_min": round(tail[0][0], 3),
+                              "hops_mean_ms": {h: summary(hp.get(h) for _, hp in tail).get("mean") for h in HOPS}}}
 
 
 def _num(x):
@@ -241,6 +263,9 @@ class FleetUser(sp.BaseHttpUser):     # FastHttpUser, or HttpUser with HS_LOCUST
               "e2e_ms": (end - t0) * 1e3, "replica": meta.get("replica"), "bucket": meta.get("bucket"),
               "warm": meta.get("warm"), "path": meta.get("path"),
               "engine_ttft_ms": meta.get("engine_ttft_ms"), "queue_ms": meta.get("queue_ms"),
+              # wall-clock stamps of the request's way (http_in, ingress_in, replica_in, ...), this client's too
+              "timeline": None if first is None else {**(meta.get("timeline") or {}), "client_send": start_wall,
+                                                      "client_first": start_wall + (first - t0)},
               "client": sp.CLIENT})      # the HTTP client that ran (HS_LOCUST_CLIENT)
 
 
@@ -505,7 +530,7 @@ def analyse(name: str, jsonl: Path, mon: Monitor, stats_before: dict, load: dict
             "client_tpot_ms": summary(r["tpot_ms"] for r in ok),
             "client_e2e_ms": summary(r["e2e_ms"] for r in ok),
             "engine_ttft_ms": summary(r.get("engine_ttft_ms") for r in ok),
-            "overhead_ms": summary(over), "paths": paths,
+            "overhead_ms": summary(over), **hop_breakdown(ok), "paths": paths,
             "per_replica": {k: sum(1 for r in ok if r.get("replica") == k) for k in {r.get("replica") for r in ok}}}
         # replica-side counters over the whole run (routing stats: requests, warm_hits)
         rs = {}

@@ -285,13 +285,14 @@ class GateMiddleware:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         scope["hs_http_in"] = time.time()   # the request's timeline starts here (before body parsing)
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        path = _route_path(scope) if scope["type"] == "http" else ""
+        if path.startswith("/v1/"):
             request = Request(scope)
             refusal = self._refusal(request)
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return
-            route = _FAST_ROUTES.get(scope["path"]) if scope["method"] == "POST" else None
+            route = _FAST_ROUTES.get(path) if scope["method"] == "POST" else None
             ingress = _GATE["ingress"]
             if route is not None and ingress is not None and _json_body(request.headers.get("content-type")):
                 await self._fast(ingress, *route, scope, receive, send)
@@ -329,8 +330,8 @@ class GateMiddleware:
         request = Request(scope, replay)
         try:
             req = model.model_validate(json.loads(body))
-        except ValueError:                  # not JSON, not UTF-8, or invalid (ValidationError is a ValueError)
-            await self.app(scope, replay, send)
+        except (ValueError, RecursionError):   # not JSON, not UTF-8, nested too deep, or invalid (ValidationError
+            await self.app(scope, replay, send)   # is a ValueError): FastAPI answers it
             return
         try:
             response = await ingress._respond(req, chat=chat, http_in=scope["hs_http_in"], request=request)
@@ -362,6 +363,13 @@ def _too_large(size: int) -> SafeJSONResponse:
     return SafeJSONResponse(error_body(
         f"Request body of {size} bytes exceeds the limit of {_GATE['max_bytes']} bytes; "
         "shorten the prompt.", param="prompt", code="request_too_large"), status_code=413)
+
+
+def _route_path(scope: dict) -> str:
+    """The path the app's routes match: without the mount prefix (``root_path``, a Serve ``route_prefix``) when
+    the server left it in ``path``, as Starlette's router does."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return (path[len(root):] or "/") if root and path.startswith(root) else path
 
 
 def _json_body(content_type: str | None) -> bool:

@@ -39,6 +39,12 @@ def test_fleet_benchmark_runs_end_to_end_on_cpu(tmp_path):
     assert h["requests_total"] > 0 and h["errors_total"] == 0
     assert 0.0 <= h["steady"]["warm_hit_rate"] <= 1.0
     assert h["steady"]["client_ttft_ms"]["p50"] > 0
+    # every steady request's way, hop by hop, from its stamps (the client's and the app's)
+    hops = h["steady"]["hops_ms"]
+    n = h["steady"]["client_ttft_ms"]["n"]
+    for hop in ("  client->ASGI app", "  ASGI app->handler (parse, validate, tokenize)", "  first SSE chunk->client"):
+        assert hops[hop]["n"] == n and hops[hop]["p50"] >= 0, (hop, hops[hop])
+    assert h["steady"]["slowest_tenth"]["requests"] >= 1
     step = h["step"]
     for key in ("recovery_s", "breached", "direction_changes", "seconds_at_step_load"):
         assert key in step, key

@@ -44,15 +44,15 @@ class FastAPIStandIn:
 
 
 def _call(path: str, body: bytes | list[bytes], content_type: str | None = "application/json",
-          method: str = "POST", disconnect_first: bool = False):
+          method: str = "POST", disconnect_first: bool = False, root_path: str = "", max_bytes: int = 2**20):
     handler, inner = Handler(), FastAPIStandIn()
-    ing._GATE.update(ingress=handler, api_key=None, max_bytes=1000)
+    ing._GATE.update(ingress=handler, api_key=None, max_bytes=max_bytes)
     parts = body if isinstance(body, list) else [body]
     msgs = [{"type": "http.disconnect"}] if disconnect_first else [
         {"type": "http.request", "body": p, "more_body": i < len(parts) - 1} for i, p in enumerate(parts)]
     headers = [(b"content-type", content_type.encode())] if content_type else []
     scope = {"type": "http", "method": method, "path": path, "headers": headers, "query_string": b"",
-             "root_path": ""}
+             "root_path": root_path}
     sent = []
 
     async def receive():
@@ -95,6 +95,7 @@ def test_valid_chat_goes_to_the_chat_handler():
     b'{"prompt": "x", "max_tokens": "3"}',      # strict: no str -> int coercion, as in FastAPI
     b'{"prompt": "x"',                          # not JSON
     b'\xff\xfe{}',                              # not UTF-8
+    b'{"prompt": ' + b'[' * 20_000 + b']' * 20_000 + b'}',     # json.loads: RecursionError
 ])
 def test_anything_invalid_reaches_fastapi_with_the_body_intact(body):
     handler, inner, status, out = _call("/v1/completions", body)
@@ -127,7 +128,7 @@ def test_api_error_is_answered_like_fastapi_does():
 
 def test_a_chunked_body_over_the_limit_is_413():
     # no content-length header: the size is only known while the body arrives
-    handler, inner, status, out = _call("/v1/completions", [b"x" * 600, b"x" * 600])
+    handler, inner, status, out = _call("/v1/completions", [b"x" * 600, b"x" * 600], max_bytes=1000)
     assert status == 413 and handler.calls == [] and inner.bodies == []
     assert "exceeds the limit of 1000 bytes" in out["error"]["message"]
 
@@ -135,3 +136,9 @@ def test_a_chunked_body_over_the_limit_is_413():
 def test_a_client_gone_before_its_body_gets_nothing():
     handler, inner, status, out = _call("/v1/completions", b"", disconnect_first=True)
     assert status is None and out is None and handler.calls == [] and inner.bodies == []
+
+
+def test_a_route_prefix_in_the_path_is_matched_without_it():
+    # a Serve route_prefix: the server may leave the mount prefix (root_path) in path, as Starlette allows
+    handler, inner, status, _ = _call("/llm/v1/completions", b'{"prompt": "x"}', root_path="/llm")
+    assert status == 200 and len(handler.calls) == 1 and inner.bodies == []
