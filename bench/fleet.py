@@ -30,6 +30,8 @@ Measured per config (targets from the issue):
   steady.warm_hit_rate   requests after warm-up whose bucket was warm on the chosen replica (>= 95%)
   steady.client_ttft_ms / client_tpot_ms p50/p99 (HTTP SSE, client clock) vs seed.engine_only
   steady.overhead_ms p50 = client TTFT - engine TTFT of the same request  (<= 3 ms)
+  steady.hops_ms / slowest_tenth  where that overhead goes, hop by hop (bench/http_overhead.py's HOPS), over
+        all steady requests and over the tenth with the largest overhead
   step.recovery_s  step start -> the rolling P99 TTFT (10 s window) is back <= objective for good:
         the first second after its last breach, with >= --hold-s of good seconds after it  (<= 60 s)
   step.direction_changes  flips of scaling direction over the --steady-after-s of 5x load (<= 1)
