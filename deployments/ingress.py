@@ -306,8 +306,8 @@ class GateMiddleware:
         then the pydantic model in Python mode), call the same handler (``_respond``). Anything that does
         not validate goes to FastAPI with the body replayed, so every error is FastAPI's own 400; an
         :class:`APIError` is answered by the same handler as on FastAPI's path; anything else reaches
-        ServerErrorMiddleware (500) as it would from FastAPI. It saves ~0.1-0.3 ms of the TTFT of every
-        request (docs/fleet.md, session 15)."""
+        ServerErrorMiddleware (500) as it would from FastAPI. Measured on the hop "ASGI app -> handler" (p50):
+        -0.2 ms on the 2-core CI CPU, -0.02 ms on an H100 host (docs/fleet.md, session 15)."""
         chunks, size = [], 0
         while True:
             msg = await receive()
