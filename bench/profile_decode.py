@@ -110,6 +110,9 @@ VARIANTS = {  # A/B of the decode step's levers (bench/NOTES.md steps 10-11); ea
     "short-prefill-16": {"kernels.SHORT_PREFILL": 16},   # the one-kernel rope + attention up to bucket 16 only
                                                     # (before session 11; 32 / 64 were variants then, 64 the default now)
     "short-prefill-128": {"kernels.SHORT_PREFILL": 128},   # ... up to bucket 128 (one 128-row tile per query head)
+    "skinny-16": {"ops.SKINNY_MAX_ROWS": 16},       # bucket 32 on cuBLAS (before session 16)
+    "skinny-64": {"ops.SKINNY_MAX_ROWS": 64},       # buckets 32 and 64 on the Triton skinny kernel, not cuBLAS
+                                                    # (64/128-row weight tiles: bench/gemm_mid.py, session 16)
     "unfolded-norm": {"ops.FOLD_NORM": False},      # norm weights kept apart, multiplied in the GEMV's / RMSNorm
                                                     # kernel's loads (before session 13)
 }

@@ -18,6 +18,12 @@ SHORT_PREFILL_KERNEL = True   # short buckets: rope + KV write + attention in on
 # against a SiLU kernel). Off: those (A/B).
 SWIGLU_DECODE = True    # one row (decode)
 SWIGLU_PREFILL = True   # 2-16 rows (the bucket-16 prefill)
+# Up to how many rows the Triton skinny kernel runs the projections (above: cuBLAS): the decode step, the bucket-16
+# prefill and bucket 32 (kernels._ROWS64_CONFIGS' tile; the SiLU as its own kernel above 16 rows). bench/NOTES.md
+# step 39, 2026-11-27: bucket-32 graph 5,667 -> 5,516 us on an H100 (4,386 -> 4,103 on an H200); bucket 64 on the
+# same tile was no faster (5,877 -> 5,890 us H100, 4,422 -> 4,668 H200), so 64 rows stay on cuBLAS.
+# A/B: bench/profile_decode.py --variant skinny-16 / skinny-64.
+SKINNY_MAX_ROWS = 32
 # Decode: rope + KV write inside the split attention kernel instead of a rope kernel before it (bench/NOTES.md
 # steps 26 and 30). Session 11's first form (every split program roped q and the new k, with tl.join/tl.reshape
 # shuffles) won at 100 positions but lost ~40 us at ~500. The form here ropes q over the full head width without
@@ -58,7 +64,7 @@ def _k(x: torch.Tensor):
 
 def _gemv(x: torch.Tensor):
     """The kernel module when x is short enough for the Triton GEMV (decode, buckets <= 16 rows)."""
-    return _k(x) if x.shape[0] <= 16 and _skinny else None
+    return _k(x) if x.shape[0] <= SKINNY_MAX_ROWS and _skinny else None
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -111,7 +117,7 @@ def mlp_residual(r: torch.Tensor, ln: torch.Tensor | None, eps: float, w13: torc
     a plain activation; otherwise norm_linear, then linear_residual with the SiLU in the down GEMV's loads
     (one row) or a SiLU kernel."""
     M = r.shape[0]
-    if (k := _gemv(r)) is not None and (SWIGLU_DECODE if M == 1 else SWIGLU_PREFILL):
+    if (k := _gemv(r)) is not None and (SWIGLU_DECODE if M == 1 else SWIGLU_PREFILL and M <= 16):
         if _fused and M == 1:
             act = k.skinny_matmul(r, w13, ln=ln, eps=eps, norm=True, swiglu=True)
         else:

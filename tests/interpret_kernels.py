@@ -40,9 +40,10 @@ def torch_ops(fn):
         ops.use_triton(True)
 
 
-@pytest.mark.parametrize("M,wx", [(1, False), (5, False), (16, False), (5, True), (16, True)])
+@pytest.mark.parametrize("M,wx", [(1, False), (5, False), (16, False), (5, True), (16, True), (27, True)])
 def test_skinny_matmul_plain_norm_and_gated_residual(k, M, wx):
-    """wx: the 16-row form with the weight tile as the MMA's A operand (acc transposed)."""
+    """wx: the 16-row form with the weight tile as the MMA's A operand (acc transposed); 27 rows: the 32-row tile of
+    bucket 32 (ops.SKINNY_MAX_ROWS)."""
     k._skinny_kernel.configs = [triton.Config({"BLOCK_N": 64 if wx else 16, "BLOCK_K": 64, "WX": wx},
                                               num_warps=4, num_stages=2)]
     k._skinny_kernel.cache.clear()

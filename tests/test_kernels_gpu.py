@@ -293,3 +293,30 @@ def test_folded_norm_matches_reference_and_replays_identically(M):
     assert torch.equal(outs[0], torch.cat([q.flatten(), a.flatten()]))
     for o in outs:
         assert torch.equal(o, outs[0])
+
+
+@pytest.mark.parametrize("M", [17, 32, 50, 64])
+def test_wide_buckets_on_the_skinny_kernel_match_reference(M, monkeypatch):
+    """SKINNY_MAX_ROWS raised to 64: 17-64 rows run on the skinny kernel's 32/64-row tiles (a BLOCK_M of 32 or 64 in
+    the autotuner's cache proves it), plain and adding into the residual, with rows past M never read or written."""
+    from engine import kernels
+    monkeypatch.setattr(ops, "SKINNY_MAX_ROWS", 64)
+    ops.use_triton(True, skinny_matmul=True, fused_gemv_norm=True)
+    g = torch.Generator(device="cuda").manual_seed(M)
+    for N, K in SHAPES:
+        xbuf = torch.full((M + 3, K), float("nan"), device="cuda", dtype=torch.float16)
+        xbuf[:M] = torch.randn(M, K, device="cuda", dtype=torch.float16, generator=g)
+        rbuf = torch.full((M + 3, N), float("nan"), device="cuda", dtype=torch.float16)
+        rbuf[:M] = torch.randn(M, N, device="cuda", dtype=torch.float16, generator=g)
+        w = torch.randn(N, K, device="cuda", dtype=torch.float16, generator=g) * 0.02
+        x, r = xbuf[:M], rbuf[:M]
+        ref = reference(lambda: ops.linear(x, w))
+        out = ops.linear(x, w)
+        assert not out.isnan().any() and rel_err(out, ref) < 2e-3, (N, K)
+        r_ref = r.clone()
+        reference(lambda: ops.linear_residual(x, w, r_ref))
+        ops.linear_residual(x, w, r)
+        assert not r.isnan().any() and rel_err(r, r_ref) < 2e-3, (N, K)
+        assert rbuf[M:].isnan().all() and xbuf[M:].isnan().all()
+        bm = 32 if M <= 32 else 64
+        assert any(k[0] == N and k[1] == K and k[2] == bm for k in kernels._skinny_kernel.cache), (N, K)
