@@ -24,7 +24,7 @@ class EngineConfig(BaseModel):
         default_factory=list, description="buckets captured before ready (plus the store's warm list)")
     cuda_graphs: bool = True
     kernels: Literal["triton", "torch"] = Field("triton", description="CUDA non-matmul ops: Triton or PyTorch")
-    skinny_matmul: bool = Field(True, description="CUDA: Triton GEMV for <= 16 rows (decode) instead of cuBLAS")
+    skinny_matmul: bool = Field(True, description="CUDA: Triton GEMV for decode and prefill buckets of <= 32 rows instead of cuBLAS")
     fused_gemv_norm: bool = Field(True, description="CUDA, decode (one row): each RMSNorm runs inside the GEMV that "
                                                    "reads its output (no norm kernels); off: an RMSNorm kernel first")
     background_capture: bool = True

@@ -379,7 +379,7 @@ def decode_rope_attention(qkv, cos, sin, k_cache, v_cache, kv_len, n_heads, hd, 
 # ------------------------------------------------------------------ skinny matmul (decode GEMV)
 # Batch-1 decode is a matrix-vector product per weight: time = weight bytes / bandwidth. One program
 # streams BLOCK_N full rows of W (contiguous, 16-byte loads, pipelined by num_stages) and keeps the
-# dot products in registers; M <= 16 rows of x (a short prefill bucket) share each weight load.
+# dot products in registers; up to 32 rows of x (a short prefill bucket) share each weight load (tl.dot tiles below).
 _ROW_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "WX": False}, num_warps=w, num_stages=s)
                 for bn, bk, w, s in [(8, 512, 4, 4), (4, 1024, 4, 4), (8, 1024, 8, 3), (2, 2048, 8, 4),
                                      (2, 2048, 8, 3), (4, 2048, 4, 3), (2, 1024, 4, 4), (16, 512, 8, 3)]]
@@ -480,7 +480,7 @@ def _rows_chunk(acc, acc_u, ss, w, wu, X, LN, m, mmask, k, K, x_stride, NORM: tl
 def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.constexpr, HAS_LN: tl.constexpr,
                    RES: tl.constexpr, GATED: tl.constexpr, SWIGLU: tl.constexpr, USE_PDL: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WX: tl.constexpr):
-    """Y = act(x) @ W.T for M <= 16 rows. Every program walks all of K, so it sees each row of x whole:
+    """Y = act(x) @ W.T for M <= 64 rows (the engine: up to ops.SKINNY_MAX_ROWS). Every program walks all of K, so it sees each row of x whole:
     NORM: the RMSNorm of x runs inside the K loop (x * LN feeds the dot, or x alone when the norm weight
           is folded into W (HAS_LN False); sum(x^2) accumulates beside it, the dot is scaled by rstd at the
           end): no norm kernel, no normed copy of x. One row only in the engine (at 16 rows every program
@@ -578,7 +578,7 @@ def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.co
 def skinny_matmul(x: torch.Tensor, w: torch.Tensor, ln: torch.Tensor | None = None, eps: float = 0.0,
                   residual: torch.Tensor | None = None, gated: bool = False, swiglu: bool = False,
                   norm: bool = False) -> torch.Tensor:
-    """x (M <= 16, K), or (M, 2K) [gate | up] when gated, contiguous; w (N, K) contiguous.
+    """x (M <= 64, K), or (M, 2K) [gate | up] when gated, contiguous; w (N, K) contiguous.
     Returns act(x) @ w.T (M, N), where act = silu(gate) * up if gated, then rms_norm(.) * ln if ln is given
     (norm=True without ln: rms_norm(.) alone, its weight folded into w); with residual (M, N) contiguous:
     residual += that, in place, and returns residual. swiglu: w is [gate | up] (2N, K) and the result

@@ -40,7 +40,7 @@ FOLD_NORM = True
 
 
 def use_triton(flag: bool, skinny_matmul: bool | None = None, fused_gemv_norm: bool | None = None) -> None:
-    """Triton kernels on/off for CUDA tensors; skinny_matmul: Triton GEMV for M <= 16 vs cuBLAS;
+    """Triton kernels on/off for CUDA tensors; skinny_matmul: Triton GEMV for M <= SKINNY_MAX_ROWS vs cuBLAS;
     fused_gemv_norm: the GEMV applies the RMSNorm of its input in its own loads (norm_linear) vs an
     RMSNorm kernel first."""
     global _enabled, _skinny, _fused
@@ -63,7 +63,7 @@ def _k(x: torch.Tensor):
 
 
 def _gemv(x: torch.Tensor):
-    """The kernel module when x is short enough for the Triton GEMV (decode, buckets <= 16 rows)."""
+    """The kernel module when x is short enough for the Triton GEMV (decode, buckets <= SKINNY_MAX_ROWS rows)."""
     return _k(x) if x.shape[0] <= SKINNY_MAX_ROWS and _skinny else None
 
 
