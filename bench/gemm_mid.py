@@ -129,7 +129,6 @@ def main() -> None:
             row["best"] = ok[:6]
             row["sweep"] = sweep
             per_rows[name] = row
-            b = ok[0] if ok else None
             print(f"\nM={M} {name} ({N}x{K}, {gb * 1e3:.0f} MB): cuBLAS {row['cublas']:.1f} us "
                   f"({gb / row['cublas'] * 1e6:.0f} GB/s), read roof {row['read_roof']:.1f} "
                   f"({gb / row['read_roof'] * 1e6:.0f} GB/s), fp32->fp16 cast {row['cast']:.1f}", flush=True)
@@ -140,8 +139,6 @@ def main() -> None:
             bad = [s for s in sweep if "error" in s]
             if bad:
                 print(f"  {len(bad)} configs failed: " + ", ".join(f"{s['cfg']}:{s['error']}" for s in bad[:6]))
-            if b is None:
-                continue
             ws = x = y16 = y32 = None
             torch.cuda.empty_cache()
         tot = {"cublas": round(sum(r["cublas"] for r in per_rows.values()), 1),

@@ -473,14 +473,15 @@ def _rows_chunk(acc, acc_u, ss, w, wu, X, LN, m, mmask, k, K, x_stride, NORM: tl
 
 
 # restore_value: autotuning runs every config on the live arguments, and with RES each run adds into Y
-@triton.autotune(configs=_ROW_CONFIGS + _ROWS16_CONFIGS + _ROWS64_CONFIGS, key=["N", "K", "BLOCK_M", "NORM", "HAS_LN", "RES", "GATED",
-                                                             "SWIGLU"],
+@triton.autotune(configs=_ROW_CONFIGS + _ROWS16_CONFIGS + _ROWS64_CONFIGS,
+                 key=["N", "K", "BLOCK_M", "NORM", "HAS_LN", "RES", "GATED", "SWIGLU"],
                  prune_configs_by={"early_config_prune": _prune_configs}, restore_value=["Y"], **_AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["M", "eps"])
 def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.constexpr, HAS_LN: tl.constexpr,
                    RES: tl.constexpr, GATED: tl.constexpr, SWIGLU: tl.constexpr, USE_PDL: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WX: tl.constexpr):
-    """Y = act(x) @ W.T for M <= 64 rows (the engine: up to ops.SKINNY_MAX_ROWS). Every program walks all of K, so it sees each row of x whole:
+    """Y = act(x) @ W.T for M <= 64 rows (the engine: up to ops.SKINNY_MAX_ROWS). Every program walks all of K,
+    so it sees each row of x whole:
     NORM: the RMSNorm of x runs inside the K loop (x * LN feeds the dot, or x alone when the norm weight
           is folded into W (HAS_LN False); sum(x^2) accumulates beside it, the dot is scaled by rstd at the
           end): no norm kernel, no normed copy of x. One row only in the engine (at 16 rows every program
@@ -596,7 +597,8 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, ln: torch.Tensor | None = No
         y = residual
     pdl = _pdl(M)
     _skinny_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-        x, ln if ln is not None else w, w, y, M, N, K, eps, BLOCK_M=1 if M == 1 else max(16, triton.next_power_of_2(M)),
+        x, ln if ln is not None else w, w, y, M, N, K, eps,
+        BLOCK_M=1 if M == 1 else max(16, triton.next_power_of_2(M)),
         NORM=ln is not None or norm, HAS_LN=ln is not None, RES=residual is not None, GATED=gated,
         SWIGLU=swiglu, USE_PDL=pdl, launch_pdl=pdl)
     return y
