@@ -3,11 +3,11 @@ from .api import GenerationResult, Logprob, RequestMetrics, SamplingParams, Stre
 from .config import EngineConfig
 from .engine import HybridEngine
 from .errors import (EmptyPromptError, EngineClosedError, EngineError, EngineInputError, EngineStartError,
-                     InvalidSamplingParams, ModelLoadError, PromptTooLongError)
+                     InvalidSamplingParams, ModelLoadError, PromptTooLongError, EngineBusyError)
 
 __version__ = "0.1.0"
 
 __all__ = ["HybridEngine", "SamplingParams", "EngineConfig", "GenerationResult", "RequestMetrics",
            "StreamChunk", "Logprob", "TokenLogprobs", "EngineError", "EngineClosedError", "EngineInputError",
            "EmptyPromptError", "PromptTooLongError", "EngineStartError",
-           "InvalidSamplingParams", "ModelLoadError", "__version__"]
+           "InvalidSamplingParams", "ModelLoadError", "EngineBusyError", "__version__"]

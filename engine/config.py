@@ -22,6 +22,22 @@ class EngineConfig(BaseModel):
                                description="prefill prompt-length buckets; one CUDA graph each")
     prewarm_buckets: list[int] | Literal["all"] = Field(
         default_factory=list, description="buckets captured before ready (plus the store's warm list)")
+    max_batch: int | None = Field(None, ge=1, le=64, description="KV slots: streams decoded together in one step "
+                                                               "(None: 32 on CUDA, 8 on CPU)")
+    decode_batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32],
+                                          description="decode graphs by batch size; a step replays the smallest "
+                                                      ">= its running streams (max_batch is always added)")
+    prewarm_batch_sizes: list[int] | Literal["all"] = Field(
+        "all", description="decode batch sizes captured before ready; others run by the JIT path and are captured "
+                           "in the background")
+    max_waiting: int | None = Field(None, ge=0, description="requests queued for a free slot before new ones are "
+                                                           "refused as busy (None: 4 x max_batch)")
+    tpot_slo_ms: float | None = Field(None, gt=0, description="cap the batch at the largest size whose measured "
+                                                              "decode step stays under this (the replica reads as "
+                                                              "full beyond it)")
+    batch_invariant: bool = Field(False, description="CUDA: one stream alone decodes on the same kernel tile as a "
+                                                     "batch (bit-identical rows at every batch size; slower at 1)")
+    pdl: bool = Field(True, description="CUDA sm_90+: programmatic dependent launch between a step's kernels")
     cuda_graphs: bool = True
     kernels: Literal["triton", "torch"] = Field("triton", description="CUDA non-matmul ops: Triton or PyTorch")
     skinny_matmul: bool = Field(True, description="CUDA: Triton GEMV for decode and prefill buckets of <= 32 rows instead of cuBLAS")
@@ -44,16 +60,37 @@ class EngineConfig(BaseModel):
     @field_validator("buckets")
     @classmethod
     def _sorted_buckets(cls, v: list[int]) -> list[int]:
+        """Sorted, unique, positive."""
         if not v:
             raise ValueError("buckets must not be empty")
         if any(b <= 0 for b in v):
             raise ValueError("buckets must be positive")
         return sorted(set(v))
 
+    @field_validator("decode_batch_sizes")
+    @classmethod
+    def _sorted_sizes(cls, v: list[int]) -> list[int]:
+        if not v or any(b <= 0 or b > 64 for b in v):
+            raise ValueError("decode_batch_sizes must be a non-empty list of sizes in 1..64")
+        return sorted(set(v))
+
+    def slots(self, cuda: bool) -> int:
+        """KV slots (max_batch, or its device default)."""
+        return self.max_batch or (32 if cuda else 8)
+
+    def batch_sizes(self, cuda: bool) -> list[int]:
+        """Decode batch sizes up to the slots, the slot count included."""
+        n = self.slots(cuda)
+        return sorted({b for b in self.decode_batch_sizes if b <= n} | {n})
+
     @model_validator(mode="after")
     def _fit_context(self) -> "EngineConfig":
         self.buckets = [b for b in self.buckets if b < self.max_context] + [self.max_context]
         self.buckets = sorted(set(self.buckets))
+        if self.prewarm_batch_sizes != "all":
+            bad = [b for b in self.prewarm_batch_sizes if b not in self.decode_batch_sizes]
+            if bad:
+                raise ValueError(f"prewarm_batch_sizes {bad} are not among decode_batch_sizes {self.decode_batch_sizes}")
         if self.prewarm_buckets != "all":
             bad = [b for b in self.prewarm_buckets if b not in self.buckets]
             if bad:

@@ -1,23 +1,17 @@
-"""HybridEngine: CUDA-graph replay where a graph is warm, JIT kernels where it is not.
+"""HybridEngine: continuous batching over KV slots, CUDA-graph replay where a graph is warm, JIT kernels where
+it is not.
 
-One request at a time (batch 1). A request's way:
-  tokens -> bucket -> prefill: replay the bucket's graph if captured ("graph"), else the graph of a
-  warm bucket at most max_pad_factor times larger ("padded"), else run the same prefill eagerly at
-  the bucket's shape with the already-compiled Triton kernels ("jit"); either way the bucket is
-  queued for background capture -> decode: replay the one decode graph per token -> token on host;
-  the next step is launched before the host turns that token into text (IncrementalText: a short
-  window per token) and streams it, so the host's work runs under the GPU's step.
-On CPU the same static functions run eagerly ("eager").
-"""
+A request's way: validate -> wait for a free KV slot -> prefill into it (its bucket's graph, a larger warm
+bucket's graph ("padded"), or the same function eagerly at the bucket's shape ("jit"), the bucket then captured
+in the background) -> join the running batch: each decode step replays the graph of the smallest warm batch
+size >= the running streams -> per-row sampling on device -> tokens to the host one step behind the GPU, text
+and stops per stream (engine/scheduler.py). On CPU the same functions run eagerly ("eager")."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import gc
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,31 +19,22 @@ from pathlib import Path
 
 import torch
 
-from . import ops
-from .api import (LOGPROB_FLOOR, MAX_LOGPROBS, GenerationResult, Logprob, RequestMetrics, SamplingParams,
-                  StreamChunk, TokenLogprobs)
+from .api import LOGPROB_FLOOR, GenerationResult, Logprob, SamplingParams, StreamChunk
 from .config import EngineConfig
-from .errors import (EmptyPromptError, EngineClosedError, EngineInputError, EngineStartError, ModelLoadError,
-                     PromptTooLongError)
+from .errors import EmptyPromptError, EngineClosedError, EngineInputError, ModelLoadError, PromptTooLongError
+from .graphs import GraphCache
+from .kv import KVSlots
 from .model import Llama, ModelArgs, load_checkpoint, random_weights
+from .plan import KernelPlan
 from .presets import PRESETS
-from .sampling import sample, shape_logits
-from .tokenizer import ByteTokenizer, HFTokenizer, IncrementalText, Tokenizer
-from .worker import EngineThread
+from .runner import Runner
+from .scheduler import Scheduler, pick_batch_size
+from .sequence import Stream
+from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 log = logging.getLogger("hybridserve.engine")
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def pick_graph_bucket(bucket: int, graphs, max_pad_factor: float) -> int | None:
-    """The bucket whose graph serves a prompt of this bucket: its own if warm, else the smallest warm
-    bucket at most max_pad_factor times larger (a padded replay costs a few ms more; the JIT path
-    launches every kernel from Python, several times slower), else None (JIT)."""
-    if bucket in graphs:
-        return bucket
-    larger = [b for b in graphs if isinstance(b, int) and bucket < b <= bucket * max_pad_factor]
-    return min(larger) if larger else None
 
 
 class HybridEngine:
@@ -67,61 +52,38 @@ class HybridEngine:
         self.cuda = self.device.type == "cuda"
         self.max_context = cfg.max_context
         self.buckets = list(cfg.buckets)
+        self.max_batch = cfg.slots(self.cuda)
+        self.batch_sizes = cfg.batch_sizes(self.cuda)
+        self.plan = KernelPlan.from_config(cfg, self.device)
         self._listeners: list[Callable[[dict], None]] = []
         self._startup_events: list[dict] = []
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._capture_costs: dict[int, float] = {}
-        self._pending: set[int] = set()
-        self._lock = threading.Lock()          # one request on the GPU at a time
-        self._state = threading.Lock()         # guards the graph dict / pending set
-        self._waiting = 0
-        self._idle = threading.Event()
-        self._idle.set()
+        self._in_flight = 0
+        self._count_lock = threading.Lock()
         self._closed = False
+        self._serving = False
+        self.graphs: GraphCache | None = None
+        self.scheduler: Scheduler | None = None
 
         t0 = time.perf_counter()
         self.args, weights, self.tokenizer, self.model_name = self._load(cfg, self.device, self.dtype)
-        self.model = Llama(self.args, weights, self.device, self.dtype, cfg.max_context)
+        a = self.args
+        self.kv = KVSlots(a.n_layers, self.max_batch, a.n_kv_heads, cfg.max_context, a.head_dim, self.device,
+                          self.dtype)
+        self.model = Llama(a, weights, self.device, self.dtype, self.kv, self.plan)
         del weights
         self.load_s = time.perf_counter() - t0
-
-        # static buffers: graphs read and write only these
-        maxb = self.buckets[-1]
-        self.ids = torch.zeros(maxb, dtype=torch.long, device=self.device)
-        self.positions = torch.arange(maxb, dtype=torch.long, device=self.device)
-        self.seq_len = torch.ones(1, dtype=torch.long, device=self.device)
-        self.tok = torch.zeros(1, dtype=torch.long, device=self.device)   # decode input / last sampled
-        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)   # decode position
-        self.logits = torch.zeros(self.args.vocab_size, dtype=torch.float32, device=self.device)
-        self._ids_host = torch.zeros(maxb, dtype=torch.long, pin_memory=self.cuda)
-        self._ids_np = self._ids_host.numpy()   # a prompt's ids land here: numpy takes a list ~5x faster than torch.tensor
-        # logprobs (only when a request asks): the chosen + top-k values and ids land here, copied
-        # asynchronously before the next step is launched and read after it, so the step still overlaps
-        self._lp_vals = torch.zeros(MAX_LOGPROBS + 1, dtype=torch.float32, pin_memory=self.cuda)
-        self._lp_ids = torch.zeros(MAX_LOGPROBS, dtype=torch.long, pin_memory=self.cuda)
-        self._lp_event = torch.cuda.Event() if self.cuda else None
-        self._one = torch.ones(1, dtype=torch.float32, device=self.device)   # penalties' count increment
-        # each step's token lands here (async copy + event) so the next step can be queued before it is read
-        self._tok_host = torch.zeros(1, dtype=torch.long, pin_memory=self.cuda)
-        self._tok_event = torch.cuda.Event() if self.cuda else None
-        # CUDA: queue step i+1 before reading token i (the GPU never waits for the host). CPU: a step runs
-        # synchronously at its launch, so the token is read and emitted first and then the next step runs.
-        self._read_ahead = self.cuda
-
-        self._executor = EngineThread(cfg.spin_s if self.cuda else 0.0)
-        self.graph_mem_bytes = 0
+        self.runner = Runner(self.model, self.buckets, self.max_batch, max(self.batch_sizes), self.device)
         try:
             self._restore_artifacts()
+            self.scheduler = Scheduler(
+                self.runner, self.kv, None, sizes=self.batch_sizes, max_pad_factor=cfg.max_pad_factor,
+                max_waiting=cfg.max_waiting if cfg.max_waiting is not None else 4 * self.max_batch,
+                tpot_slo_ms=cfg.tpot_slo_ms, spin_s=cfg.spin_s if self.cuda else 0.0, logprob=self._logprob,
+                on_jit=self._on_jit, on_finish=self._finished)
             if self.cuda:
-                ops.use_triton(cfg.kernels != "torch", cfg.skinny_matmul, cfg.fused_gemv_norm)
-                self.cuda_stream = torch.cuda.Stream(self.device)
-                self._capture_stream = torch.cuda.Stream(self.device)
-                self._pool = torch.cuda.graph_pool_handle()
-                self._decode_graph: torch.cuda.CUDAGraph | None = None
-                self._capture_q: queue.Queue[int | str | None] = queue.Queue()
                 self._start_cuda()
-                self._executor.submit(self._warm_serving_thread).result()
-                self.publish_artifacts()
+            self._measure_steps()
+            self.publish_artifacts()
         except BaseException:
             self.shutdown()     # a failed start leaves no engine or capture thread behind
             raise
@@ -158,8 +120,8 @@ class HybridEngine:
 
     # ---------------------------------------------------------------- artifact store
     def _restore_artifacts(self) -> None:
-        """Point Triton's compile cache at this fingerprint's dir and fill it from the store (every
-        file sha256-checked before it lands); the store's warm buckets join the prewarm list."""
+        """Point Triton's compile cache at this fingerprint's dir and fill it from the store (every file verified
+        before it lands); the store's warm buckets and batch sizes join the prewarm lists."""
         from .store import ArtifactManager, fingerprint, fingerprint_fields
 
         fields = fingerprint_fields(self.args.hash_dict(), str(self.dtype).replace("torch.", ""), self.device)
@@ -169,6 +131,7 @@ class HybridEngine:
             os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
         self.artifacts = ArtifactManager.from_config(self.config, fields, cache_dir)
         self.store_warm: dict[int, float] = {}
+        self.store_warm_batches: dict[int, float] = {}
         self.restore_result = None
         if not self.artifacts.enabled:
             return
@@ -180,18 +143,19 @@ class HybridEngine:
             self._emit({"type": "store", "action": "reject", "reason": f"store unavailable: {res.error}"})
         if res.loaded:
             self.store_warm = {b: c for b, c in res.warm_buckets.items() if b in self.buckets}
+            self.store_warm_batches = {b: c for b, c in getattr(res, "warm_batches", {}).items()
+                                       if b in self.batch_sizes}
             self._emit({"type": "store", "action": "load", "reason": f"{res.files} files, entry {res.entry}"})
             log.info("artifact store: loaded %d files in %.2f s; warm buckets %s", res.files, res.seconds,
                      sorted(self.store_warm))
 
     def publish_artifacts(self, wait: bool = False) -> None:
         """Publish compile artifacts + warm buckets if anything is new (background thread)."""
-        if not self.artifacts.enabled:
+        if not self.artifacts.enabled or self.graphs is None:
             return
 
         def work() -> None:
-            costs = {b: round(c * 1e3, 3) for b, c in self._capture_costs.items()}
-            if self.artifacts.publish(costs):
+            if self.artifacts.publish(self.graphs.cost_ms("prefill")):
                 self._emit({"type": "store", "action": "publish", "reason": self.artifacts.fingerprint})
                 try:   # each publish is a full entry: keep the newest two of this fingerprint
                     self.artifacts.store.prune(keep=2, fp=self.artifacts.fingerprint)
@@ -203,46 +167,133 @@ class HybridEngine:
         if wait:
             t.join()
 
-    # ---------------------------------------------------------------- static step functions
-    def _prefill(self, L: int) -> None:
-        """Prefill of ids[:L] (real length in self.seq_len): the function each prefill graph
-        captures. Leaves the greedy token in self.tok, logits in self.logits, pos = seq_len."""
-        logits = self.model.prefill(self.ids[:L], self.positions[:L], self.seq_len)
-        self.logits.copy_(logits)
-        self.tok.copy_(torch.argmax(logits).view(1))
-        self.pos.copy_(self.seq_len)
+    # ---------------------------------------------------------------- CUDA graphs
+    def _start_cuda(self) -> None:
+        """Warm-up (every kernel compiled once) and every graph capture happen on one capture thread: the
+        prewarm buckets largest first (one shared memory pool), then the prewarm decode batch sizes; the engine
+        thread runs its first CUDA work (cuBLAS handle, workspaces) before ready."""
+        cfg = self.config
+        self.graphs = GraphCache(self.device, self._run_key, self.scheduler.idle, self._captured)
+        self.scheduler.graphs = self.graphs
+        self.graphs.start(self._warm_up)
+        pre = self.buckets if cfg.prewarm_buckets == "all" else list(cfg.prewarm_buckets)
+        pre = sorted(set(pre) | set(self.store_warm), reverse=True)
+        sizes = self.batch_sizes if cfg.prewarm_batch_sizes == "all" else [
+            b for b in cfg.prewarm_batch_sizes if b in self.batch_sizes]
+        sizes = sorted(set(sizes) | set(self.store_warm_batches), reverse=True)
+        keys = [("prefill", b) for b in pre] + [("decode", b) for b in sizes] if cfg.cuda_graphs else []
+        self.graphs.capture(keys)
+        self.scheduler.call(self._warm_serving_thread).result()
 
-    def _step(self, decode_graph) -> None:
-        """Next token: replay the decode graph (CUDA) or run the same function eagerly."""
-        if decode_graph is not None:
-            decode_graph.replay()
-        else:
-            self._decode()
+    def _run_key(self, key: tuple[str, int]) -> None:
+        (self.runner.prefill_fn if key[0] == "prefill" else self.runner.decode_fn)(key[1])
 
-    def _decode(self) -> None:
-        """One decode step at self.pos from self.tok: the function the decode graph captures."""
-        logits = self.model.decode(self.tok, self.pos)
-        self.logits.copy_(logits)
-        self.tok.copy_(torch.argmax(logits).view(1))
-        self.pos.add_(1)
+    def _warm_up(self) -> None:
+        """Eager runs of every shape before any capture, all in the scratch slot (nothing is being served)."""
+        r = self.runner
+        r.seq_len.fill_(1)
+        r.slot.fill_(self.kv.scratch)
+        for b in self.buckets:
+            r.prefill_fn(b)
+        for b in sorted(self.batch_sizes, reverse=True):     # largest first: the attention scratch fits all
+            r.decode_fn(b)
 
-    def _logprobs_launch(self, k: int) -> None:
-        """Queue, on the engine's stream, the log-softmax of self.logits at the chosen token (self.tok)
-        and its top k, copied to pinned host memory: call before the next step overwrites the logits."""
-        lp = torch.log_softmax(self.logits, dim=-1)
-        vals, idx = lp.topk(k) if k else (lp[:0], self.tok[:0])
-        self._lp_vals[:k + 1].copy_(torch.cat([lp.gather(0, self.tok), vals]), non_blocking=True)
-        self._lp_ids[:k].copy_(idx, non_blocking=True)
-        if self._lp_event is not None:
-            self._lp_event.record()
+    def _warm_serving_thread(self) -> None:
+        r = self.runner
+        with r.ctx():
+            r.seq_len.fill_(1)
+            r.slot.fill_(self.kv.scratch)
+            r.prefill_fn(self.buckets[0])
+            r.decode_fn(1)
+        r.stream.synchronize()
 
-    def _logprobs_read(self, k: int, t: int) -> TokenLogprobs:
-        """The values _logprobs_launch queued for token t."""
-        if self._lp_event is not None:
-            self._lp_event.synchronize()
-        vals = self._lp_vals[:k + 1].tolist()
-        one = self._logprob
-        return TokenLogprobs(one(t, vals[0]), [one(i, v) for i, v in zip(self._lp_ids[:k].tolist(), vals[1:])])
+    def _captured(self, key: tuple[str, int], seconds: float) -> None:
+        self._emit({"type": "capture", "bucket": key[1] if key[0] == "prefill" else f"decode:{key[1]}",
+                    "seconds": seconds})
+        if key[0] == "prefill" and self._serving:
+            self.publish_artifacts()      # a bucket warmed while serving: share it
+
+    def _on_jit(self, key: tuple[str, int]) -> None:
+        """A shape ran without its graph: capture it in the background."""
+        if self.config.cuda_graphs and self.config.background_capture:
+            self.graphs.capture([key], wait=False)
+
+    def capture(self, buckets: list[int], wait: bool = True) -> None:
+        """Capture prefill graphs for these buckets on the capture thread (and wait for them)."""
+        self.graphs.capture([("prefill", b) for b in buckets], wait)
+
+    def _measure_steps(self) -> None:
+        """Each decode batch size's step time at a short context, the start of the scheduler's estimates."""
+        if self.config.tpot_slo_ms is None:
+            return
+        for b in self.batch_sizes:
+            ts = self.time_decode_steps(b, 16, 5)
+            self.scheduler.step_ms[b] = sorted(ts)[len(ts) // 2] * 1e3
+
+    def time_decode_steps(self, batch: int, context: int, steps: int) -> list[float]:
+        """Seconds per decode step with `batch` streams at `context` positions (CUDA events around each graph
+        replay or JIT step; CPU: wall time). Runs on the engine thread once no stream runs (benchmarks)."""
+        if not 1 <= batch <= self.max_batch or not 1 <= context < self.max_context:
+            raise EngineInputError(f"batch must be in [1, {self.max_batch}] and context in [1, {self.max_context})")
+
+        def run() -> list[float]:
+            r = self.runner
+            B, warm = pick_batch_size(batch, self.batch_sizes, self.graphs.warm("decode") if self.graphs else set())
+            graph = self.graphs.get(("decode", B)) if warm else None
+            times = []
+            with r.ctx():
+                r.set_rows(list(range(batch)), B)
+                for _ in range(steps):
+                    r.pos_s[:batch].fill_(context)
+                    if self.cuda:
+                        ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        ev[0].record()
+                    t0 = time.perf_counter()
+                    graph.replay() if graph is not None else r.decode_fn(B)
+                    if self.cuda:
+                        ev[1].record()
+                        ev[1].synchronize()
+                        times.append(ev[0].elapsed_time(ev[1]) / 1e3)
+                    else:
+                        times.append(time.perf_counter() - t0)
+                r.pos_s[:batch].zero_()
+            return times
+
+        return self.scheduler.call(run).result()
+
+    # ---------------------------------------------------------------- public helpers
+    def warm_buckets(self) -> set[int]:
+        return self.graphs.warm("prefill") if self.graphs else set()
+
+    def warm_batch_sizes(self) -> set[int]:
+        return self.graphs.warm("decode") if self.graphs else set()
+
+    def capturing_buckets(self) -> set[int]:
+        return self.graphs.pending("prefill") if self.graphs else set()
+
+    def in_flight(self) -> int:
+        """Requests from arrival (waiting for a slot) until done."""
+        return self._in_flight
+
+    def heartbeat_age_s(self) -> float:
+        """Seconds since the scheduler's last step while work is in flight (0.0 when idle): a stuck engine
+        thread shows here."""
+        return self.scheduler.heartbeat_age_s() if self.scheduler else 0.0
+
+    def add_listener(self, fn: Callable[[dict], None]) -> None:
+        """fn(event) for every later event; start-up store/capture events are replayed to it first."""
+        for event in list(self._startup_events):
+            fn(event)
+        self._listeners.append(fn)
+
+    def _emit(self, event: dict) -> None:
+        if not self._serving:
+            self._startup_events.append(event)
+        for fn in self._listeners:
+            try:
+                fn(event)
+            except Exception:
+                log.exception("engine listener failed")
 
     def _logprob(self, i: int, v: float | None) -> Logprob:
         """Token i with its logprob v (-inf and nan reported as LOGPROB_FLOOR) and its own bytes."""
@@ -254,145 +305,6 @@ class HybridEngine:
         if v is not None and not v >= LOGPROB_FLOOR:
             v = LOGPROB_FLOOR
         return Logprob(i, text, v, list(b))
-
-    def _prompt_logprobs(self, ids: list[int], bucket: int, k: int) -> list[TokenLogprobs]:
-        """Each prompt token's logprob given the tokens before it, with the k likeliest there (an
-        eager pass over the prompt padded to its bucket, as the JIT prefill runs; one sync)."""
-        n = len(ids)
-        chosen, vals, idx = self.model.prompt_logprobs(self.ids[:bucket], self.positions[:bucket], k, n)
-        chosen, vals, idx = chosen.tolist(), vals.tolist(), idx.tolist()
-        one = self._logprob
-        return [TokenLogprobs(one(ids[0], None), [])] + [
-            TokenLogprobs(one(ids[i + 1], chosen[i]), [one(j, v) for j, v in zip(idx[i], vals[i])])
-            for i in range(n - 1)]
-
-    # ---------------------------------------------------------------- CUDA graphs
-    def _start_cuda(self) -> None:
-        """All graph work happens on one capture thread (its cuBLAS handle and the Triton kernels are
-        warmed there first): warm-up runs for every bucket (compiles each kernel once), then the
-        prewarm buckets largest first (all graphs share one memory pool), then the decode graph."""
-        self._start_error: BaseException | None = None
-        self._capture_thread = threading.Thread(target=self._capture_loop, name="hybridserve-capture",
-                                                daemon=True)
-        self._capture_thread.start()
-        pre = self.buckets if self.config.prewarm_buckets == "all" else list(self.config.prewarm_buckets)
-        pre = sorted(set(pre) | set(self.store_warm))
-        if self.config.cuda_graphs:
-            self.capture(sorted(pre, reverse=True) + ["decode"])
-        else:
-            self.capture([])
-
-    def capture(self, buckets: list, wait: bool = True) -> None:
-        """Capture prefill graphs for these buckets on the capture thread (and wait for them)."""
-        todo = []
-        with self._state:
-            for b in buckets:
-                if b not in self._graphs and b not in self._pending:
-                    self._pending.add(b)
-                    todo.append(b)
-        for b in todo:
-            self._capture_q.put(b)
-        if wait:
-            while any(b in self._pending for b in todo) or not hasattr(self, "compile_s"):
-                if self._start_error is not None:
-                    raise EngineStartError(f"the engine's start-up compile failed: {self._start_error!r}; "
-                                           "see the log for the kernel's error") from self._start_error
-                if not self._capture_thread.is_alive():
-                    raise EngineClosedError("the engine is shut down: no graph can be captured")
-                time.sleep(0.005)
-
-    def _warm_serving_thread(self) -> None:
-        """The engine thread's first CUDA work (cuBLAS handle, workspaces) happens here, not on a request."""
-        with torch.cuda.stream(self.cuda_stream), torch.inference_mode():
-            self.seq_len.fill_(1)
-            self._prefill(self.buckets[0])
-            self._prefill(1)
-            self._decode()
-        self.cuda_stream.synchronize()
-
-    def _graph_pool_bytes(self) -> int:
-        """Bytes of the segments that belong to the graphs' shared memory pool."""
-        pool = tuple(self._pool)
-        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
-                   if tuple(seg.get("segment_pool_id", ())) == pool)
-
-    def _warm_up(self) -> None:
-        """Eager runs of every shape before any capture (start-up only: nothing is being served)."""
-        t0 = time.perf_counter()
-        with torch.cuda.stream(self._capture_stream), torch.inference_mode():
-            self.seq_len.fill_(1)
-            for b in self.buckets:
-                self._prefill(b)
-            self._decode()
-        self._capture_stream.synchronize()
-        self.compile_s = time.perf_counter() - t0
-
-    def _capture_loop(self) -> None:
-        try:
-            self._warm_up()
-        except BaseException as e:      # start-up fails with this error (capture() raises it), never hangs
-            self._start_error = e
-            log.exception("start-up warm-up (kernel compile) failed")
-            return
-        while True:
-            b = self._capture_q.get()
-            if b is None:
-                return
-            self._idle.wait()                 # capture in idle gaps, not under load
-            t0 = time.perf_counter()
-            try:
-                g = torch.cuda.CUDAGraph()
-                # thread_local: the serving thread may keep launching work while this records
-                with torch.inference_mode(), torch.cuda.graph(g, pool=self._pool, stream=self._capture_stream,
-                                                              capture_error_mode="thread_local"):
-                    if b == "decode":
-                        self._decode()
-                    else:
-                        self._prefill(b)
-                dt = time.perf_counter() - t0
-                with self._state:
-                    if b == "decode":
-                        self._decode_graph = g
-                    else:
-                        self._graphs[b] = g
-                        self._capture_costs[b] = dt
-                    self.graph_mem_bytes = self._graph_pool_bytes()
-                self._emit({"type": "capture", "bucket": b, "seconds": dt})
-                log.info("captured %s graph in %.1f ms", b, dt * 1e3)
-                if b != "decode" and self._capture_q.empty() and getattr(self, "_serving", False):
-                    self.publish_artifacts()      # a bucket warmed while serving: share it
-            except Exception:  # a failed capture leaves the bucket on the JIT path
-                log.exception("capture of bucket %s failed; it stays on the JIT path", b)
-            finally:
-                with self._state:
-                    self._pending.discard(b)
-
-    # ---------------------------------------------------------------- public helpers
-    def warm_buckets(self) -> set[int]:
-        with self._state:
-            return set(self._graphs)
-
-    def capturing_buckets(self) -> set[int]:
-        with self._state:
-            return set(self._pending)
-
-    def in_flight(self) -> int:
-        return self._waiting
-
-    def add_listener(self, fn: Callable[[dict], None]) -> None:
-        """fn(event) for every later event; start-up store/capture events are replayed to it first."""
-        for event in list(self._startup_events):
-            fn(event)
-        self._listeners.append(fn)
-
-    def _emit(self, event: dict) -> None:
-        if not getattr(self, "_serving", False):
-            self._startup_events.append(event)
-        for fn in self._listeners:
-            try:
-                fn(event)
-            except Exception:
-                log.exception("engine listener failed")
 
     def bucket_for(self, n: int) -> int:
         for b in self.buckets:
@@ -442,197 +354,55 @@ class HybridEngine:
         return ids
 
     # ---------------------------------------------------------------- generation
-    def _run(self, ids: list[int], params: SamplingParams,
-             on_chunk: Callable[[StreamChunk], None] | None = None,
-             cancel: threading.Event | None = None, t_req: float | None = None) -> GenerationResult:
-        """ids: the prompt as validate() returned it (the caller validated it before queueing it, so the
-        engine thread goes straight to the prefill). t_req: when the request arrived (before any wait for
-        the engine thread): TTFT counts from it. The caller counted the request in in_flight() on arrival;
-        it leaves the count here, before its finish event goes to the listeners, so no listener sees a
-        finished request still in flight."""
+    def _submit(self, ids: list[int], params: SamplingParams, on_chunk=None, cancel=None) -> Stream:
+        """Queue a validated request for a slot; it counts in in_flight() from here until it is done."""
+        if self._closed:
+            raise EngineClosedError("the engine is shut down; send the request to another replica")
+        st = Stream(ids, self.bucket_for(len(ids)), params, self.tokenizer, on_chunk, cancel, time.perf_counter())
+        with self._count_lock:
+            self._in_flight += 1
         try:
-            if self._closed:        # queued behind the shut-down: fail fast, generate nothing
-                raise EngineClosedError("the engine shut down before this request ran; retry it")
-            t_req = t_req or time.perf_counter()
-            bucket = self.bucket_for(len(ids))
-            with self._lock:
-                self._idle.clear()
-                try:
-                    res = self._generate_locked(ids, bucket, params, on_chunk, cancel, t_req)
-                finally:
-                    self._idle.set()
-        finally:
-            self._count(-1)
-        self._emit({"type": "request", "metrics": res.metrics, "finish_reason": res.finish_reason,
-                    "output_tokens": len(res.token_ids)})
-        return res
+            self.scheduler.submit(st)
+        except BaseException:
+            with self._count_lock:
+                self._in_flight -= 1
+            raise
+        return st
 
-    def _submit(self, *args) -> concurrent.futures.Future:
-        """Count the request as arrived and queue self._run(*args) for the engine thread, which
-        uncounts it; a request cancelled while still queued (its caller gave up) never runs, so
-        it is uncounted here."""
-        self._count(1)
-        try:
-            fut = self._executor.submit(self._run, *args)
-        except RuntimeError:    # the executor is shut down
-            self._count(-1)
-            raise EngineClosedError("the engine is shut down; send the request to another replica") from None
-        fut.add_done_callback(lambda f: f.cancelled() and self._count(-1))
-        return fut
-
-    def _count(self, d: int) -> None:
-        """in_flight(): requests from arrival (queued for the engine thread) until done."""
-        with self._state:
-            self._waiting += d
-
-    def _generate_locked(self, ids, bucket, params, on_chunk, cancel, t_req) -> GenerationResult:
-        t_start = time.perf_counter()
-        n = len(ids)
-        gen = None
-        if params.temperature > 0:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
-        eos |= set(params.stop_token_ids)
-        graph_bucket = pick_graph_bucket(bucket, self._graphs, self.config.max_pad_factor) if self.cuda else None
-        graph = self._graphs[graph_bucket] if graph_bucket is not None else None
-        path = ("graph" if graph_bucket == bucket else "padded") if graph is not None else (
-            "jit" if self.cuda else "eager")
-        ctx = torch.cuda.stream(self.cuda_stream) if self.cuda else contextlib.nullcontext()
-        with ctx, torch.inference_mode():
-            self._ids_np[:n] = ids
-            self.ids[:n].copy_(self._ids_host[:n], non_blocking=True)
-            self.seq_len.fill_(n)
-            if graph is not None:
-                graph.replay()
-            else:   # JIT: the same Triton/cuBLAS kernels launched eagerly, at the bucket's shape so every
-                self._prefill(bucket)   # kernel was compiled and loaded at start-up (a new shape can
-                                        # lazily load a new cuBLAS kernel: tens of ms on the request)
-            if self.cuda and path != "graph" and self.config.cuda_graphs and self.config.background_capture:
-                self.capture([bucket], wait=False)
-            prompt_lps = (self._prompt_logprobs(ids, bucket, params.prompt_logprobs)
-                          if params.prompt_logprobs is not None else None)
-            counts = bias = None
-            if params.presence_penalty or params.frequency_penalty:
-                counts = torch.zeros_like(self.logits)
-            if params.logit_bias:
-                bias = torch.zeros(self.logits.numel(), dtype=self.logits.dtype)
-                bias[list(params.logit_bias)] = torch.tensor(list(params.logit_bias.values()), dtype=bias.dtype)
-                bias = bias.to(self.device, non_blocking=True)
-            out: list[int] = []
-            lps: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
-            detok = IncrementalText(self.tokenizer, out)   # reads `out` as it grows
-            text = ""                                   # text already emitted
-            finish = "length"
-            metrics = RequestMetrics(prompt_tokens=n, bucket=bucket, path=path, queue_s=t_start - t_req,
-                                     graph_bucket=graph_bucket)
-            hold = max((len(s) for s in params.stop), default=1) - 1  # chars that may start a stop string
-            decode_graph = self._decode_graph if self.cuda else None
-            ahead = self._read_ahead
-            shaped = params.shapes_logits
-            cut = -1
-            t_prev = t_start
-            while True:
-                if shaped:                              # penalties / bias: pick from the adjusted logits
-                    x = shape_logits(self.logits, params, counts, bias)
-                    self.tok.copy_(sample(x, params, gen) if gen is not None else torch.argmax(x).view(1))
-                elif gen is not None:
-                    self.tok.copy_(sample(self.logits, params, gen))
-                if counts is not None:                  # on device: no sync
-                    counts.index_add_(0, self.tok, self._one)
-                if lps is not None:                     # t's logprobs, queued before the next step replaces the logits
-                    self._logprobs_launch(params.logprobs)
-                self._tok_host.copy_(self.tok, non_blocking=True)
-                if self._tok_event is not None:
-                    self._tok_event.record()
-                cancelled = cancel is not None and cancel.is_set()
-                # One step ahead (CUDA): queue the next token's step (it reads self.tok on the device) before
-                # this token reaches the host, so the GPU runs steps back to back instead of idling while the
-                # host reads a token, emits it and launches the next replay. An EOS token, a stop string or a
-                # cancel found below wastes that one step (nothing reads its output); a request queued behind
-                # this one starts after it.
-                if ahead and len(out) + 1 < params.max_tokens and not cancelled:
-                    self._step(decode_graph)
-                if self._tok_event is not None:
-                    self._tok_event.synchronize()       # the one host wait of a step: this token, not the next
-                t = int(self._tok_host[0])
-                now = time.perf_counter()
-                if out:
-                    metrics.token_times_s.append(now - t_prev)
-                else:
-                    metrics.ttft_s = now - t_req
-                t_prev = now
-                if t in eos:
-                    finish = "stop"
-                    break
-                out.append(t)
-                last = len(out) >= params.max_tokens
-                if lps is not None:
-                    lps.append(self._logprobs_read(params.logprobs, t))
-                lp = lps[-1] if lps else None
-                if on_chunk or params.stop:             # else nothing to stream or match: decode at the end
-                    full = detok.update()
-                    cut = min((i for i in (full.find(s) for s in params.stop) if i >= 0), default=-1)
-                    if cut >= 0:                        # stop string: emit up to it, never past it
-                        text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:cut], lp=lp)
-                        finish = "stop"
-                        break
-                    safe = len(full) - hold                   # chars that may start a stop string wait
-                    if safe > len(text) or on_chunk:
-                        text = self._emit_text(on_chunk, t, len(out) - 1, text, full[:max(safe, len(text))],
-                                               True, lp)
-                if last:
-                    break
-                if cancelled:
-                    finish = "cancelled"
-                    break
-                if not ahead:                           # CPU: the next step once this token is out
-                    self._step(decode_graph)
-            if cut < 0:                                 # flush text held back for stop strings
-                text = self._emit_text(on_chunk, None, len(out), text, self.tokenizer.decode(out))
-        metrics.e2e_s = time.perf_counter() - t_req
-        return GenerationResult(token_ids=out, text=text, finish_reason=finish, metrics=metrics, logprobs=lps,
-                                prompt_logprobs=prompt_lps)
-
-    @staticmethod
-    def _emit_text(on_chunk, tok, index, text: str, upto: str, always: bool = False,
-                   lp: TokenLogprobs | None = None) -> str:
-        """Send upto[len(text):] as a chunk (every token gets one when always, or when it carries
-        logprobs); return upto."""
-        delta = upto[len(text):]
-        if on_chunk and (delta or always or lp is not None):
-            on_chunk(StreamChunk(tok, delta, index, logprobs=lp))
-        return upto if len(upto) > len(text) else text
+    def _finished(self, st: Stream) -> None:
+        """Engine thread, before the request's future completes: out of in_flight, then its event."""
+        with self._count_lock:
+            self._in_flight -= 1
+        if st.metrics.path:
+            self._emit({"type": "request", "metrics": st.metrics, "finish_reason": st.finish_reason,
+                        "output_tokens": len(st.out)})
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
-        """Blocking generation. Runs on the engine thread, like every request (one warm CUDA context,
-        cuBLAS handle and stream serve them all)."""
+        """Blocking generation (the scheduler batches it with every other request in flight)."""
         params = params or SamplingParams()
-        return self._submit(self.validate(prompt, params), params, None, None, time.perf_counter()).result()
+        return self._submit(self.validate(prompt, params), params).future.result()
 
     async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
-        """Like generate(); cancelling the awaiting task (the client went away) ends the request at
-        the engine's next decode step (finish_reason "cancelled"), or before it starts if still
-        queued, so a batch-1 engine never spends its steps on a reply nobody reads."""
+        """Like generate(); cancelling the awaiting task (the client went away) ends the request at the engine's
+        next step (finish_reason "cancelled"), or before it starts if still waiting, freeing its slot."""
         params = params or SamplingParams()
-        ids = self.validate(prompt, params)
         cancel = threading.Event()
-        fut = self._submit(ids, params, None, cancel, time.perf_counter())
+        st = self._submit(self.validate(prompt, params), params, None, cancel)
         try:
-            return await asyncio.wrap_future(fut)
+            return await asyncio.wrap_future(st.future)
         except asyncio.CancelledError:
             cancel.set()
+            self.scheduler.drop(st)
             raise
 
     async def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
-        """Token-by-token chunks; the last one carries finish_reason and metrics. Closing the
-        generator early (client gone) cancels the generation within one decode step."""
+        """Token-by-token chunks; the last one carries finish_reason and metrics. Closing the generator early
+        (client gone) cancels the generation within one decode step."""
         params = params or SamplingParams()
         ids = self.validate(prompt, params)      # raise input errors before the first chunk
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
-        t_req = time.perf_counter()
 
         def push(item) -> None:
             try:
@@ -640,13 +410,8 @@ class HybridEngine:
             except RuntimeError:    # the consumer's loop is gone: nobody is listening any more
                 cancel.set()
 
-        def done(fut: concurrent.futures.Future) -> None:   # the result or the error: never lost
-            if fut.cancelled():
-                push(EngineClosedError("the request was dropped before it ran; retry it"))
-            else:
-                push(fut.exception() or fut.result())
-
-        self._submit(ids, params, push, cancel, t_req).add_done_callback(done)
+        st = self._submit(ids, params, push, cancel)
+        st.future.add_done_callback(lambda f: push(f.exception() or f.result()))
         try:
             while True:
                 item = await q.get()
@@ -657,22 +422,30 @@ class HybridEngine:
                     return
                 yield item
         finally:
-            cancel.set()        # the engine thread stops at its next step; the result is dropped
+            cancel.set()        # the engine stops the stream at its next step; the result is dropped
+            self.scheduler.drop(st)
 
     def stats(self) -> dict:
+        s = self.scheduler
+        running = len(s.running) if s else 0
+        cap = s.cap if s else self.max_batch
         return {
             "model": self.model_name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "warm_buckets": sorted(self.warm_buckets()), "capturing": sorted(self.capturing_buckets()),
-            "capture_ms": {b: round(s * 1e3, 2) for b, s in self._capture_costs.items()},
-            "graph_mem_bytes": self.graph_mem_bytes, "weight_bytes": self.model.weight_bytes(),
-            "kv_bytes": self.model.kv_bytes(), "in_flight": self.in_flight(),
+            "warm_batch_sizes": sorted(self.warm_batch_sizes()),
+            "capture_ms": self.graphs.cost_ms("prefill") if self.graphs else {},
+            "graph_mem_bytes": self.graphs.pool_bytes() if self.graphs else 0,
+            "weight_bytes": self.model.weight_bytes(), "kv_bytes": self.kv.nbytes(), "in_flight": self.in_flight(),
+            "running": running, "waiting": len(s.waiting) if s else 0, "max_batch": cap,
+            "free_slots": max(0, cap - running), "slots": self.max_batch,
+            "step_ms": {b: round(v, 3) for b, v in sorted(s.step_ms.items())} if s else {},
         }
 
     def shutdown(self) -> None:
         if self._closed:
             return
-        self._closed = True     # the running request finishes; queued ones end with EngineClosedError
-        self._executor.shutdown(wait=True)
-        if self.cuda and hasattr(self, "_capture_thread"):      # (a start that failed before it began)
-            self._capture_q.put(None)
-            self._capture_thread.join(timeout=30)
+        self._closed = True     # running streams finish; waiting ones end with EngineClosedError
+        if self.scheduler is not None:
+            self.scheduler.close()
+        if self.graphs is not None:
+            self.graphs.close()

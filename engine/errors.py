@@ -31,3 +31,7 @@ class EngineStartError(EngineError, RuntimeError):
 
 class EngineClosedError(EngineError, RuntimeError):
     """The engine shut down before a queued request ran; nothing was generated, retry it elsewhere."""
+
+
+class EngineBusyError(EngineError, RuntimeError):
+    """Every KV slot is taken and the waiting queue is full: retry later or on another replica (HTTP 503)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 
 import torch
 import triton
@@ -27,27 +26,16 @@ def _pdl_supported() -> bool:
             and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
 
 
-# Programmatic dependent launch (PDL, sm_90+): the decode step's kernels (one token: the GEMVs, rope + KV
-# write, the attention split and reduce) are launched with `launch_pdl`, and each
-#   - lets the next kernel launch early (gdc_launch_dependents at its start: the next kernel's programs
-#     take SM slots as this kernel's last wave retires, instead of after the whole grid has finished),
-#   - waits for the previous kernel (gdc_wait: its grid done, its writes visible) before reading
-#     anything an earlier kernel wrote. The GEMV loads its first weight tiles before that wait: weights
-#     never change, so the next projection's weight stream starts under the previous kernel's tail.
-# Inside a CUDA graph the launches become programmatic edges. Decode only: on an H100 (2026-11-27, same
-# machine, bench/NOTES.md step 14) PDL took the decode step from 5.00 to 4.93 ms per token, but the same
-# launches in the prefill graphs (norm, rope, SiLU and 16-row GEMV kernels between cuBLAS GEMMs and
-# attention) made TTFT 0.1-0.8 ms slower (500 tokens: 12.63 -> 13.47 ms). Off: plain stream order
-# (PDL = False, or HYBRIDSERVE_PDL=0 in the environment: A/B runs).
-PDL = _pdl_supported() and os.environ.get("HYBRIDSERVE_PDL", "1") != "0"
-# Up to how many rows (tokens) kernels launch with PDL: the decode step, and the bucket-16 prefill graph, which
-# is all Triton kernels too (16-row GEMVs, RMSNorm, the one-kernel short attention): bucket-16 graph 5,386 ->
-# 5,330 us on an H100 (2026-11-27, bench/NOTES.md step 23). 1 = the decode step only.
+# Programmatic dependent launch (sm_90+): each kernel lets the next one launch early (gdc_launch_dependents)
+# and waits for the previous one's writes (gdc_wait) before reading them; inside a graph these become
+# programmatic edges. The engine's KernelPlan decides whether to use it (engine/plan.py); a launch uses it
+# for at most PDL_ROWS rows (the decode step and the short prefill buckets).
+PDL_SUPPORTED = _pdl_supported()
 PDL_ROWS = 16
 
 
-def _pdl(rows: int) -> bool:
-    return PDL and rows <= PDL_ROWS
+def _pdl(pdl: bool, rows: int) -> bool:
+    return pdl and PDL_SUPPORTED and rows <= PDL_ROWS
 
 
 @triton.jit
@@ -85,10 +73,10 @@ def _rms_norm_kernel(X, W, OUT, stride, n_cols, eps, BLOCK: tl.constexpr, HAS_W:
     tl.store(OUT + row * stride + cols, y, mask=mask)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, pdl: bool = False) -> torch.Tensor:
     out = torch.empty_like(x)
     n = x.shape[-1]
-    pdl = _pdl(x.shape[0])
+    pdl = _pdl(pdl, x.shape[0])
     _rms_norm_kernel[(x.shape[0],)](x, x if w is None else w, out, x.stride(0), n, eps,
                                     BLOCK=triton.next_power_of_2(n), HAS_W=w is not None,
                                     USE_PDL=pdl, launch_pdl=pdl, num_warps=8)
@@ -108,23 +96,23 @@ def _silu_mul_kernel(GU, OUT, n_inter, BLOCK: tl.constexpr, USE_PDL: tl.constexp
     tl.store(OUT + row * n_inter + cols, (g / (1.0 + tl.exp(-g))).to(u.dtype) * u, mask=mask)
 
 
-def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+def silu_mul(gu: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     L, two_i = gu.shape
     n = two_i // 2
     out = torch.empty((L, n), device=gu.device, dtype=gu.dtype)
     BLOCK = 1024
-    pdl = _pdl(L)
+    pdl = _pdl(pdl, L)
     _silu_mul_kernel[(L, triton.cdiv(n, BLOCK))](gu, out, n, BLOCK=BLOCK, USE_PDL=pdl, launch_pdl=pdl, num_warps=4)
     return out
 
 
-@triton.jit(do_not_specialize=["L", "n_heads", "n_kv", "stride_qkv", "stride_kh"])
-def _rope_cache_kernel(QKV, POS, COS, SIN, Q_OUT, K_CACHE, V_CACHE, L, stride_qkv, stride_kh,
-                       n_heads, n_kv, HD: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr):
-    """One program per (BLOCK_T tokens, head) over the fused qkv rows: q heads rotate into Q_OUT, k heads
-    rotate into K_CACHE[kv, pos], v heads copy into V_CACHE[kv, pos]. BLOCK_T = 1 at decode; a prefill
-    takes up to 16 tokens per program (one token per one-warp program made 12,288 programs of 256 bytes
-    each at 128 tokens: 9.4 us a call on an H100, session 6's bucket-128 profile)."""
+@triton.jit(do_not_specialize=["L", "n_heads", "n_kv", "stride_qkv", "stride_kh", "stride_slot"])
+def _rope_cache_kernel(QKV, POS, SLOT, COS, SIN, Q_OUT, K_OUT, K_CACHE, V_CACHE, L, stride_qkv, stride_kh, stride_slot,
+                       n_heads, n_kv, HD: tl.constexpr, BLOCK_T: tl.constexpr, HAS_K_OUT: tl.constexpr,
+                       USE_PDL: tl.constexpr):
+    """One program per (BLOCK_T tokens, head) of one sequence in KV slot SLOT[0]: q heads rotate into Q_OUT,
+    k heads rotate into K_CACHE[slot, kv, pos] (and K_OUT (L, n_kv, HD) when HAS_K_OUT: the prefill's
+    attention reads its own rotated keys there, not from the slot), v heads copy into V_CACHE[slot, kv, pos]."""
     _pdl_start(USE_PDL)
     _pdl_wait(USE_PDL)
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -132,6 +120,7 @@ def _rope_cache_kernel(QKV, POS, COS, SIN, Q_OUT, K_CACHE, V_CACHE, L, stride_qk
     HALF: tl.constexpr = HD // 2
     tmask = (tok < L)[:, None]
     pos = tl.load(POS + tok, mask=tok < L, other=0)[:, None]
+    base = tl.load(SLOT).to(tl.int64) * stride_slot
     offs = tl.arange(0, HALF)[None, :]
     src = QKV + tok[:, None] * stride_qkv + head * HD + offs
     x1 = tl.load(src, mask=tmask, other=0.0)
@@ -144,27 +133,46 @@ def _rope_cache_kernel(QKV, POS, COS, SIN, Q_OUT, K_CACHE, V_CACHE, L, stride_qk
         if head < n_heads:
             dst = Q_OUT + (tok[:, None] * n_heads + head) * HD + offs
         else:
-            dst = K_CACHE + (head - n_heads) * stride_kh + pos * HD + offs
+            dst = K_CACHE + base + (head - n_heads) * stride_kh + pos * HD + offs
+            if HAS_K_OUT:
+                ko = K_OUT + (tok[:, None] * n_kv + head - n_heads) * HD + offs
+                tl.store(ko, o1, mask=tmask)
+                tl.store(ko + HALF, o2, mask=tmask)
         tl.store(dst, o1, mask=tmask)
         tl.store(dst + HALF, o2, mask=tmask)
     else:
-        dst = V_CACHE + (head - n_heads - n_kv) * stride_kh + pos * HD + offs
+        dst = V_CACHE + base + (head - n_heads - n_kv) * stride_kh + pos * HD + offs
         tl.store(dst, x1, mask=tmask)
         tl.store(dst + HALF, x2, mask=tmask)
 
 
-ROPE_TOKENS = 16     # tokens per rope program (1: one program per token and head, as before session 10)
+ROPE_TOKENS = 16     # tokens per rope program
 
 
-def rope_and_cache(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv, hd):
+def _slot_view(cache: torch.Tensor, slot: torch.Tensor | None) -> tuple[torch.Tensor, int, int]:
+    """(slot index tensor, kv-head stride, slot stride) of a cache laid out (slots, kv, T, hd), or (kv, T, hd)
+    as one slot."""
+    if cache.dim() == 3:
+        return (slot if slot is not None else torch.zeros(1, dtype=torch.long, device=cache.device),
+                cache.stride(0), 0)
+    return slot, cache.stride(1), cache.stride(0)
+
+
+def rope_and_cache(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv, hd, slot=None, want_k=False,
+                   pdl=False):
+    """q (L, H, hd) rotated; k, v into the cache of `slot` (a (1,) device tensor) at `positions`. want_k: also
+    return the rotated k (L, n_kv, hd)."""
     L = qkv.shape[0]
     q = torch.empty((L, n_heads, hd), device=qkv.device, dtype=qkv.dtype)
-    pdl = _pdl(L)
+    k_out = torch.empty((L, n_kv, hd), device=qkv.device, dtype=qkv.dtype) if want_k else q
+    slot, stride_kh, stride_slot = _slot_view(k_cache, slot)
+    pdl = _pdl(pdl, L)
     bt = min(ROPE_TOKENS, triton.next_power_of_2(L))
     _rope_cache_kernel[(triton.cdiv(L, bt), n_heads + 2 * n_kv)](
-        qkv, positions, cos, sin, q, k_cache, v_cache, L, qkv.stride(0), k_cache.stride(0), n_heads, n_kv,
-        HD=hd, BLOCK_T=bt, USE_PDL=pdl, launch_pdl=pdl, num_warps=1 if bt == 1 else 4)
-    return q
+        qkv, positions, slot, cos, sin, q, k_out, k_cache, v_cache, L, qkv.stride(0), stride_kh, stride_slot,
+        n_heads, n_kv, HD=hd, BLOCK_T=bt, HAS_K_OUT=want_k, USE_PDL=pdl, launch_pdl=pdl,
+        num_warps=1 if bt == 1 else 4)
+    return (q, k_out) if want_k else q
 
 
 @triton.jit
@@ -182,9 +190,9 @@ def _rope_rows(src, pos, COS, SIN, tmask, HD: tl.constexpr):
     return o1, o2
 
 
-@triton.jit(do_not_specialize=["L", "n_heads", "n_kv", "stride_qkv", "stride_kh", "sm_scale"])
-def _short_prefill_attn_kernel(QKV, POS, COS, SIN, OUT, K_CACHE, V_CACHE, L, stride_qkv, stride_kh, n_heads,
-                               n_kv, sm_scale, GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_T: tl.constexpr,
+@triton.jit(do_not_specialize=["L", "n_heads", "n_kv", "stride_qkv", "stride_kh", "stride_slot", "sm_scale"])
+def _short_prefill_attn_kernel(QKV, POS, SLOT, COS, SIN, OUT, K_CACHE, V_CACHE, L, stride_qkv, stride_kh, stride_slot,
+                               n_heads, n_kv, sm_scale, GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_T: tl.constexpr,
                                USE_PDL: tl.constexpr):
     """A whole short prefill's attention for one query head in one program: rope of its q rows and of its
     kv head's k rows, straight from the fused qkv rows; causal softmax(q k^T) v over all L <= BLOCK_T
@@ -205,8 +213,9 @@ def _short_prefill_attn_kernel(QKV, POS, COS, SIN, OUT, K_CACHE, V_CACHE, L, str
     v1 = tl.load(row + (n_heads + n_kv + kvh) * HD + offs, mask=tmask, other=0.0)
     v2 = tl.load(row + (n_heads + n_kv + kvh) * HD + HALF + offs, mask=tmask, other=0.0)
     if h % GROUP == 0:
-        kd = K_CACHE + kvh * stride_kh + pos * HD + offs
-        vd = V_CACHE + kvh * stride_kh + pos * HD + offs
+        base = tl.load(SLOT).to(tl.int64) * stride_slot
+        kd = K_CACHE + base + kvh * stride_kh + pos * HD + offs
+        vd = V_CACHE + base + kvh * stride_kh + pos * HD + offs
         tl.store(kd, k1, mask=tmask)
         tl.store(kd + HALF, k2, mask=tmask)
         tl.store(vd, v1, mask=tmask)
@@ -220,23 +229,23 @@ def _short_prefill_attn_kernel(QKV, POS, COS, SIN, OUT, K_CACHE, V_CACHE, L, str
     tl.store(o + HALF, tl.dot(p, v2).to(v1.dtype), mask=tmask)
 
 
-# The longest prompt bucket whose attention runs in _short_prefill_attn_kernel. 64 (one 64-row tile per query
-# head, 8 warps) since session 11: H100 graphs at bucket 32 5,861 -> 5,718 us, bucket 64 5,992 -> 5,892 us against
-# the rope kernel + SDPA (bench/NOTES.md step 27).
-SHORT_PREFILL = 64
+SHORT_PREFILL = 64    # the longest prompt bucket whose attention runs in _short_prefill_attn_kernel
 
 
-def short_prefill_attention(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv, hd, sm_scale):
-    """Rope, KV write and causal attention of a prefill of L <= SHORT_PREFILL tokens in one launch
+def short_prefill_attention(qkv, positions, cos, sin, k_cache, v_cache, n_heads, n_kv, hd, sm_scale, slot=None,
+                            pdl=False):
+    """Rope, KV write (into `slot`) and causal attention of a prefill of L <= SHORT_PREFILL tokens in one launch
     (one program per query head). Returns (L, H, hd)."""
     L = qkv.shape[0]
     assert L <= SHORT_PREFILL
     out = torch.empty((L, n_heads, hd), device=qkv.device, dtype=qkv.dtype)
-    pdl = _pdl(L)
+    slot, stride_kh, stride_slot = _slot_view(k_cache, slot)
+    pdl = _pdl(pdl, L)
     bt = max(16, triton.next_power_of_2(L))
     _short_prefill_attn_kernel[(n_heads,)](
-        qkv, positions, cos, sin, out, k_cache, v_cache, L, qkv.stride(0), k_cache.stride(0), n_heads, n_kv,
-        sm_scale, GROUP=n_heads // n_kv, HD=hd, BLOCK_T=bt, USE_PDL=pdl, launch_pdl=pdl, num_warps=4 if bt <= 32 else 8)
+        qkv, positions, slot, cos, sin, out, k_cache, v_cache, L, qkv.stride(0), stride_kh, stride_slot, n_heads,
+        n_kv, sm_scale, GROUP=n_heads // n_kv, HD=hd, BLOCK_T=bt, USE_PDL=pdl, launch_pdl=pdl,
+        num_warps=4 if bt <= 32 else 8)
     return out
 
 
@@ -256,26 +265,30 @@ def _rope_head(src, pos, COS, SIN, mask, HD: tl.constexpr):
     return tl.where(d < HALF, xf * c - xrf * s, xf * c + xrf * s).to(x.dtype)
 
 
-@triton.jit(do_not_specialize=["sm_scale", "stride_kh", "n_heads", "n_kv"])
-def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scale, COS, SIN, n_heads, n_kv,
-                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HD: tl.constexpr,
-                              BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, ROPE: tl.constexpr,
+@triton.jit(do_not_specialize=["sm_scale", "stride_kh", "stride_slot", "stride_q", "n_heads", "n_kv"])
+def _decode_attn_split_kernel(Q, K, V, LEN, SLOTS, O_PART, LSE_PART, stride_q, stride_kh, stride_slot, sm_scale,
+                              COS, SIN, n_heads, n_kv, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                              HD: tl.constexpr, BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, ROPE: tl.constexpr,
                               USE_PDL: tl.constexpr):
-    """Flash-decoding, split over the sequence. The valid length comes from device memory (one CUDA graph
-    serves every position, only valid KV is read) and so does the split size: the length is cut into
-    N_SPLITS chunks of whole BLOCK_N tiles, so a short context spreads over several programs per head
-    instead of queueing behind one (a chunk sized for the whole cache left all but one split idle).
-    Program (kv_head, split) attends the GROUP query heads sharing this kv head over its chunk.
-    ROPE: Q is the token's fused qkv row, not its rotated q. Each program rotates its q heads itself; only
-    the program whose chunk holds the new token (position LEN - 1) rotates its k, takes it and its v from the
-    row inside its tile loop (not from the cache) and writes both into the cache (no rope kernel before this
-    one; nothing else in this launch reads that cache row). Other programs' loads of the new row are masked
-    off, so the rope adds one round of q / cos / sin loads to them, no more."""
+    """Flash-decoding, split over the sequence, one row (stream) per program_id(2). The row's valid length
+    and KV slot come from device memory (one CUDA graph serves every position and slot; only valid KV is read)
+    and so does the split size: the length is cut into N_SPLITS chunks of whole BLOCK_N tiles. Program
+    (kv_head, split, row) attends the GROUP query heads sharing this kv head over its chunk.
+    ROPE: Q holds the rows' fused qkv, not rotated q: each program rotates its q heads; only the program whose
+    chunk holds the new token (position LEN - 1) rotates its k, takes it and its v from the row inside its tile
+    loop and writes both into the slot (no rope kernel before this one)."""
     _pdl_start(USE_PDL)
     _pdl_wait(USE_PDL)
     kvh = tl.program_id(0)
     split = tl.program_id(1)
-    length = tl.load(LEN)
+    row = tl.program_id(2)
+    length = tl.load(LEN + row)
+    base = tl.load(SLOTS + row).to(tl.int64) * stride_slot
+    K += base
+    V += base
+    Q += row * stride_q
+    O_PART += row * n_heads * N_SPLITS * HD
+    LSE_PART += row * n_heads * N_SPLITS
     chunk = tl.cdiv(tl.cdiv(length, N_SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, length)
@@ -324,11 +337,11 @@ def _decode_attn_split_kernel(Q, K, V, LEN, O_PART, LSE_PART, stride_kh, sm_scal
 
 
 @triton.jit
-def _decode_attn_reduce_kernel(O_PART, LSE_PART, OUT, HD: tl.constexpr, N_SPLITS: tl.constexpr,
+def _decode_attn_reduce_kernel(O_PART, LSE_PART, OUT, n_heads, HD: tl.constexpr, N_SPLITS: tl.constexpr,
                                USE_PDL: tl.constexpr):
     _pdl_start(USE_PDL)
     _pdl_wait(USE_PDL)
-    h = tl.program_id(0)
+    h = tl.program_id(0) + tl.program_id(1) * n_heads       # (head, row)
     sp = tl.arange(0, N_SPLITS)
     d = tl.arange(0, HD)
     lse = tl.load(LSE_PART + h * N_SPLITS + sp)
@@ -338,42 +351,48 @@ def _decode_attn_reduce_kernel(O_PART, LSE_PART, OUT, HD: tl.constexpr, N_SPLITS
     tl.store(OUT + h * HD + d, out.to(OUT.dtype.element_ty))
 
 
-ATTN_SPLITS = 16      # programs per kv head (power of 2); each takes 1/16 of the live length
-ATTN_BLOCK_N = 32     # positions per tile: at 100 positions, 4 splits of one tile each
+ATTN_SPLITS = 16      # programs per kv head and row (power of 2); each takes 1/16 of the live length
+ATTN_BLOCK_N = 32     # positions per tile
 _scratch: dict = {}
 
 
-def _decode_attention(q_or_qkv, k_cache, v_cache, kv_len, sm_scale, H, hd, cos=None, sin=None):
-    n_kv = k_cache.shape[0]
+def _decode_attention(q_or_qkv, k_cache, v_cache, kv_len, sm_scale, H, hd, cos=None, sin=None, slots=None,
+                      pdl=False):
+    B = q_or_qkv.shape[0]
+    slots, stride_kh, stride_slot = _slot_view(k_cache, slots)
+    n_kv = k_cache.shape[-3]
     group = H // n_kv
     n_splits, block_n = ATTN_SPLITS, ATTN_BLOCK_N
     dev = q_or_qkv.device
     key = (dev, H, hd, n_splits)
-    if key not in _scratch:  # fixed scratch, allocated outside any graph capture at warm-up
-        _scratch[key] = (torch.empty((H, n_splits, hd), device=dev, dtype=torch.float32),
-                         torch.empty((H, n_splits), device=dev, dtype=torch.float32))
+    if key not in _scratch or _scratch[key][0].shape[0] < B:  # fixed scratch, allocated at warm-up (largest batch first)
+        _scratch[key] = (torch.empty((B, H, n_splits, hd), device=dev, dtype=torch.float32),
+                         torch.empty((B, H, n_splits), device=dev, dtype=torch.float32))
     o_part, lse_part = _scratch[key]
-    out = torch.empty((1, H, hd), device=dev, dtype=q_or_qkv.dtype)
+    out = torch.empty((B, H, hd), device=dev, dtype=q_or_qkv.dtype)
     rope = cos is not None
-    _decode_attn_split_kernel[(n_kv, n_splits)](
-        q_or_qkv, k_cache, v_cache, kv_len, o_part, lse_part, k_cache.stride(0), sm_scale,
-        cos if rope else q_or_qkv, sin if rope else q_or_qkv, H, n_kv,
+    q2 = q_or_qkv.reshape(B, -1)
+    pdl = _pdl(pdl, B)
+    _decode_attn_split_kernel[(n_kv, n_splits, B)](
+        q2, k_cache, v_cache, kv_len, slots, o_part, lse_part, q2.stride(0), stride_kh, stride_slot, sm_scale,
+        cos if rope else q2, sin if rope else q2, H, n_kv,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd,
-        BLOCK_N=block_n, N_SPLITS=n_splits, ROPE=rope, USE_PDL=PDL, launch_pdl=PDL, num_warps=4)
-    _decode_attn_reduce_kernel[(H,)](o_part, lse_part, out, HD=hd, N_SPLITS=n_splits, USE_PDL=PDL,
-                                     launch_pdl=PDL, num_warps=4)
+        BLOCK_N=block_n, N_SPLITS=n_splits, ROPE=rope, USE_PDL=pdl, launch_pdl=pdl, num_warps=4)
+    _decode_attn_reduce_kernel[(H, B)](o_part, lse_part, out, H, HD=hd, N_SPLITS=n_splits, USE_PDL=pdl,
+                                       launch_pdl=pdl, num_warps=4)
     return out
 
 
-def decode_attention(q, k_cache, v_cache, kv_len, sm_scale):
-    """q (1, H, hd), already rotated, its K/V already in the cache."""
-    return _decode_attention(q, k_cache, v_cache, kv_len, sm_scale, q.shape[1], q.shape[2])
+def decode_attention(q, k_cache, v_cache, kv_len, sm_scale, slots=None, pdl=False):
+    """q (B, H, hd), already rotated, its K/V already in the cache; kv_len (B,) and slots (B,) device tensors."""
+    return _decode_attention(q, k_cache, v_cache, kv_len, sm_scale, q.shape[1], q.shape[2], slots=slots, pdl=pdl)
 
 
-def decode_rope_attention(qkv, cos, sin, k_cache, v_cache, kv_len, n_heads, hd, sm_scale):
-    """One decode token's attention from its fused qkv row (1, (H + 2 KV) hd), at position kv_len - 1: rope,
-    its K/V into the cache and the split attention in one launch, then the reduce. Returns (1, H, hd)."""
-    return _decode_attention(qkv, k_cache, v_cache, kv_len, sm_scale, n_heads, hd, cos, sin)
+def decode_rope_attention(qkv, cos, sin, k_cache, v_cache, kv_len, n_heads, hd, sm_scale, slots=None, pdl=False):
+    """B decode rows' attention from their fused qkv rows (B, (H + 2 KV) hd), row b at position kv_len[b] - 1 of
+    slot slots[b]: rope, its K/V into the slot and the split attention in one launch, then the reduce.
+    Returns (B, H, hd)."""
+    return _decode_attention(qkv, k_cache, v_cache, kv_len, sm_scale, n_heads, hd, cos, sin, slots, pdl)
 
 
 # ------------------------------------------------------------------ skinny matmul (decode GEMV)
@@ -414,19 +433,6 @@ _AUTOTUNE_CACHE = ({"cache_results": True}
 
 
 @triton.jit
-def _load_act(ptrs, K, mask, GATED: tl.constexpr):
-    """x at ptrs; GATED: ptrs point into the gate half of [gate | up] rows (up is K further on) and
-    x = silu(gate) * up, rounded to the model dtype as silu_mul rounds it."""
-    if GATED:
-        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(ptrs + K, mask=mask, other=0.0)
-        x = (g / (1.0 + tl.exp(-g))).to(u.dtype) * u
-    else:
-        x = tl.load(ptrs, mask=mask, other=0.0)
-    return x
-
-
-@triton.jit
 def _swiglu(g, u, dtype):
     """silu(g) * u of fp32 accumulators, rounded as the reference rounds them: g and u to the model dtype (the
     [gate | up] matmul's output), silu in fp32 rounded, times u."""
@@ -435,11 +441,10 @@ def _swiglu(g, u, dtype):
 
 
 @triton.jit
-def _row_chunk(acc, acc_u, ss, w, wu, X, LN, k, K, NORM: tl.constexpr, HAS_LN: tl.constexpr, GATED: tl.constexpr,
-               SWIGLU: tl.constexpr):
+def _row_chunk(acc, acc_u, ss, w, wu, X, LN, k, K, NORM: tl.constexpr, HAS_LN: tl.constexpr, SWIGLU: tl.constexpr):
     """One row: acc (BLOCK_N) += w (BLOCK_N, BLOCK_K) . act(x[k]) (SWIGLU: acc_u += wu . act(x[k]) too);
     NORM: ss += x^2, and x * LN feeds the dot (HAS_LN; else the norm weight is folded into w)."""
-    x = _load_act(X + k, K, k < K, GATED).to(tl.float32)
+    x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)
     if NORM:
         ss += x * x
         if HAS_LN:
@@ -450,11 +455,11 @@ def _row_chunk(acc, acc_u, ss, w, wu, X, LN, k, K, NORM: tl.constexpr, HAS_LN: t
 
 
 @triton.jit
-def _rows_chunk(acc, acc_u, ss, w, wu, X, LN, m, mmask, k, K, x_stride, NORM: tl.constexpr, HAS_LN: tl.constexpr,
-                GATED: tl.constexpr, WX: tl.constexpr, SWIGLU: tl.constexpr):
+def _rows_chunk(acc, acc_u, ss, w, wu, X, LN, m, mmask, k, K, NORM: tl.constexpr, HAS_LN: tl.constexpr,
+                WX: tl.constexpr, SWIGLU: tl.constexpr):
     """Up to 16 rows on the tensor cores: acc (BLOCK_M, BLOCK_N) += act(x[m, k]) @ w.T, or with WX its
     transpose acc (BLOCK_N, BLOCK_M) += w @ act(x[m, k]).T; SWIGLU: acc_u the same with wu; NORM as above."""
-    x = _load_act(X + m[:, None] * x_stride + k[None, :], K, mmask[:, None] & (k[None, :] < K), GATED)
+    x = tl.load(X + m[:, None] * K + k[None, :], mask=mmask[:, None] & (k[None, :] < K), other=0.0)
     if NORM:
         xf = x.to(tl.float32)
         ss += tl.sum(xf * xf, axis=1)
@@ -474,11 +479,11 @@ def _rows_chunk(acc, acc_u, ss, w, wu, X, LN, m, mmask, k, K, x_stride, NORM: tl
 
 # restore_value: autotuning runs every config on the live arguments, and with RES each run adds into Y
 @triton.autotune(configs=_ROW_CONFIGS + _ROWS16_CONFIGS + _ROWS64_CONFIGS,
-                 key=["N", "K", "BLOCK_M", "NORM", "HAS_LN", "RES", "GATED", "SWIGLU"],
+                 key=["N", "K", "BLOCK_M", "NORM", "HAS_LN", "RES", "SWIGLU"],
                  prune_configs_by={"early_config_prune": _prune_configs}, restore_value=["Y"], **_AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["M", "eps"])
 def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.constexpr, HAS_LN: tl.constexpr,
-                   RES: tl.constexpr, GATED: tl.constexpr, SWIGLU: tl.constexpr, USE_PDL: tl.constexpr,
+                   RES: tl.constexpr, SWIGLU: tl.constexpr, USE_PDL: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WX: tl.constexpr):
     """Y = act(x) @ W.T for M <= 64 rows (the engine: up to ops.SKINNY_MAX_ROWS). Every program walks all of K,
     so it sees each row of x whole:
@@ -488,7 +493,6 @@ def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.co
           would redo the x-side work, and x changed in registers cannot feed the tensor cores from the
           async copy pipeline: bench/NOTES.md steps 10 and 21).
     RES:  Y is the residual stream: Y += result in place (rounded as the eager model rounds r + y).
-    GATED: x = silu(gate) * up read from [gate | up] rows (the down projection): no SiLU kernel.
     SWIGLU: W is [gate | up] (2N rows) and Y = silu(x @ gate.T) * (x @ up.T) (N columns): each program
           streams its BLOCK_N gate rows and the same BLOCK_N up rows and applies the SiLU in its epilogue,
           so the down projection reads a plain activation (no SiLU kernel, no SiLU in its loads).
@@ -500,7 +504,6 @@ def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.co
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
-    x_stride = 2 * K if GATED else K
     k0 = tl.arange(0, BLOCK_K)
     WU = W + N * K          # SWIGLU: the up rows
     if BLOCK_M == 1:
@@ -518,8 +521,8 @@ def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.co
         acc = tl.zeros((BLOCK_N,), tl.float32)
         acc_u = tl.zeros((BLOCK_N,), tl.float32)
         ss = tl.zeros((BLOCK_K,), tl.float32)
-        acc, acc_u, ss = _row_chunk(acc, acc_u, ss, w0, u0, X, LN, k0, K, NORM, HAS_LN, GATED, SWIGLU)
-        acc, acc_u, ss = _row_chunk(acc, acc_u, ss, w1, u1, X, LN, k1, K, NORM, HAS_LN, GATED, SWIGLU)
+        acc, acc_u, ss = _row_chunk(acc, acc_u, ss, w0, u0, X, LN, k0, K, NORM, HAS_LN, SWIGLU)
+        acc, acc_u, ss = _row_chunk(acc, acc_u, ss, w1, u1, X, LN, k1, K, NORM, HAS_LN, SWIGLU)
         for kb in range(BLOCK_K + BLOCK_K, K, BLOCK_K):
             k = kb + k0
             mk = nmask[:, None] & (k[None, :] < K)
@@ -527,7 +530,7 @@ def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.co
             wu = w
             if SWIGLU:
                 wu = tl.load(WU + n[:, None] * K + k[None, :], mask=mk, other=0.0)
-            acc, acc_u, ss = _row_chunk(acc, acc_u, ss, w, wu, X, LN, k, K, NORM, HAS_LN, GATED, SWIGLU)
+            acc, acc_u, ss = _row_chunk(acc, acc_u, ss, w, wu, X, LN, k, K, NORM, HAS_LN, SWIGLU)
         if NORM:
             rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
             acc = acc * rstd
@@ -556,8 +559,7 @@ def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.co
             wu = w
             if SWIGLU:
                 wu = tl.load(WU + n[:, None] * K + k[None, :], mask=mk, other=0.0)
-            acc, acc_u, ss = _rows_chunk(acc, acc_u, ss, w, wu, X, LN, m, mmask, k, K, x_stride, NORM, HAS_LN,
-                                         GATED, WX, SWIGLU)
+            acc, acc_u, ss = _rows_chunk(acc, acc_u, ss, w, wu, X, LN, m, mmask, k, K, NORM, HAS_LN, WX, SWIGLU)
         if WX:
             acc = tl.trans(acc)
             acc_u = tl.trans(acc_u)
@@ -577,28 +579,29 @@ def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.co
 
 
 def skinny_matmul(x: torch.Tensor, w: torch.Tensor, ln: torch.Tensor | None = None, eps: float = 0.0,
-                  residual: torch.Tensor | None = None, gated: bool = False, swiglu: bool = False,
-                  norm: bool = False) -> torch.Tensor:
-    """x (M <= 64, K), or (M, 2K) [gate | up] when gated, contiguous; w (N, K) contiguous.
-    Returns act(x) @ w.T (M, N), where act = silu(gate) * up if gated, then rms_norm(.) * ln if ln is given
-    (norm=True without ln: rms_norm(.) alone, its weight folded into w); with residual (M, N) contiguous:
-    residual += that, in place, and returns residual. swiglu: w is [gate | up] (2N, K) and the result
-    silu(x' @ gate.T) * (x' @ up.T) (M, N), x' the (normed) x. One launch."""
+                  residual: torch.Tensor | None = None, swiglu: bool = False, norm: bool = False,
+                  block_m: int | None = None, pdl: bool = False) -> torch.Tensor:
+    """x (M <= 64, K) contiguous; w (N, K) contiguous. Returns rms_norm(x) * ln @ w.T (M, N) if ln is given
+    (norm=True without ln: rms_norm(x) alone, its weight folded into w), else x @ w.T; with residual (M, N)
+    contiguous: residual += that, in place, and returns residual. swiglu: w is [gate | up] (2N, K) and the result
+    silu(x' @ gate.T) * (x' @ up.T) (M, N). block_m: the row tile (>= M) instead of the smallest that holds M:
+    one tile for every batch size keeps each row's arithmetic the same whatever shares it. One launch."""
     M = x.shape[0]
     N, K = w.shape
     if swiglu:
-        assert not gated and N % 2 == 0
+        assert N % 2 == 0
         N //= 2
-    assert M <= 64 and x.shape[1] == (2 * K if gated else K) and x.is_contiguous() and w.is_contiguous()
+    assert M <= 64 and x.shape[1] == K and x.is_contiguous() and w.is_contiguous()
     if residual is None:
         y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     else:
         assert residual.shape == (M, N) and residual.is_contiguous()
         y = residual
-    pdl = _pdl(M)
+    bm = block_m or (1 if M == 1 else max(16, triton.next_power_of_2(M)))
+    assert bm >= M
+    pdl = _pdl(pdl, M)
     _skinny_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-        x, ln if ln is not None else w, w, y, M, N, K, eps,
-        BLOCK_M=1 if M == 1 else max(16, triton.next_power_of_2(M)),
-        NORM=ln is not None or norm, HAS_LN=ln is not None, RES=residual is not None, GATED=gated,
+        x, ln if ln is not None else w, w, y, M, N, K, eps, BLOCK_M=bm,
+        NORM=ln is not None or norm, HAS_LN=ln is not None, RES=residual is not None,
         SWIGLU=swiglu, USE_PDL=pdl, launch_pdl=pdl)
     return y

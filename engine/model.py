@@ -1,7 +1,7 @@
-"""LLaMA-family model (LLaMA-2/3: MHA, GQA, rope scaling, tied or untied embeddings), batch 1.
+"""LLaMA-family model (LLaMA-2/3: MHA, GQA, rope scaling, tied or untied embeddings) over KV slots.
 
-Written for CUDA-graph capture: every buffer it writes is static (the KV cache, the engine's
-input/output buffers), lengths and positions live in device tensors, and nothing syncs with
+Written for CUDA-graph capture: every buffer it writes is static (the KV slots, the engine's
+input/output buffers), lengths, positions and slots live in device tensors, and nothing syncs with
 the host. The same code runs eagerly on CPU (torch reference ops) and on CUDA (Triton ops).
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch
 
 from . import ops
 from .errors import ModelLoadError
+from .kv import KVSlots
+from .plan import KernelPlan
 
 
 @dataclass
@@ -86,11 +88,12 @@ def rope_inv_freq(a: ModelArgs) -> torch.Tensor:
 
 
 class Llama:
-    """Weights (fused QKV and gate/up), rope tables and the two static forward functions."""
+    """Weights (fused QKV and gate/up, RMSNorm weights folded into the projections after them), rope tables
+    and the static forward functions over the KV slots."""
 
     def __init__(self, args: ModelArgs, weights: dict[str, torch.Tensor], device: torch.device,
-                 dtype: torch.dtype, max_context: int):
-        self.args, self.device, self.dtype = args, device, dtype
+                 dtype: torch.dtype, kv: KVSlots, plan: KernelPlan):
+        self.args, self.device, self.dtype, self.kv, self.plan = args, device, dtype, kv, plan
         a = args
 
         def w(name: str) -> torch.Tensor:
@@ -102,35 +105,25 @@ class Llama:
         self.norm = w("model.norm.weight")
         self.lm_head = self.embed if a.tie_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
         self.layers = []
-        # ops.FOLD_NORM: each layer's two RMSNorm weights are folded into the projections they feed
-        # (rms_norm(x) * ln @ W.T == rms_norm(x) @ (W * ln).T); ln1 / ln2 are then None. The final norm
-        # stays (the LM head may be the tied embedding).
+        # rms_norm(x) * ln @ W.T == rms_norm(x) @ (W * ln).T: each layer's two norm weights scale the projection
+        # they feed, so no kernel loads them; the final norm stays (the LM head may be the tied embedding)
         for i in range(a.n_layers):
             p = f"model.layers.{i}."
-            lw = dict(
-                wqkv=torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+            self.layers.append(dict(
+                wqkv=torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+                .mul_(w(p + "input_layernorm.weight")[None, :]),
                 wo=w(p + "self_attn.o_proj.weight"),
-                w13=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                w13=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])
+                .mul_(w(p + "post_attention_layernorm.weight")[None, :]),
                 w2=w(p + "mlp.down_proj.weight"),
-                ln1=w(p + "input_layernorm.weight"),
-                ln2=w(p + "post_attention_layernorm.weight"),
-            )
-            if ops.FOLD_NORM:
-                lw["wqkv"].mul_(lw.pop("ln1")[None, :])
-                lw["w13"].mul_(lw.pop("ln2")[None, :])
-                lw["ln1"] = lw["ln2"] = None
-            self.layers.append(lw)
+            ))
             for x in ("q", "k", "v", "gate", "up"):   # free the unfused copies as we go
                 weights.pop(p + (f"self_attn.{x}_proj.weight" if len(x) == 1 else f"mlp.{x}_proj.weight"), None)
-        t = torch.arange(max_context, dtype=torch.float32)
+        t = torch.arange(kv.max_context, dtype=torch.float32)
         freqs = torch.outer(t, rope_inv_freq(a))
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = emb.cos().to(device=device, dtype=dtype).contiguous()
         self.sin = emb.sin().to(device=device, dtype=dtype).contiguous()
-        # one static KV cache: [layer][kv_head, position, head_dim]
-        shape = (a.n_layers, a.n_kv_heads, max_context, a.head_dim)
-        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
-        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.sm_scale = 1.0 / math.sqrt(a.head_dim)
 
     def weight_bytes(self) -> int:
@@ -138,54 +131,59 @@ class Llama:
         ts += [t for layer in self.layers for t in layer.values() if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
-    def kv_bytes(self) -> int:
-        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+    def qkv_proj(self, lw: dict, r: torch.Tensor, decode: bool) -> torch.Tensor:
+        """The fused q, k, v rows (L, (H + 2 KV) hd) of the residual stream r: the attention norm + QKV matmul."""
+        return ops.norm_linear(self.plan, r, None, self.args.rms_eps, lw["wqkv"], decode)
 
-    def _layers(self, r: torch.Tensor, positions: torch.Tensor, kv_len: torch.Tensor | None) -> torch.Tensor:
-        """Run every decoder layer over L tokens. r: the residual stream (L, D), updated in place and
-        returned. kv_len=None means prefill (causal over the L tokens from position 0); otherwise decode
-        of one token attending to kv_len cached positions. Each RMSNorm happens inside the projection
-        that reads it (norm_linear) and each residual add inside the projection that writes it
-        (linear_residual): on CUDA at one row (decode) that is one GEMV launch each, no norm kernels."""
-        a = self.args
+    def _layers(self, r: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                kv_len: torch.Tensor | None) -> torch.Tensor:
+        """Every decoder layer over L rows of the residual stream r (L, D), updated in place and returned.
+        kv_len None: prefill of one sequence into slot slots (1,), causal from position 0; otherwise L decode
+        rows, row b at positions[b] of slot slots[b], attending to kv_len[b] cached positions."""
+        a, plan, kv = self.args, self.plan, self.kv
         L = r.shape[0]
+        decode = kv_len is not None
         for i, lw in enumerate(self.layers):
-            qkv = ops.norm_linear(r, lw["ln1"], a.rms_eps, lw["wqkv"])              # norm + fused QKV
-            if kv_len is None:      # rope, K,V -> cache, causal attention over the L tokens: (L, H, hd)
-                attn = ops.prefill_rope_attention(qkv, positions, self.cos, self.sin, self.k_cache[i],
-                                                  self.v_cache[i], a.n_heads, a.n_kv_heads, a.head_dim,
-                                                  self.sm_scale)
-            else:                   # rope, K,V -> cache at the token's position, attention over kv_len: (1, H, hd)
-                attn = ops.decode_rope_attention(qkv, positions, kv_len, self.cos, self.sin, self.k_cache[i],
-                                                 self.v_cache[i], a.n_heads, a.n_kv_heads, a.head_dim,
-                                                 self.sm_scale)
-            ops.linear_residual(attn.reshape(L, -1), lw["wo"], r)                   # r += attn @ wo.T
-            ops.mlp_residual(r, lw["ln2"], a.rms_eps, lw["w13"], lw["w2"])         # r += silu(g)*u @ w2.T
+            qkv = self.qkv_proj(lw, r, decode)
+            if decode:
+                attn = ops.decode_rope_attention(plan, qkv, positions, kv_len, slots, self.cos, self.sin, kv.k[i],
+                                                 kv.v[i], a.n_heads, a.n_kv_heads, a.head_dim, self.sm_scale)
+            else:
+                attn = ops.prefill_rope_attention(plan, qkv, positions, slots, self.cos, self.sin, kv.k[i], kv.v[i],
+                                                  a.n_heads, a.n_kv_heads, a.head_dim, self.sm_scale)
+            ops.linear_residual(plan, attn.reshape(L, -1), lw["wo"], r, decode)       # r += attn @ wo.T
+            ops.mlp_residual(plan, r, None, a.rms_eps, lw["w13"], lw["w2"], decode)   # r += silu(g)*u @ w2.T
         return r
 
-    def _logits(self, r_last: torch.Tensor) -> torch.Tensor:
-        """The final norm and the LM head, for the rows given (the last prompt position only)."""
-        return ops.norm_linear(r_last, self.norm, self.args.rms_eps, self.lm_head).float().view(-1)
+    def _logits(self, r: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        """The final norm and the LM head for the rows given: (rows, V) float32."""
+        return ops.norm_linear(self.plan, r, self.norm, self.args.rms_eps, self.lm_head, decode).float()
 
-    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, seq_len: torch.Tensor) -> torch.Tensor:
-        """ids/positions: (L,) (padded past seq_len); seq_len: (1,) device tensor. Logits (V,) of the
-        last real token only."""
-        r = self._layers(self.embed.index_select(0, ids), positions, None)
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, seq_len: torch.Tensor,
+                slot: torch.Tensor) -> torch.Tensor:
+        """ids/positions: (L,) (padded past seq_len); seq_len, slot: (1,) device tensors. Logits (1, V) of the
+        last real token."""
+        r = self._layers(self.embed.index_select(0, ids), positions, slot, None)
         return self._logits(r.index_select(0, seq_len - 1))
 
-    def prompt_logprobs(self, ids: torch.Tensor, positions: torch.Tensor, k: int, n: int | None = None,
-                        rows: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For prompt scoring (echo + logprobs): a causal pass over ids (L,), of which the first n are
-        the prompt (the rest padding to a bucket length, so the kernels run at a warm shape); the
-        log-softmax at position i scores ids[i+1]. Returns (chosen (n-1,), top values (n-1, k), top
-        ids (n-1, k)). The LM head runs `rows` positions at a time (n x vocab float32 logits never
-        exist at once). Rewrites the KV cache exactly as a prefill of the same ids did."""
+    def decode(self, tok: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """tok, pos, slots: (B,) device tensors. Writes each row's KV at pos in its slot, attends to pos + 1
+        positions. Logits (B, V)."""
+        return self._logits(self._layers(self.embed.index_select(0, tok), pos, slots, pos + 1), True)
+
+    def prompt_logprobs(self, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, k: int,
+                        n: int | None = None, rows: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For prompt scoring (echo + logprobs): a causal pass over ids (L,) into `slot`, of which the first n are
+        the prompt (the rest padding to a bucket length, so the kernels run at a warm shape); the log-softmax at
+        position i scores ids[i+1]. Returns (chosen (n-1,), top values (n-1, k), top ids (n-1, k)). The LM head
+        runs `rows` positions at a time (n x vocab float32 logits never exist at once). Rewrites the slot's KV
+        exactly as a prefill of the same ids does."""
         n = ids.numel() if n is None else n
-        r = self._layers(self.embed.index_select(0, ids), positions, None)
+        r = self._layers(self.embed.index_select(0, ids), positions, slot, None)
         chosen, vals, idx = [], [], []
         for s in range(0, n - 1, rows):
             e = min(s + rows, n - 1)
-            lp = torch.log_softmax(ops.norm_linear(r[s:e], self.norm, self.args.rms_eps, self.lm_head).float(), -1)
+            lp = torch.log_softmax(self._logits(r[s:e]), -1)
             chosen.append(lp.gather(1, ids[s + 1:e + 1, None])[:, 0])
             top = lp.topk(k, dim=-1)
             vals.append(top.values)
@@ -194,10 +192,6 @@ class Llama:
             empty = torch.zeros(0, k, device=ids.device)
             return empty[:, 0], empty, empty.long()
         return torch.cat(chosen), torch.cat(vals), torch.cat(idx)
-
-    def decode(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """tok, pos: (1,) device tensors. Writes KV at pos, attends to pos+1 tokens. Logits (V,)."""
-        return self._logits(self._layers(self.embed.index_select(0, tok), pos, pos + 1))
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -56,43 +56,48 @@ def test_text_prompt_uses_checkpoint_tokenizer(checkpoints):
     assert res.text == tok.decode(res.token_ids, skip_special_tokens=True)
 
 
+def _prefill(eng, ids, L, slot=0):
+    """The prefill function a graph captures, run eagerly at bucket L into KV slot `slot`: its logits (1, V)."""
+    r = eng.runner
+    r.ids[: len(ids)] = torch.tensor(ids)
+    r.seq_len.fill_(len(ids))
+    r.slot.fill_(slot)
+    r.prefill_fn(L)
+    return r.plogits.clone()
+
+
 def test_padded_bucket_and_exact_length_prefill_agree():
     """The JIT path prefills at the exact length, graphs at the padded bucket: same logits."""
     eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=[32]))
     ids = list(range(5, 25))
-    eng.ids[: len(ids)] = torch.tensor(ids)
-    eng.seq_len.fill_(len(ids))
-    eng._prefill(len(ids))
-    exact = eng.logits.clone()
-    eng._prefill(32)
-    assert torch.allclose(exact, eng.logits, atol=1e-5)
+    assert torch.allclose(_prefill(eng, ids, len(ids)), _prefill(eng, ids, 32), atol=1e-5)
 
 
 def test_prefill_at_a_larger_bucket_gives_the_same_logits_and_continuation():
     """The "padded" path replays a larger warm bucket's graph: same logits, and the KV written at the
-    padding positions is never read (decode continues the same)."""
+    padding positions is never read (decode continues the same), in any slot."""
     eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=[32, 128], max_context=256))
+    r = eng.runner
     ids = list(range(5, 25))
     runs = []
-    for L in (32, 128):
-        eng.ids.fill_(7)                              # junk beyond the prompt, as a previous request leaves it
-        eng.ids[: len(ids)] = torch.tensor(ids)
-        eng.seq_len.fill_(len(ids))
-        eng._prefill(L)
-        toks, logits = [int(eng.tok)], [eng.logits.clone()]
+    for L, slot in ((32, 0), (128, 3)):
+        r.ids.fill_(7)                              # junk beyond the prompt, as a previous request leaves it
+        logits = [_prefill(eng, ids, L, slot)]
+        toks = [int(r.ptok)]
+        r.set_rows([slot], 1)
         for _ in range(6):
-            eng._decode()
-            toks.append(int(eng.tok))
-            logits.append(eng.logits.clone())
-        runs.append((toks, torch.stack(logits)))
+            r.decode_fn(1)
+            toks.append(int(r.out[0]))
+            logits.append(r.logits[:1].clone())
+        runs.append((toks, torch.cat(logits)))
     assert runs[0][0] == runs[1][0]
     assert torch.allclose(runs[0][1], runs[1][1], atol=1e-4)
 
 
 def test_pick_graph_bucket_prefers_own_then_smallest_larger_within_factor():
-    from engine.engine import pick_graph_bucket
+    from engine.scheduler import pick_graph_bucket
 
-    g = {16: object(), 256: object(), 1024: object(), "decode": object()}
+    g = {16, 256, 1024}
     assert pick_graph_bucket(16, g, 4.0) == 16
     assert pick_graph_bucket(64, g, 4.0) == 256          # smallest warm bucket <= 4x larger
     assert pick_graph_bucket(32, g, 4.0) is None          # 256 is 8x: JIT instead
@@ -117,16 +122,49 @@ def test_sampling_seeded_and_bounded():
     assert tiny.token_ids == greedy_top.token_ids
 
 
-def test_sample_survives_extreme_temperatures():
-    from engine.sampling import sample
+def _pick(logits, *params, slots=None, step=0):
+    """The batched sampler over rows of logits, row i with params[i] in slot i."""
+    from engine.sampler import SlotSampler
 
-    g = torch.Generator().manual_seed(0)
+    n, V = logits.shape
+    sm = SlotSampler(n, V, torch.device("cpu"))
+    for i, p in enumerate(params):
+        sm.set(i, p)
+    sl = torch.arange(n) if slots is None else slots
+    return sm, sm.pick(logits, sl, torch.full((n,), step), any(p.shapes_logits for p in params),
+                       any(p.top_k > 0 for p in params), any(p.top_p < 1 for p in params))
+
+
+def test_sample_survives_extreme_temperatures():
     logits = torch.tensor([1.0, 3.0, -2.0, 3.0 - 1e-6])
     for t in (5e-324, 1e-300, 1e-30):
-        assert int(sample(logits, SamplingParams(temperature=t), g)) == 1
-        assert int(sample(logits, SamplingParams(temperature=t, top_p=5e-324), g)) == 1
-    big = sample(logits, SamplingParams(temperature=1e300), g)   # ~uniform, still a valid id
+        rows = logits.expand(2, 4).clone()
+        _, tok = _pick(rows, SamplingParams(temperature=t, seed=1), SamplingParams(temperature=t, top_p=5e-324, seed=2))
+        assert tok.tolist() == [1, 1]
+    _, big = _pick(logits[None], SamplingParams(temperature=1e300, seed=0))   # ~uniform, still a valid id
     assert 0 <= int(big) < 4
+
+
+def test_batched_sampler_rows_are_independent_and_follow_their_distribution():
+    """Each row draws from its own softmax / top-k / top-p, with noise from its own seed and step only: the
+    same row gives the same token whatever the other rows are, and frequencies match the probabilities."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    ps = [SamplingParams(temperature=0.7, seed=5), SamplingParams(temperature=1.0, top_k=3, seed=6),
+          SamplingParams(temperature=1.0, top_p=0.5, seed=7)]
+    _, alone = _pick(logits[1:2], ps[1])
+    _, together = _pick(logits, *ps)
+    assert int(alone) == int(together[1])
+    top3 = set(logits[1].topk(3).indices.tolist())
+    probs = torch.softmax(logits[0] / 0.7, -1)
+    hits = torch.zeros(50)
+    for step in range(3000):
+        _, t = _pick(logits, *ps, step=step)
+        hits[t[0]] += 1
+        assert int(t[1]) in top3
+        keep = torch.softmax(logits[2], -1).sort(descending=True)
+        assert int(t[2]) in keep.indices[: int((keep.values.cumsum(0) - keep.values < 0.5).sum())].tolist()
+    assert (hits / 3000 - probs).abs().max() < 0.03
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
@@ -187,7 +225,7 @@ def test_prompt_logprobs_match_hf_and_change_no_output(checkpoints):
         assert [a.token_id for a in pl[i].top] == ref[i - 1].topk(3).indices.tolist()
     # one row at a time through the LM head gives the same numbers
     n = len(ids)
-    chosen, _, _ = eng.model.prompt_logprobs(torch.tensor(ids), torch.arange(n), 2, rows=1)
+    chosen, _, _ = eng.model.prompt_logprobs(torch.tensor(ids), torch.arange(n), torch.tensor([0]), 2, rows=1)
     assert chosen.tolist() == pytest.approx([p.chosen.logprob for p in pl[1:]], abs=1e-5)
 
 
@@ -214,8 +252,6 @@ def test_logprobs_in_stream_and_off_by_default():
 def test_logit_bias_and_penalties():
     """logit_bias +100 forces a token and -100 bans one (greedy and sampled); frequency/presence
     penalties stop a greedy model repeating tokens; the adjustment is OpenAI's formula."""
-    from engine.sampling import shape_logits
-
     eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
     prompt = "penalties"
     base = eng.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
@@ -233,11 +269,13 @@ def test_logit_bias_and_penalties():
         assert len(set(res.token_ids)) == len(res.token_ids), kind
     # the next request without them is plain greedy again
     assert eng.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)).token_ids == base.token_ids
-    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    counts = torch.tensor([0.0, 1.0, 3.0, 0.0])
-    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
-    bias = torch.tensor([0.0, 0.0, 0.0, -1.0])
-    assert shape_logits(logits, p, counts, bias).tolist() == [1.0, 2.0 - 0.25 - 0.5, 3.0 - 0.75 - 0.5, 3.0]
+    # OpenAI's formula: logits + bias - frequency * count - presence * (count > 0); greedy picks from it
+    p = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={3: -1.0})
+    logits = torch.tensor([[1.0, 2.9, 3.0, 4.0]])
+    sm, _ = _pick(logits, p)
+    sm.count(torch.tensor([0, 0, 0, 0]), torch.tensor([1, 2, 2, 2]))
+    shaped = [1.0, 2.9 - 0.25 - 0.5, 3.0 - 0.75 - 0.5, 3.0]         # 3.0 wins; unshaped, 4.0 would
+    assert int(sm.pick(logits, torch.tensor([0]), torch.tensor([1]), True, False, False)) == 0 + shaped.index(3.0)
 
 
 def test_stop_strings_and_stop_tokens():
@@ -269,36 +307,29 @@ def test_stream_matches_generate_and_carries_metrics():
     assert len(last.metrics.token_times_s) == len(full.token_ids) - 1
 
 
-class _LoggedEvent:
-    """Stands in for the CUDA event the engine waits on before reading a token (None on CPU)."""
+def _logged_engine(ahead: bool, monkeypatch) -> tuple[HybridEngine, list[str]]:
+    """An engine whose decode launches ("step"), token reads ("read") and chunks ("chunk") are logged in order."""
+    from engine.sequence import Stream
 
-    def __init__(self, events: list[str]):
-        self.events = events
-
-    def record(self):
-        pass
-
-    def synchronize(self):
-        self.events.append("read")
-
-
-def _logged_engine(ahead: bool) -> tuple[HybridEngine, list[str]]:
     eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
     events: list[str] = []
-    step, emit = eng._step, eng._emit_text
-    eng._step = lambda g: (events.append("step"), step(g))[1]
-    eng._emit_text = lambda *a: (events.append("chunk"), emit(*a))[1]
-    eng._tok_event = _LoggedEvent(events)
-    eng._read_ahead = ahead
+    r = eng.runner
+    launch, read, read_p, emit = r.launch_decode, r.read_decode, r.read_prefill, Stream._emit
+    monkeypatch.setattr(r, "launch_decode", lambda *a: (events.append("step"), launch(*a))[1])
+    monkeypatch.setattr(r, "read_decode", lambda *a: (events.append("read"), read(*a))[1])
+    monkeypatch.setattr(r, "read_prefill", lambda *a: (events.append("read"), read_p(*a))[1])
+    monkeypatch.setattr(Stream, "_emit", lambda self, tok, *a, **k: (
+        events.append("chunk") if tok is not None else None, emit(self, tok, *a, **k))[1])
+    eng.scheduler.ahead = ahead
     return eng, events
 
 
-def test_next_step_runs_before_the_host_reads_and_emits_the_token():
+def test_next_step_runs_before_the_host_reads_and_emits_the_token(monkeypatch):
     """Read-ahead (the CUDA order, forced here on CPU): the decode step of token i+1 is queued before the
     host waits for token i, and so before token i is turned into text and emitted: on CUDA the GPU runs the
     steps back to back while the host reads a token, emits it and queues the next replay. No step runs past
     max_tokens."""
-    eng, events = _logged_engine(ahead=True)
+    eng, events = _logged_engine(True, monkeypatch)
     n = 6
 
     async def collect():
@@ -315,11 +346,11 @@ def test_next_step_runs_before_the_host_reads_and_emits_the_token():
         assert events[: read_at[k]].count("step") == min(k + 1, n - 1), events   # read one step behind
 
 
-def test_cpu_emits_each_token_before_its_next_step_and_wastes_none_on_eos():
+def test_cpu_emits_each_token_before_its_next_step_and_wastes_none_on_eos(monkeypatch):
     """On CPU a step runs at its launch, so the engine reads and emits token i first and then runs step
     i+1 (read-ahead would hold every token back by a step). A reply that ends by EOS runs no extra step."""
-    eng, events = _logged_engine(ahead=False)
-    assert HybridEngine(EngineConfig(model="tiny", device="cpu"))._read_ahead is False
+    eng, events = _logged_engine(False, monkeypatch)
+    assert HybridEngine(EngineConfig(model="tiny", device="cpu")).scheduler.ahead is False
 
     async def collect(params):
         return [c async for c in eng.stream("in order", params)]
@@ -426,7 +457,7 @@ def test_closing_stream_cancels_generation():
 def test_finished_request_is_out_of_in_flight_before_its_event():
     """A listener (the replica's stats and metrics) never sees a finished request still counted
     in in_flight(): for generate, generate_async, a full stream and a cancelled one."""
-    eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", max_batch=1))
     seen = []
     eng.add_listener(lambda e: seen.append((e["finish_reason"], eng.in_flight())) if e["type"] == "request" else None)
     p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -480,7 +511,7 @@ def test_cancelled_generate_async_stops_the_engine():
 def test_shutdown_fails_queued_requests_instead_of_hanging():
     """Requests still queued when the engine shuts down end with EngineClosedError (a retryable
     error the ingress maps to 'replica gone'), never a stream that waits forever."""
-    eng = HybridEngine(EngineConfig(model="tiny", device="cpu"))
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", max_batch=1))
     long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
 
     async def main():
@@ -561,7 +592,7 @@ def test_no_instance_attribute_shadows_a_method():
                 if isinstance(node, (ast.Assign, ast.AnnAssign))
                 for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
                 if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
-    assert "cuda_stream" in assigned          # the parse sees the CUDA-only branch
+    assert "graphs" in assigned               # the parse sees the CUDA-only state
     assert not assigned & methods, assigned & methods
 
 

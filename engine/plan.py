@@ -1,0 +1,28 @@
+"""Which kernels the model runs: one frozen plan derived from EngineConfig and the device, passed to every op
+(no module switches flipped at run time)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import EngineConfig
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    triton: bool = False          # CUDA: Triton kernels for the non-matmul ops (else the PyTorch reference)
+    skinny: bool = False          # CUDA: the Triton skinny matmul for up to skinny_max_rows rows (else cuBLAS)
+    fused_norm: bool = False      # CUDA, one row: the GEMV applies the RMSNorm of its input in its own loads
+    pdl: bool = False             # CUDA sm_90+: programmatic dependent launch between the step's kernels
+    skinny_max_rows: int = 32     # prefill buckets up to this many rows run the skinny kernel too
+    decode_tile: int = 32         # decode at >= 2 rows: one row tile for every batch size (batch-invariant rows)
+    batch_invariant: bool = False  # decode at one row on the same tile as every other batch size (no GEMV)
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig, device: torch.device) -> "KernelPlan":
+        if device.type != "cuda":
+            return cls()
+        triton = cfg.kernels == "triton"
+        return cls(triton=triton, skinny=triton and cfg.skinny_matmul, fused_norm=cfg.fused_gemv_norm,
+                   pdl=triton and cfg.pdl, decode_tile=32, batch_invariant=cfg.batch_invariant)

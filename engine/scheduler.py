@@ -1,0 +1,277 @@
+"""The scheduler loop on the engine thread: continuous batching over KV slots.
+
+Each iteration admits waiting requests into free slots (prefill first: each prompt runs its bucket's prefill
+graph into its slot), launches one decode step for every running stream that needs another token, then reads
+the previous step's tokens back, so the GPU always has the next step queued while the host turns tokens into
+text (on CPU each launch runs at once, so tokens are read right after their step). Finished, stopped and
+cancelled streams leave at once and free their slots; no stream ever waits for a batch to fill."""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from .api import Logprob, TokenLogprobs
+from .errors import EngineBusyError, EngineClosedError, EngineError
+from .kv import KVSlots
+from .runner import Runner, Step
+from .sequence import Stream
+
+log = logging.getLogger("hybridserve.engine")
+
+
+def pick_graph_bucket(bucket: int, graphs, max_pad_factor: float) -> int | None:
+    """The bucket whose graph serves a prompt of this bucket: its own if warm, else the smallest warm bucket at
+    most max_pad_factor times larger (a padded replay costs a few ms more than its own; the JIT path launches
+    every kernel from Python), else None (JIT)."""
+    if bucket in graphs:
+        return bucket
+    larger = [b for b in graphs if bucket < b <= bucket * max_pad_factor]
+    return min(larger) if larger else None
+
+
+def pick_batch_size(n: int, sizes: list[int], warm: set[int]) -> tuple[int, bool]:
+    """(batch size, graph?) for a step of n rows: the smallest warm size >= n, else the smallest configured
+    size >= n run by the JIT path."""
+    w = [s for s in warm if s >= n]
+    if w:
+        return min(w), True
+    return min(s for s in sizes if s >= n), False
+
+
+def batch_cap(step_ms: dict[int, float], sizes: list[int], slo_ms: float | None) -> int:
+    """The largest batch size whose measured step time stays under the TPOT objective (all sizes without one;
+    at least the smallest size: one stream always runs)."""
+    if slo_ms is None:
+        return max(sizes)
+    ok = [s for s in sizes if s in step_ms and step_ms[s] <= slo_ms]
+    return max(ok) if ok else min(sizes)
+
+
+class Scheduler:
+    def __init__(self, runner: Runner, kv: KVSlots, graphs, *, sizes: list[int], max_pad_factor: float,
+                 max_waiting: int, tpot_slo_ms: float | None, spin_s: float, logprob: Callable[[int, float], Logprob],
+                 on_jit: Callable[[tuple[str, int]], None], on_finish: Callable[[Stream], None]):
+        self.runner, self.kv, self.graphs = runner, kv, graphs
+        self.sizes, self.max_pad_factor, self.max_waiting = sizes, max_pad_factor, max_waiting
+        self.tpot_slo_ms, self.spin_s = tpot_slo_ms, spin_s
+        self._logprob, self._on_jit, self._on_finish = logprob, on_jit, on_finish
+        self.ahead = runner.cuda            # queue step i+1 before reading step i's tokens
+        self.step_ms: dict[int, float] = {}   # measured time per step by batch size (EWMA)
+        self.waiting: collections.deque[Stream] = collections.deque()
+        self.running: list[Stream] = []
+        self._tasks: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self.idle = threading.Event()
+        self.idle.set()
+        self.closing = False
+        self.last_step = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="hybridserve-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ from other threads
+    def submit(self, st: Stream) -> None:
+        with self._cv:
+            if self.closing:
+                raise EngineClosedError("the engine is shut down; send the request to another replica")
+            if len(self.waiting) >= self.max_waiting:
+                raise EngineBusyError(f"the engine is full: {len(self.running)} streams running and "
+                                      f"{len(self.waiting)} waiting (max_waiting); retry later or on another replica")
+            self.waiting.append(st)
+            self.idle.clear()
+            self._cv.notify()
+
+    def drop(self, st: Stream) -> None:
+        """A caller gave up on st: if it is still waiting, it leaves now (never taking a slot); a running
+        stream ends at its next step (its cancel event)."""
+        with self._cv:
+            if st not in self.waiting:
+                return
+            self.waiting.remove(st)
+        st.finish("cancelled")
+        self._retire(st)
+
+    def call(self, fn: Callable[[], object]):
+        """Run fn on the engine thread between iterations, once no stream runs; returns a Future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            self._tasks.append((fut, fn))
+            self._cv.notify()
+        return fut
+
+    def close(self) -> None:
+        with self._cv:
+            self.closing = True
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    @property
+    def cap(self) -> int:
+        return min(self.kv.slots, batch_cap(self.step_ms, self.sizes, self.tpot_slo_ms))
+
+    def heartbeat_age_s(self) -> float:
+        """Seconds since the loop last completed an iteration while work is in flight; 0.0 when idle."""
+        return 0.0 if self.idle.is_set() else time.monotonic() - self.last_step
+
+    # ------------------------------------------------------------ the loop
+    def _wait_for_work(self) -> bool:
+        """Block (after spinning spin_s) until a request, a task or close; False once closed with nothing left."""
+        deadline = time.perf_counter() + self.spin_s
+        while self.spin_s and not (self.waiting or self._tasks or self.closing):
+            if time.perf_counter() >= deadline:
+                break
+            time.sleep(0)
+        with self._cv:
+            while not (self.waiting or self._tasks or self.closing):
+                self._cv.wait()
+        return not (self.closing and not self.waiting and not self._tasks)
+
+    def _loop(self) -> None:
+        pending: Step | None = None
+        while True:
+            if not self.running and pending is None:
+                self._run_tasks()
+                if self.closing:
+                    self._fail_waiting()
+                    return
+                if not self.waiting:
+                    self.idle.set()
+                    if not self._wait_for_work():
+                        return
+                    continue
+            try:
+                pending = self._iterate(pending)
+            except Exception as e:   # a device error fails the streams it hit, never the loop
+                log.exception("engine step failed")
+                pending = None
+                for st in list(self.running):
+                    self._retire(st, EngineError(f"the engine failed while running this request: {e!r}"))
+            self.last_step = time.monotonic()
+
+    def _iterate(self, pending: Step | None) -> Step | None:
+        r = self.runner
+        with r.ctx():
+            admitted = self._admit()
+            batch = [s for s in self.running if s.wants_more]
+            cur = None
+            if batch:
+                B, warm = pick_batch_size(len(batch), self.sizes, self.graphs.warm("decode") if self.graphs else set())
+                graph = self.graphs.get(("decode", B)) if warm else None
+                if graph is None and self.graphs is not None:
+                    self._on_jit(("decode", B))
+                cur = r.launch_decode(batch, B, graph)
+                for s in batch:
+                    s.launched += 1
+            if pending is not None:
+                self._consume(pending)
+            for j, st in enumerate(admitted):      # (ahead only: on CPU _admit read them already)
+                self._consume_prefill(st, j)
+            if not self.ahead and cur is not None:
+                self._consume(cur)
+                cur = None
+        self.running = [s for s in self.running if not s.done]
+        return cur
+
+    def _admit(self) -> list[Stream]:
+        """Prefill waiting requests into free slots, up to the batch cap; on CPU each one's first token is read
+        at once (before any decode step includes it)."""
+        admitted = []
+        cap = self.cap
+        while self.waiting and len(self.running) < cap and self.kv.free_count:
+            with self._cv:
+                st = self.waiting.popleft()
+            if st.cancelled:
+                st.finish("cancelled")
+                self._retire(st)
+                continue
+            st.slot = self.kv.alloc()
+            self.running.append(st)             # from here a failure below fails this stream too
+            graph_bucket = None
+            if self.graphs is not None:
+                graph_bucket = pick_graph_bucket(st.bucket, self.graphs.warm("prefill"), self.max_pad_factor)
+            graph = self.graphs.get(("prefill", graph_bucket)) if graph_bucket is not None else None
+            path = ("graph" if graph_bucket == st.bucket else "padded") if graph is not None else (
+                "jit" if self.runner.cuda else "eager")
+            st.start(st.slot, path, graph_bucket)
+            j = len(admitted)
+            self.runner.launch_prefill(st, j, graph)
+            if path != "graph" and self.graphs is not None:
+                self._on_jit(("prefill", st.bucket))
+            if st.params.prompt_logprobs is not None:
+                st.prompt_lps = self._prompt_logprobs(st)
+            admitted.append(st)
+            if not self.ahead:
+                self._consume_prefill(st, j)
+        return admitted if self.ahead else []
+
+    def _consume_prefill(self, st: Stream, j: int) -> None:
+        t, lp = self.runner.read_prefill(j, st.params.logprobs)
+        self._accept(st, t, self._token_lps(t, lp, st.params.logprobs))
+
+    def _consume(self, step: Step) -> None:
+        toks, vals, ids, dt = self.runner.read_decode(step)
+        ms = self.step_ms
+        ms[step.size] = dt if step.size not in ms else 0.9 * ms[step.size] + 0.1 * dt
+        for i, st in enumerate(step.streams):
+            if st.done:
+                continue
+            k = st.params.logprobs
+            lp = self._token_lps(toks[i], (vals[i], ids[i]) if k is not None else None, k)
+            self._accept(st, toks[i], lp)
+
+    def _accept(self, st: Stream, t: int, lp: TokenLogprobs | None) -> None:
+        st.accept(t, lp)
+        if st.done:
+            self._retire(st)
+
+    def _token_lps(self, t: int, lp, k: int | None) -> TokenLogprobs | None:
+        if k is None or lp is None:
+            return None
+        vals, ids = lp
+        one = self._logprob
+        return TokenLogprobs(one(t, vals[0]), [one(i, v) for i, v in zip(ids[:k], vals[1:k + 1])])
+
+    def _prompt_logprobs(self, st: Stream) -> list[TokenLogprobs]:
+        """Each prompt token's logprob given the tokens before it, with the k likeliest there (an eager pass over
+        the prompt padded to its bucket, as the JIT prefill runs; one sync)."""
+        r, k, n = self.runner, st.params.prompt_logprobs, len(st.ids)
+        chosen, vals, idx = r.model.prompt_logprobs(r.ids[:st.bucket], r.positions[:st.bucket], r.slot, k, n)
+        chosen, vals, idx = chosen.tolist(), vals.tolist(), idx.tolist()
+        one = self._logprob
+        out = [TokenLogprobs(one(st.ids[0], None), [])]
+        for i in range(n - 1):
+            out.append(TokenLogprobs(one(st.ids[i + 1], chosen[i]), [one(t, v) for t, v in zip(idx[i], vals[i])]))
+        return out
+
+    def _retire(self, st: Stream, error: BaseException | None = None) -> None:
+        if st.slot >= 0:
+            self.kv.free(st.slot)
+            st.slot = -1
+        st.done = True
+        if st in self.running:
+            self.running.remove(st)
+        self._on_finish(st)
+        if error is not None:
+            st.future.set_exception(error)
+        else:
+            st.future.set_result(st.result())
+
+    def _fail_waiting(self) -> None:
+        with self._cv:
+            left, self.waiting = list(self.waiting), collections.deque()
+        for st in left:
+            self._retire(st, EngineClosedError("the engine shut down before this request ran; retry it"))
+
+    def _run_tasks(self) -> None:
+        while self._tasks:
+            fut, fn = self._tasks.popleft()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:   # noqa: BLE001 - the caller gets it through the future
+                fut.set_exception(e)
