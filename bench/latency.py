@@ -70,8 +70,7 @@ class Hybrid:
 
     def extra(self) -> dict:
         s = self.eng.stats()
-        # the autotuner's config per GEMV key in this process: TTFT at 10 tokens varies by ~0.5 ms from one
-        # process to the next on the same machine (bench/NOTES.md step 34), and the picks are one suspect
+        # the autotuner's config per GEMV key in this process (it can differ between processes)
         from engine import kernels
         picks = {str(k): str(v) for k, v in kernels._skinny_kernel.cache.items()}
         return {"graph_mem_gib": round(s["graph_mem_bytes"] / 2**30, 3), "start_s": round(self.start_s, 2),
