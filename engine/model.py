@@ -1,4 +1,5 @@
-"""LLaMA-family model (LLaMA-2/3: MHA, GQA, rope scaling, tied or untied embeddings), batch 1.
+"""LLaMA-family decoder, batch 1: LLaMA-2/3 (MHA, GQA, rope scaling, tied or untied embeddings), Mistral,
+Qwen2/2.5 (QKV bias) and Qwen3 (per-head QK RMSNorm): one model, the differences are ModelArgs options.
 
 Written for CUDA-graph capture: every buffer it writes is static (the KV cache, the engine's
 input/output buffers), lengths and positions live in device tensors, and nothing syncs with
@@ -17,6 +18,9 @@ from . import ops
 from .errors import ModelLoadError
 
 
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 @dataclass
 class ModelArgs:
     vocab_size: int
@@ -33,11 +37,24 @@ class ModelArgs:
     tie_embeddings: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    model_type: str = "llama"
+    qkv_bias: bool = False              # Qwen2: bias on the q, k, v projections
+    qk_norm: bool = False               # Qwen3: RMSNorm over each q and k head before rope
+    sliding_window: int | None = None   # Mistral (and Qwen with use_sliding_window): attention span
 
     @classmethod
     def from_hf(cls, d: dict) -> "ModelArgs":
-        if d.get("model_type", "llama") != "llama":
-            raise ModelLoadError(f"unsupported model_type {d.get('model_type')!r}: only 'llama' checkpoints load")
+        mt = d.get("model_type", "llama")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ModelLoadError(f"unsupported model_type {mt!r}: supported model types are "
+                                 f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ModelLoadError(f"unsupported hidden_act {d['hidden_act']!r}: only 'silu' (SwiGLU MLP) loads")
+        if d.get("mlp_bias"):
+            raise ModelLoadError("unsupported mlp_bias: true (bias on the MLP projections)")
+        if d.get("attention_bias") and mt != "qwen2":
+            raise ModelLoadError(f"unsupported attention_bias: true for model_type {mt!r} (bias on the output "
+                                 "projection); only qwen2's q/k/v bias loads")
         try:
             n_heads = d["num_attention_heads"]
             rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -45,6 +62,12 @@ class ModelArgs:
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             eos = d.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            if mt == "mistral":       # HF's MistralConfig default when the key is absent
+                window = d.get("sliding_window", 4096)
+            elif mt in ("qwen2", "qwen3"):   # their sliding_window is read only with use_sliding_window
+                window = d.get("sliding_window") if d.get("use_sliding_window") else None
+            else:
+                window = None
             return cls(
                 vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
                 intermediate_size=d["intermediate_size"], n_layers=d["num_hidden_layers"],
@@ -55,12 +78,25 @@ class ModelArgs:
                 max_position=d.get("max_position_embeddings", 4096),
                 tie_embeddings=bool(d.get("tie_word_embeddings", False)),
                 bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids,
+                model_type=mt, qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3", sliding_window=window,
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
 
     def hash_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
+
+
+def check_context(a: ModelArgs, max_context: int) -> None:
+    """Refuse a KV cache longer than the model's positions, or than its sliding window (attention over the
+    whole cache equals sliding-window attention only while every position fits in the window)."""
+    if max_context > a.max_position:
+        raise ModelLoadError(f"max_context {max_context} exceeds the model's max_position_embeddings "
+                             f"{a.max_position}; set max_context to at most {a.max_position}")
+    if a.sliding_window is not None and max_context > a.sliding_window:
+        raise ModelLoadError(f"max_context {max_context} exceeds the model's sliding_window {a.sliding_window} "
+                             f"(sliding-window attention is not implemented); set max_context to at most "
+                             f"{a.sliding_window}")
 
 
 def rope_inv_freq(a: ModelArgs) -> torch.Tensor:
@@ -92,6 +128,7 @@ class Llama:
                  dtype: torch.dtype, max_context: int):
         self.args, self.device, self.dtype = args, device, dtype
         a = args
+        check_context(a, max_context)
 
         def w(name: str) -> torch.Tensor:
             if name not in weights:
@@ -119,9 +156,16 @@ class Llama:
                 lw["wqkv"].mul_(lw.pop("ln1")[None, :])
                 lw["w13"].mul_(lw.pop("ln2")[None, :])
                 lw["ln1"] = lw["ln2"] = None
+            # Qwen2: the q, k, v biases fused like the weights (added after the matmul, so FOLD_NORM holds);
+            # Qwen3: the per-head RMSNorm weights of q and k (head_dim each)
+            lw["bqkv"] = torch.cat([w(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if a.qkv_bias else None
+            lw["q_norm"] = w(p + "self_attn.q_norm.weight") if a.qk_norm else None
+            lw["k_norm"] = w(p + "self_attn.k_norm.weight") if a.qk_norm else None
             self.layers.append(lw)
             for x in ("q", "k", "v", "gate", "up"):   # free the unfused copies as we go
                 weights.pop(p + (f"self_attn.{x}_proj.weight" if len(x) == 1 else f"mlp.{x}_proj.weight"), None)
+                if len(x) == 1:
+                    weights.pop(p + f"self_attn.{x}_proj.bias", None)
         t = torch.arange(max_context, dtype=torch.float32)
         freqs = torch.outer(t, rope_inv_freq(a))
         emb = torch.cat([freqs, freqs], dim=-1)
@@ -141,6 +185,20 @@ class Llama:
     def kv_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
+    def qkv_proj(self, lw: dict, r: torch.Tensor) -> torch.Tensor:
+        """The fused q|k|v rows (L, (H + 2 KV) hd) of one layer: norm + QKV projection, then the family's
+        extras: Qwen2's bias, Qwen3's RMSNorm over each q and k head (in place, on head-sized views)."""
+        a = self.args
+        qkv = ops.norm_linear(r, lw["ln1"], a.rms_eps, lw["wqkv"])
+        if lw.get("bqkv") is not None:
+            qkv.add_(lw["bqkv"])
+        if lw.get("q_norm") is not None:
+            heads = qkv.view(qkv.shape[0], -1, a.head_dim)
+            for part, w in ((heads[:, :a.n_heads], lw["q_norm"]),
+                            (heads[:, a.n_heads:a.n_heads + a.n_kv_heads], lw["k_norm"])):
+                part.copy_(ops.rms_norm(part.reshape(-1, a.head_dim), w, a.rms_eps).view(part.shape))
+        return qkv
+
     def _layers(self, r: torch.Tensor, positions: torch.Tensor, kv_len: torch.Tensor | None) -> torch.Tensor:
         """Run every decoder layer over L tokens. r: the residual stream (L, D), updated in place and
         returned. kv_len=None means prefill (causal over the L tokens from position 0); otherwise decode
@@ -150,7 +208,7 @@ class Llama:
         a = self.args
         L = r.shape[0]
         for i, lw in enumerate(self.layers):
-            qkv = ops.norm_linear(r, lw["ln1"], a.rms_eps, lw["wqkv"])              # norm + fused QKV
+            qkv = self.qkv_proj(lw, r)                                              # norm + fused QKV
             if kv_len is None:      # rope, K,V -> cache, causal attention over the L tokens: (L, H, hd)
                 attn = ops.prefill_rope_attention(qkv, positions, self.cos, self.sin, self.k_cache[i],
                                                   self.v_cache[i], a.n_heads, a.n_kv_heads, a.head_dim,
@@ -201,7 +259,8 @@ class Llama:
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """config.json + *.safetensors of an HF LLaMA checkpoint dir, as (config dict, CPU tensors)."""
+    """config.json + *.safetensors of an HF checkpoint dir, as (config dict, CPU tensors). The config's
+    eos_token_id also holds generation_config.json's (chat models end turns with those)."""
     from safetensors.torch import load_file
 
     if not path.is_dir():
@@ -217,6 +276,7 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
+    _merge_generation_eos(path, cfg)
     weights: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -224,6 +284,26 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         except Exception as e:  # truncated / not safetensors
             raise ModelLoadError(f"cannot read weights file {f.name}: {e}") from None
     return cfg, weights
+
+
+def _merge_generation_eos(path: Path, cfg: dict) -> None:
+    """Add generation_config.json's eos_token_id(s) to cfg['eos_token_id'] (a list after the merge)."""
+    f = path / "generation_config.json"
+    if not f.exists():
+        return
+    try:
+        gen = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{f} is not valid JSON: {e}") from None
+    ids: list[int] = []
+    for v in (cfg.get("eos_token_id"), gen.get("eos_token_id") if isinstance(gen, dict) else None):
+        for t in (v if isinstance(v, list) else [] if v is None else [v]):
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise ModelLoadError(f"eos_token_id {t!r} in {path} is not a token id (an integer)")
+            if t not in ids:
+                ids.append(t)
+    if ids:
+        cfg["eos_token_id"] = ids
 
 
 def random_weights(a: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
@@ -251,4 +331,9 @@ def random_weights(a: ModelArgs, device: torch.device, dtype: torch.dtype, seed:
             p + "mlp.down_proj.weight": rnd(D, I),
             p + "input_layernorm.weight": ones(D), p + "post_attention_layernorm.weight": ones(D),
         })
+        if a.qkv_bias:
+            for x, n in (("q", a.n_heads), ("k", a.n_kv_heads), ("v", a.n_kv_heads)):
+                wts[p + f"self_attn.{x}_proj.bias"] = rnd(n * hd)
+        if a.qk_norm:
+            wts[p + "self_attn.q_norm.weight"], wts[p + "self_attn.k_norm.weight"] = ones(hd), ones(hd)
     return wts
