@@ -99,13 +99,21 @@ def test_qwen2_bias_and_qwen3_qk_norm_change_the_output(family_ckpts):
         assert abs(full - cut) > 1e-3, family
 
 
-def test_unsupported_model_type_lists_the_supported_ones(family_ckpts, tmp_path):
-    d = tmp_path / "gemma"
-    shutil.copytree(family_ckpts["qwen2"], d)
-    cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2"}))
-    with pytest.raises(ModelLoadError, match="unsupported model_type 'gemma2'.*llama, mistral, qwen2, qwen3"):
-        engine(d)
+def with_config(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return dst
+
+
+@pytest.mark.parametrize("changes,words", [
+    (dict(model_type="gemma2"), "unsupported model_type 'gemma2'.*llama, mistral, qwen2, qwen3"),
+    (dict(model_type="llama", attention_bias=True), "attention_bias.*output projection"),
+    (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+])
+def test_unsupported_checkpoints_are_refused_naming_why(family_ckpts, tmp_path, changes, words):
+    with pytest.raises(ModelLoadError, match=words):
+        engine(with_config(family_ckpts["qwen2"], tmp_path / "ckpt", **changes))
 
 
 def test_max_context_past_max_position_embeddings_is_refused(family_ckpts):
@@ -114,10 +122,14 @@ def test_max_context_past_max_position_embeddings_is_refused(family_ckpts):
     assert HybridEngine.from_pretrained(str(family_ckpts["qwen3"]), device="cpu", max_context=2048).max_context == 2048
 
 
-def test_mistral_context_past_the_sliding_window_is_refused(family_ckpts):
-    """Full attention equals Mistral's sliding window only while the cache fits in the window."""
+def test_context_past_the_sliding_window_is_refused(family_ckpts, tmp_path):
+    """Full attention equals a sliding window only while the cache fits in it: Mistral's window always,
+    Qwen's only with use_sliding_window."""
     with pytest.raises(ModelLoadError, match="max_context 512 exceeds the model's sliding_window 256"):
         HybridEngine.from_pretrained(str(family_ckpts["mistral"]), device="cpu", max_context=512)
+    assert engine(with_config(family_ckpts["qwen2"], tmp_path / "off", sliding_window=64)).args.sliding_window is None
+    with pytest.raises(ModelLoadError, match="max_context 128 exceeds the model's sliding_window 64"):
+        engine(with_config(family_ckpts["qwen2"], tmp_path / "on", sliding_window=64, use_sliding_window=True))
 
 
 def test_generation_config_eos_ids_stop_generation(family_ckpts, tmp_path):
