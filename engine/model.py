@@ -64,8 +64,12 @@ class ModelArgs:
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
             if mt == "mistral":       # HF's MistralConfig default when the key is absent
                 window = d.get("sliding_window", 4096)
-            elif mt in ("qwen2", "qwen3"):   # their sliding_window is read only with use_sliding_window
-                window = d.get("sliding_window") if d.get("use_sliding_window") else None
+            elif mt in ("qwen2", "qwen3"):   # as HF: only with use_sliding_window, on the layers that slide
+                n_layers = d["num_hidden_layers"]
+                types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28)
+                                                 else "full_attention" for i in range(n_layers)]
+                slides = d.get("use_sliding_window") and "sliding_attention" in types
+                window = d.get("sliding_window") if slides else None
             else:
                 window = None
             return cls(

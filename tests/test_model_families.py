@@ -127,9 +127,12 @@ def test_context_past_the_sliding_window_is_refused(family_ckpts, tmp_path):
     Qwen's only with use_sliding_window."""
     with pytest.raises(ModelLoadError, match="max_context 512 exceeds the model's sliding_window 256"):
         HybridEngine.from_pretrained(str(family_ckpts["mistral"]), device="cpu", max_context=512)
-    assert engine(with_config(family_ckpts["qwen2"], tmp_path / "off", sliding_window=64)).args.sliding_window is None
+    src, slide = family_ckpts["qwen2"], ["full_attention", "sliding_attention"]
+    assert engine(with_config(src, tmp_path / "off", sliding_window=64, layer_types=slide)).args.sliding_window is None
+    full = with_config(src, tmp_path / "full", sliding_window=64, use_sliding_window=True)   # no layer slides
+    assert engine(full).args.sliding_window is None
     with pytest.raises(ModelLoadError, match="max_context 128 exceeds the model's sliding_window 64"):
-        engine(with_config(family_ckpts["qwen2"], tmp_path / "on", sliding_window=64, use_sliding_window=True))
+        engine(with_config(src, tmp_path / "on", sliding_window=64, use_sliding_window=True, layer_types=slide))
 
 
 def test_generation_config_eos_ids_stop_generation(family_ckpts, tmp_path):
