@@ -77,7 +77,7 @@ FAMILIES = {
 }
 
 
-def make_family_checkpoint(out: Path, family: str, seed: int = 0, **sizes) -> Path:
+def make_family_checkpoint(out: Path, family: str, seed: int = 0, dtype: str = "float32", **sizes) -> Path:
     """A tiny random Qwen2 / Qwen3 / Mistral checkpoint via save_pretrained, with the BPE tokenizer. Norm
     weights (QK norms included) and Qwen2's q/k/v biases away from HF's init (1 and 0)."""
     import torch
@@ -86,7 +86,7 @@ def make_family_checkpoint(out: Path, family: str, seed: int = 0, **sizes) -> Pa
     torch.manual_seed(seed)
     cls_name, over = FAMILIES[family]
     cfg = getattr(transformers, cls_name)(**{**BASE, **over, **sizes})
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

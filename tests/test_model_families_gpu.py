@@ -84,8 +84,8 @@ def test_fp16_greedy_matches_hf_small(small_ckpts, family):
 def test_fp16_greedy_matches_hf_at_the_7b_shapes(tmp_path, preset):
     """The preset's real widths, heads, head_dim and vocab (2 layers) in an HF checkpoint, against HF."""
     hf_cfg = {k: v for k, v in PRESETS[preset].items() if k != "model_type"}
-    path = make_family_checkpoint(tmp_path / preset, PRESET_FAMILY[preset], **{**hf_cfg, "num_hidden_layers": 2,
-                                                                            "initializer_range": 0.02})
+    path = make_family_checkpoint(tmp_path / preset, PRESET_FAMILY[preset], dtype=DTYPE,
+                                  **{**hf_cfg, "num_hidden_layers": 2, "initializer_range": 0.02})
     eng = HybridEngine.from_pretrained(str(path), device=DEVICE, dtype=DTYPE, buckets=[16, 64], max_context=256,
                                        prewarm_buckets="all")
     try:
