@@ -1,4 +1,5 @@
-"""LLaMA-family model (LLaMA-2/3: MHA, GQA, rope scaling, tied or untied embeddings) over KV slots.
+"""LLaMA-family decoder over KV slots: LLaMA-2/3 (MHA, GQA, rope scaling, tied or untied embeddings), Mistral,
+Qwen2/2.5 (QKV bias) and Qwen3 (per-head QK RMSNorm): one model, the differences are ModelArgs options.
 
 Written for CUDA-graph capture: every buffer it writes is static (the KV slots, the engine's
 input/output buffers), lengths, positions and slots live in device tensors, and nothing syncs with
@@ -19,6 +20,9 @@ from .kv import KVSlots
 from .plan import KernelPlan
 
 
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 @dataclass
 class ModelArgs:
     vocab_size: int
@@ -35,11 +39,24 @@ class ModelArgs:
     tie_embeddings: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    model_type: str = "llama"
+    qkv_bias: bool = False              # Qwen2: bias on the q, k, v projections
+    qk_norm: bool = False               # Qwen3: RMSNorm over each q and k head before rope
+    sliding_window: int | None = None   # Mistral (and Qwen with use_sliding_window): attention span
 
     @classmethod
     def from_hf(cls, d: dict) -> "ModelArgs":
-        if d.get("model_type", "llama") != "llama":
-            raise ModelLoadError(f"unsupported model_type {d.get('model_type')!r}: only 'llama' checkpoints load")
+        mt = d.get("model_type", "llama")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ModelLoadError(f"unsupported model_type {mt!r}: supported model types are "
+                                 f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ModelLoadError(f"unsupported hidden_act {d['hidden_act']!r}: only 'silu' (SwiGLU MLP) loads")
+        if d.get("mlp_bias"):
+            raise ModelLoadError("unsupported mlp_bias: true (bias on the MLP projections)")
+        if d.get("attention_bias") and mt != "qwen2":
+            raise ModelLoadError(f"unsupported attention_bias: true for model_type {mt!r} (bias on the output "
+                                 "projection); only qwen2's q/k/v bias loads")
         try:
             n_heads = d["num_attention_heads"]
             rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -47,6 +64,16 @@ class ModelArgs:
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             eos = d.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            if mt == "mistral":       # HF's MistralConfig default when the key is absent
+                window = d.get("sliding_window", 4096)
+            elif mt in ("qwen2", "qwen3"):   # as HF: only with use_sliding_window, on the layers that slide
+                n_layers = d["num_hidden_layers"]
+                types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28)
+                                                 else "full_attention" for i in range(n_layers)]
+                slides = d.get("use_sliding_window") and "sliding_attention" in types
+                window = d.get("sliding_window") if slides else None
+            else:
+                window = None
             return cls(
                 vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
                 intermediate_size=d["intermediate_size"], n_layers=d["num_hidden_layers"],
@@ -57,12 +84,25 @@ class ModelArgs:
                 max_position=d.get("max_position_embeddings", 4096),
                 tie_embeddings=bool(d.get("tie_word_embeddings", False)),
                 bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids,
+                model_type=mt, qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3", sliding_window=window,
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
 
     def hash_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
+
+
+def check_context(a: ModelArgs, max_context: int) -> None:
+    """Refuse a KV cache longer than the model's positions, or than its sliding window (attention over the
+    whole cache equals sliding-window attention only while every position fits in the window)."""
+    if max_context > a.max_position:
+        raise ModelLoadError(f"max_context {max_context} exceeds the model's max_position_embeddings "
+                             f"{a.max_position}; set max_context to at most {a.max_position}")
+    if a.sliding_window is not None and max_context > a.sliding_window:
+        raise ModelLoadError(f"max_context {max_context} exceeds the model's sliding_window {a.sliding_window} "
+                             f"(sliding-window attention is not implemented); set max_context to at most "
+                             f"{a.sliding_window}")
 
 
 def rope_inv_freq(a: ModelArgs) -> torch.Tensor:
@@ -95,6 +135,7 @@ class Llama:
                  dtype: torch.dtype, kv: KVSlots, plan: KernelPlan):
         self.args, self.device, self.dtype, self.kv, self.plan = args, device, dtype, kv, plan
         a = args
+        check_context(a, kv.max_context)
 
         def w(name: str) -> torch.Tensor:
             if name not in weights:
@@ -117,8 +158,16 @@ class Llama:
                 .mul_(w(p + "post_attention_layernorm.weight")[None, :]),
                 w2=w(p + "mlp.down_proj.weight"),
             ))
+            lw = self.layers[-1]
+            # Qwen2: the q, k, v biases fused like the weights (added after the matmul); Qwen3: the per-head
+            # RMSNorm weights of q and k (head_dim each)
+            lw["bqkv"] = torch.cat([w(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if a.qkv_bias else None
+            lw["q_norm"] = w(p + "self_attn.q_norm.weight") if a.qk_norm else None
+            lw["k_norm"] = w(p + "self_attn.k_norm.weight") if a.qk_norm else None
             for x in ("q", "k", "v", "gate", "up"):   # free the unfused copies as we go
                 weights.pop(p + (f"self_attn.{x}_proj.weight" if len(x) == 1 else f"mlp.{x}_proj.weight"), None)
+                if len(x) == 1:
+                    weights.pop(p + f"self_attn.{x}_proj.bias", None)
         t = torch.arange(kv.max_context, dtype=torch.float32)
         freqs = torch.outer(t, rope_inv_freq(a))
         emb = torch.cat([freqs, freqs], dim=-1)
@@ -132,8 +181,18 @@ class Llama:
         return sum(t.numel() * t.element_size() for t in ts)
 
     def qkv_proj(self, lw: dict, r: torch.Tensor, decode: bool) -> torch.Tensor:
-        """The fused q, k, v rows (L, (H + 2 KV) hd) of the residual stream r: the attention norm + QKV matmul."""
-        return ops.norm_linear(self.plan, r, None, self.args.rms_eps, lw["wqkv"], decode)
+        """The fused q|k|v rows (L, (H + 2 KV) hd) of one layer: norm + QKV projection, then the family's
+        extras: Qwen2's bias, Qwen3's RMSNorm over each q and k head (in place, on head-sized views)."""
+        a, plan = self.args, self.plan
+        qkv = ops.norm_linear(plan, r, None, a.rms_eps, lw["wqkv"], decode)
+        if lw["bqkv"] is not None:
+            qkv.add_(lw["bqkv"])
+        if lw["q_norm"] is not None:
+            heads = qkv.view(qkv.shape[0], -1, a.head_dim)
+            for part, w in ((heads[:, :a.n_heads], lw["q_norm"]),
+                            (heads[:, a.n_heads:a.n_heads + a.n_kv_heads], lw["k_norm"])):
+                part.copy_(ops.rms_norm(plan, part.reshape(-1, a.head_dim), w, a.rms_eps).view(part.shape))
+        return qkv
 
     def _layers(self, r: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 kv_len: torch.Tensor | None) -> torch.Tensor:
@@ -195,7 +254,8 @@ class Llama:
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """config.json + *.safetensors of an HF LLaMA checkpoint dir, as (config dict, CPU tensors)."""
+    """config.json + *.safetensors of an HF checkpoint dir, as (config dict, CPU tensors). The config's
+    eos_token_id also holds generation_config.json's (chat models end turns with those)."""
     from safetensors.torch import load_file
 
     if not path.is_dir():
@@ -211,6 +271,7 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
+    _merge_generation_eos(path, cfg)
     weights: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -218,6 +279,26 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         except Exception as e:  # truncated / not safetensors
             raise ModelLoadError(f"cannot read weights file {f.name}: {e}") from None
     return cfg, weights
+
+
+def _merge_generation_eos(path: Path, cfg: dict) -> None:
+    """Add generation_config.json's eos_token_id(s) to cfg['eos_token_id'] (a list after the merge)."""
+    f = path / "generation_config.json"
+    if not f.exists():
+        return
+    try:
+        gen = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{f} is not valid JSON: {e}") from None
+    ids: list[int] = []
+    for v in (cfg.get("eos_token_id"), gen.get("eos_token_id") if isinstance(gen, dict) else None):
+        for t in (v if isinstance(v, list) else [] if v is None else [v]):
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise ModelLoadError(f"eos_token_id {t!r} in {path} is not a token id (an integer)")
+            if t not in ids:
+                ids.append(t)
+    if ids:
+        cfg["eos_token_id"] = ids
 
 
 def random_weights(a: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
@@ -245,4 +326,9 @@ def random_weights(a: ModelArgs, device: torch.device, dtype: torch.dtype, seed:
             p + "mlp.down_proj.weight": rnd(D, I),
             p + "input_layernorm.weight": ones(D), p + "post_attention_layernorm.weight": ones(D),
         })
+        if a.qkv_bias:
+            for x, n in (("q", a.n_heads), ("k", a.n_kv_heads), ("v", a.n_kv_heads)):
+                wts[p + f"self_attn.{x}_proj.bias"] = rnd(n * hd)
+        if a.qk_norm:
+            wts[p + "self_attn.q_norm.weight"], wts[p + "self_attn.k_norm.weight"] = ones(hd), ones(hd)
     return wts

@@ -1,6 +1,9 @@
-"""Tokenizers: HF checkpoints use transformers' AutoTokenizer; presets use a byte-level one."""
+"""Tokenizers: HF checkpoints use the one they ship (tokenizer.json or a SentencePiece tokenizer.model, via
+transformers); presets use a byte-level one."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -102,11 +105,41 @@ class ByteTokenizer(Tokenizer):
         return self.decode([t]).encode() if t < self.OFFSET or t >= 256 + self.OFFSET else bytes([t - self.OFFSET])
 
 
+def _tokenizer_config(path: Path) -> dict:
+    f = path / "tokenizer_config.json"
+    if not f.exists():
+        return {}
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON: {e}") from None
+    return d if isinstance(d, dict) else {}
+
+
+def load_hf_tokenizer(path: Path):
+    """The checkpoint's tokenizer as it ships: tokenizer.json (or whatever tokenizer_config.json names) through
+    AutoTokenizer; a SentencePiece tokenizer.model alone (LLaMA-2 era) through transformers' LlamaTokenizer,
+    which converts it, with LLaMA's BOS unless tokenizer_config.json says otherwise (AutoTokenizer would
+    build a generic converter without BOS that collapses repeated spaces). Chat templates come along from
+    tokenizer_config.json or chat_template.jinja."""
+    from transformers import AutoTokenizer
+
+    tc = _tokenizer_config(path)
+    has = {n: (path / n).exists() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")}
+    if not any(has.values()):
+        raise ValueError(f"{str(path)!r} has no tokenizer: add tokenizer.json (or a SentencePiece tokenizer.model)")
+    if has["tokenizer.model"] and not has["tokenizer.json"] and not tc.get("tokenizer_class"):
+        if importlib.util.find_spec("sentencepiece") is None:
+            raise ValueError(f"{str(path)!r} ships only a SentencePiece tokenizer.model: pip install sentencepiece")
+        from transformers import LlamaTokenizer
+
+        return LlamaTokenizer.from_pretrained(str(path), **({} if "add_bos_token" in tc else {"add_bos_token": True}))
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 class HFTokenizer(Tokenizer):
     def __init__(self, path: Path, eos_ids: tuple[int, ...]):
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(str(path))
+        self.tok = load_hf_tokenizer(Path(path))
         self.bos_token_id = self.tok.bos_token_id
         ids = set(eos_ids)
         if self.tok.eos_token_id is not None:

@@ -42,15 +42,19 @@ def make_tokenizer(out: Path, vocab_size: int):
     return fast
 
 
+# the tiny checkpoints' shape; max_position_embeddings covers EngineConfig's default max_context (2048),
+# which the engine refuses to exceed
+BASE = dict(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+            max_position_embeddings=2048, rms_norm_eps=1e-5, initializer_range=0.2,
+            bos_token_id=1, eos_token_id=2)
+
+
 def make_checkpoint(out: Path, variant: str, seed: int = 0, **sizes) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    base = dict(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.2,
-                bos_token_id=1, eos_token_id=2)
-    cfg = LlamaConfig(**{**base, **VARIANTS[variant], **sizes})
+    cfg = LlamaConfig(**{**BASE, **VARIANTS[variant], **sizes})
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():   # RMSNorm weights away from 1 (HF initialises them to 1; trained models are not)
         for name, p in model.named_parameters():
@@ -58,6 +62,64 @@ def make_checkpoint(out: Path, variant: str, seed: int = 0, **sizes) -> Path:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
     model.save_pretrained(out, safe_serialization=True)
     make_tokenizer(out, cfg.vocab_size)
+    return out
+
+
+FAMILIES = {
+    # name: (transformers config class, overrides): the non-LLaMA families the engine loads
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0,
+                                  rms_norm_eps=1e-6)),
+    "qwen2-tied": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)),
+    # head_dim 32, not hidden / heads = 16: the explicit head_dim Qwen3 configs carry
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=1000000.0,
+                                  rms_norm_eps=1e-6)),
+    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=256)),
+}
+
+
+def make_family_checkpoint(out: Path, family: str, seed: int = 0, dtype: str = "float32", **sizes) -> Path:
+    """A tiny random Qwen2 / Qwen3 / Mistral checkpoint via save_pretrained, with the BPE tokenizer. Norm
+    weights (QK norms included) and Qwen2's q/k/v biases away from HF's init (1 and 0)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cls_name, over = FAMILIES[family]
+    cfg = getattr(transformers, cls_name)(**{**BASE, **over, **sizes})
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("_proj.bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+    model.save_pretrained(out, safe_serialization=True)
+    make_tokenizer(out, cfg.vocab_size)
+    return out
+
+
+def make_sentencepiece_model(vocab_size: int = 320) -> bytes:
+    """A LLaMA-style SentencePiece model (BPE, byte fallback, ids 0 unk / 1 <s> / 2 </s>, no normalization)
+    trained on CORPUS: the bytes of a tokenizer.model."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   character_coverage=1.0, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True, minloglevel=2)
+    return buf.getvalue()
+
+
+def make_sentencepiece_checkpoint(out: Path, seed: int = 0) -> Path:
+    """A LLaMA-2-era checkpoint: the "gqa" model with only a SentencePiece tokenizer.model beside it (no
+    tokenizer.json, no tokenizer_config.json)."""
+    make_checkpoint(out, "gqa", seed=seed)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (out / f).unlink(missing_ok=True)
+    (out / "tokenizer.model").write_bytes(make_sentencepiece_model())
     return out
 
 
