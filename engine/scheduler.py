@@ -77,7 +77,7 @@ class Scheduler:
         with self._cv:
             if self.closing:
                 raise EngineClosedError("the engine is shut down; send the request to another replica")
-            if len(self.waiting) >= self.max_waiting:
+            if len(self.waiting) - max(0, self.cap - len(self.running)) >= self.max_waiting:   # beyond free slots
                 raise EngineBusyError(f"the engine is full: {len(self.running)} streams running and "
                                       f"{len(self.waiting)} waiting (max_waiting); retry later or on another replica")
             self.waiting.append(st)
@@ -197,7 +197,7 @@ class Scheduler:
             path = ("graph" if graph_bucket == st.bucket else "padded") if graph is not None else (
                 "jit" if self.runner.cuda else "eager")
             st.start(st.slot, path, graph_bucket)
-            j = len(admitted)
+            j = len(admitted) if self.ahead else 0     # its read-back row (CPU: read at once, row 0 again)
             self.runner.launch_prefill(st, j, graph)
             if path != "graph" and self.graphs is not None:
                 self._on_jit(("prefill", st.bucket))
@@ -255,6 +255,8 @@ class Scheduler:
         if st in self.running:
             self.running.remove(st)
         self._on_finish(st)
+        if st.future.cancelled():               # its caller gave up (asyncio cancels the wrapped future)
+            return
         if error is not None:
             st.future.set_exception(error)
         else:

@@ -35,7 +35,7 @@ class Stream:
 
     @property
     def cancelled(self) -> bool:
-        return self.cancel is not None and self.cancel.is_set()
+        return (self.cancel is not None and self.cancel.is_set()) or self.future.cancelled()
 
     @property
     def wants_more(self) -> bool:

@@ -1,0 +1,168 @@
+"""Continuous batching through the public API (generate, generate_async, stream) on CPU: requests that share
+decode steps get exactly the tokens they get alone (and HF's greedy tokens), seeded sampling does not depend on
+company, random arrivals and cancellations never leak a slot or hang, and concurrency pays."""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+import torch
+
+from engine import EngineBusyError, EngineConfig, HybridEngine, SamplingParams
+
+BUCKETS = [16, 32, 64]
+LENGTHS = [3, 9, 16, 17, 25, 33, 40, 60]          # across bucket edges; K = 8 streams
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def gather(eng: HybridEngine, prompts, params) -> list:
+    async def main():
+        return await asyncio.gather(*[eng.generate_async(p, params[i] if isinstance(params, list) else params)
+                                      for i, p in enumerate(prompts)])
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("variant", ["mha", "llama3-rope", "tied"])
+def test_eight_streams_together_give_their_tokens_alone_and_hf_greedy(checkpoints, variant):
+    from transformers import LlamaForCausalLM
+
+    path = checkpoints[variant]
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    eng = HybridEngine.from_pretrained(str(path), device="cpu", dtype="float32", buckets=BUCKETS, max_context=128,
+                                       max_batch=8)
+    g = random.Random(len(variant))
+    prompts = [[1] + [g.randrange(3, 384) for _ in range(n - 1)] for n in LENGTHS]
+    p = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    peak = []
+    eng.add_listener(lambda e: peak.append(eng.stats()["running"]) if e["type"] == "request" else None)
+    together = gather(eng, prompts, p)
+    assert max(peak) > 1                                   # they really shared steps
+    alone = [eng.generate(x, p).token_ids for x in prompts]
+    assert [r.token_ids for r in together] == alone
+    assert alone == [hf_greedy(hf, x, 10) for x in prompts]
+    eng.shutdown()
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_company():
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=BUCKETS, max_context=128, max_batch=8))
+    prompts = [[1] + list(range(5, 5 + n)) for n in LENGTHS]
+    ps = [SamplingParams(max_tokens=12, temperature=0.8 + 0.05 * i, top_p=0.9 if i % 2 else 1.0, top_k=20 * (i % 3),
+                         seed=100 + i, ignore_eos=True, frequency_penalty=0.5 if i == 3 else 0.0,
+                         logit_bias={7: 3.0} if i == 5 else {}) for i in range(len(prompts))]
+    alone = [eng.generate(x, ps[i]).token_ids for i, x in enumerate(prompts)]
+    together = [r.token_ids for r in gather(eng, prompts, ps)]
+    assert together == alone
+    other = gather(eng, prompts[:3] + [[1, 2, 3]] * 5, ps[:3] + [SamplingParams(max_tokens=30, seed=9)] * 5)
+    assert [r.token_ids for r in other[:3]] == alone[:3]    # different company, same draws
+    reseeded = eng.generate(prompts[0], SamplingParams(max_tokens=12, temperature=0.8, seed=1, ignore_eos=True))
+    assert reseeded.token_ids != alone[0]
+    eng.shutdown()
+
+
+def test_random_arrivals_and_cancellations_end_cleanly_and_free_every_slot():
+    """200 requests arriving at random times with max_batch 4: some streamed and closed early, some cancelled
+    while waiting or running; every one completes or is cancelled, and all slots are free at the end."""
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=BUCKETS, max_context=128, max_batch=4,
+                                    max_waiting=400))
+    rnd = random.Random(0)
+
+    async def one(i: int):
+        await asyncio.sleep(rnd.random() * 2.0)
+        ids = [1] + [rnd.randrange(3, 250) for _ in range(rnd.randrange(1, 60))]
+        p = SamplingParams(max_tokens=rnd.randrange(1, 24), temperature=rnd.choice([0, 0.9]), seed=i)
+        kind = i % 4
+        if kind == 0:                                   # streamed, closed after a couple of chunks
+            agen = eng.stream(ids, p)
+            async for c in agen:
+                if c.index >= 1:
+                    break
+            await agen.aclose()
+            return "closed"
+        task = asyncio.ensure_future(eng.generate_async(ids, p))
+        if kind == 1:                                   # cancelled after a random while (waiting or running)
+            await asyncio.sleep(rnd.random() * 0.05)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return "cancelled"
+        res = await task
+        assert res.finish_reason in ("length", "stop", "cancelled") and len(res.token_ids) <= p.max_tokens
+        return res.finish_reason
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*[one(i) for i in range(200)]), 300)
+
+    out = asyncio.run(main())
+    assert len(out) == 200 and {"closed", "length"} <= set(out)
+    deadline = time.monotonic() + 10
+    while eng.in_flight() and time.monotonic() < deadline:   # closed streams end at their next step
+        time.sleep(0.01)
+    st = eng.stats()
+    assert eng.in_flight() == 0 and st["running"] == 0 and st["waiting"] == 0
+    assert eng.kv.free_count == 4 and st["free_slots"] == 4
+    assert len(eng.generate([1, 5, 6], SamplingParams(max_tokens=3, ignore_eos=True)).token_ids) == 3
+    eng.shutdown()
+
+
+def test_concurrent_requests_finish_faster_than_one_after_another():
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=BUCKETS, max_context=256, max_batch=8))
+    prompts = [[1] + list(range(5, 5 + n)) for n in LENGTHS]
+    p = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    gather(eng, prompts, p)                                  # warm
+    seq, conc = [], []
+    for _ in range(3):                                       # interleaved, the best of three each (a shared CPU)
+        t0 = time.perf_counter()
+        for x in prompts:
+            eng.generate(x, p)
+        seq.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        gather(eng, prompts, p)
+        conc.append(time.perf_counter() - t0)
+    ratio = min(seq) / min(conc)
+    print(f"8 requests x 64 tokens: one after another {min(seq):.3f} s, together {min(conc):.3f} s ({ratio:.2f}x)")
+    assert ratio > 1.3
+    eng.shutdown()
+
+
+def test_full_engine_refuses_with_busy_and_tpot_objective_caps_the_batch():
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=BUCKETS, max_context=128, max_batch=2,
+                                    max_waiting=1))
+    long = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+
+    async def main():
+        running = [asyncio.ensure_future(eng.generate_async([1, 2, 3], long)) for _ in range(3)]   # 2 run, 1 waits
+        while eng.stats()["waiting"] < 1:
+            await asyncio.sleep(0.001)
+        with pytest.raises(EngineBusyError, match="full"):
+            await eng.generate_async([1, 2], long)
+        return await asyncio.gather(*running)
+
+    assert [len(r.token_ids) for r in asyncio.run(main())] == [100] * 3
+    eng.shutdown()
+    capped = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=BUCKETS, max_context=128, max_batch=4,
+                                       tpot_slo_ms=1e-6))
+    st = capped.stats()
+    assert st["max_batch"] == 1 and st["slots"] == 4 and set(st["step_ms"]) == {1, 2, 4}
+    peak = []
+    capped.add_listener(lambda e: peak.append(capped.stats()["running"]) if e["type"] == "request" else None)
+    gather(capped, [[1, 2, 3]] * 4, SamplingParams(max_tokens=5, ignore_eos=True))
+    assert max(peak) <= 1                                    # the objective holds the batch at one stream
+    capped.shutdown()
+
+
+def test_max_batch_one_runs_one_stream_at_a_time():
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=BUCKETS, max_context=128, max_batch=1))
+    assert eng.batch_sizes == [1] and eng.stats()["slots"] == 1
+    res = gather(eng, [[1, 2, 3]] * 3, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert len({tuple(r.token_ids) for r in res}) == 1
+    assert sorted(r.metrics.queue_s > 0.0005 for r in res) == [False, True, True]   # two waited for the slot
+    eng.shutdown()
