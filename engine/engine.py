@@ -160,7 +160,7 @@ class HybridEngine:
     def _restore_artifacts(self) -> None:
         """Point Triton's compile cache at this fingerprint's dir and fill it from the store (every
         file sha256-checked before it lands); the store's warm buckets join the prewarm list."""
-        from .store import ArtifactManager, fingerprint, fingerprint_fields
+        from artifacts import ArtifactManager, fingerprint, fingerprint_fields
 
         fields = fingerprint_fields(self.args.hash_dict(), str(self.dtype).replace("torch.", ""), self.device)
         root = Path(self.config.cache_dir or Path.home() / ".cache" / "hybridserve").expanduser()
