@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 import threading
@@ -160,7 +161,7 @@ class ArtifactStore:
         batch: dict[str, int] = {}
         for rel in small + [None]:
             if rel is not None:
-                batch[self.io.p(base, rel)] = v.files[rel]["size"]
+                batch[posixpath.join(base, rel)] = v.files[rel]["size"]
             if batch and (rel is None or sum(batch.values()) >= _BATCH_BYTES or len(batch) >= 256):
                 if deadline:
                     deadline.check()
@@ -176,7 +177,7 @@ class ArtifactStore:
                 batch = {}
         for rel, meta in v.files.items():
             if meta["size"] > SMALL_FILE:
-                self._stream(self.io.p(base, rel), rel, meta, staging / rel, bar, deadline)
+                self._stream(posixpath.join(base, rel), rel, meta, staging / rel, bar, deadline)
 
     def _stream(self, path: str, rel: str, meta: dict, out: Path, bar, deadline) -> None:
         h, size = hashlib.sha256(), 0
