@@ -13,7 +13,7 @@ import shutil
 import stat
 import tempfile
 import time
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 from .kinds import Rejected
 
@@ -87,10 +87,25 @@ class Backend:
             raise Rejected(f"{path}: not a regular file")
         return os.fdopen(fd, "rb")
 
-    def open_read(self, path: str) -> BinaryIO:
+    def chunks(self, path: str, limit: int) -> Iterator[bytes]:
+        """The file's bytes in chunks, stopping after ``limit + 1`` bytes (enough to tell that it
+        is larger than ``limit``); on object stores each chunk is one ranged GET."""
+        want = limit + 1
         if self.local:
-            return self._open_local(path)
-        return self.fs.open(path, "rb", block_size=4 * CHUNK, cache_type="readahead")
+            with self._open_local(path) as f:
+                while want > 0 and (chunk := f.read(min(CHUNK, want))):
+                    want -= len(chunk)
+                    yield chunk
+            return
+        pos = 0
+        while pos < want:
+            n = min(CHUNK, want - pos)
+            chunk = self.fs.cat_file(path, start=pos, end=pos + n)
+            if chunk:
+                pos += len(chunk)
+                yield chunk
+            if len(chunk) < n:          # end of file
+                return
 
     def read_prefix(self, path: str, n: int) -> bytes:
         """The first ``n`` bytes (fewer when the file is shorter)."""

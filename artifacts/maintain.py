@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import manifest as mf
-from .backend import CHUNK, TMP_PREFIX, progress_bar
+from .backend import TMP_PREFIX, progress_bar
 from .kinds import Rejected
 
 log = logging.getLogger("hybridserve.store")
@@ -83,13 +83,12 @@ def ls(store, fp: str | None = None) -> list[EntryInfo]:
 def _verify_file(store, path: str, meta: dict, bar) -> str | None:
     h, size = hashlib.sha256(), 0
     try:
-        with store.io.open_read(path) as f:
-            while chunk := f.read(min(CHUNK, meta["size"] + 1 - size)):
-                size += len(chunk)
-                if size > meta["size"]:
-                    return f"larger than manifest size {meta['size']}"
-                h.update(chunk)
-                bar.update(len(chunk))
+        for chunk in store.io.chunks(path, meta["size"]):
+            size += len(chunk)
+            if size > meta["size"]:
+                return f"larger than manifest size {meta['size']}"
+            h.update(chunk)
+            bar.update(len(chunk))
     except FileNotFoundError:
         return "missing"
     except Rejected as e:

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import maintain
 from . import manifest as mf
-from .backend import CHUNK, Backend, progress_bar
+from .backend import Backend, progress_bar
 from .maintain import EntryInfo, VerifyReport
 from .publish import PublishResult, publish
 from .kinds import Rejected, is_group, localize_group
@@ -181,21 +181,20 @@ class ArtifactStore:
 
     def _stream(self, path: str, rel: str, meta: dict, out: Path, bar, deadline) -> None:
         h, size = hashlib.sha256(), 0
+        out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            src = self.io.open_read(path)
+            with open(out, "wb") as dst:
+                for chunk in self.io.chunks(path, meta["size"]):
+                    size += len(chunk)
+                    if size > meta["size"]:
+                        raise Rejected(f"files/{rel}: larger than manifest size {meta['size']}")
+                    h.update(chunk)
+                    dst.write(chunk)
+                    bar.update(len(chunk))
+                    if deadline:
+                        deadline.check()
         except FileNotFoundError:
             raise Rejected(f"files/{rel}: missing") from None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with src, open(out, "wb") as dst:
-            while chunk := src.read(min(CHUNK, meta["size"] + 1 - size)):
-                size += len(chunk)
-                if size > meta["size"]:
-                    raise Rejected(f"files/{rel}: larger than manifest size {meta['size']}")
-                h.update(chunk)
-                dst.write(chunk)
-                bar.update(len(chunk))
-                if deadline:
-                    deadline.check()
         if size != meta["size"]:
             raise Rejected(f"files/{rel}: size {size} != manifest {meta['size']} (truncated or modified)")
         if h.hexdigest() != meta["sha256"]:
@@ -203,14 +202,18 @@ class ArtifactStore:
 
     @staticmethod
     def _commit(files: list[str], staging: Path, dest: Path) -> None:
-        """Move verified files into dest; no directory on the way may lead out of it."""
-        real_dest = os.path.realpath(dest)
+        """Move verified files into dest, creating directories one level at a time: a symlink on
+        the way (planted in the cache) is refused before anything is created through it."""
         for rel in files:
+            d = dest
+            for part in rel.split("/")[:-1]:
+                d = d / part
+                if d.is_symlink() or (d.exists() and not d.is_dir()):
+                    raise Rejected(f"files/{rel}: {d} in the cache leads out of it (symlink or not a directory)")
+                d.mkdir(exist_ok=True)
             target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            real = os.path.realpath(target.parent)
-            if real != real_dest and not real.startswith(real_dest + os.sep):
-                raise Rejected(f"files/{rel}: its directory in the cache leads out of it ({real})")
+            if target.is_symlink():
+                target.unlink()             # replace the link itself, never write through it
             os.replace(staging / rel, target)
 
     def load(self, fp: str, dest_dir: str | os.PathLike, fields: dict | None = None,
