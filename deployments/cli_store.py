@@ -199,7 +199,9 @@ def cmd_warm(args) -> int:
         key = signing_key_from_env(args.signing_key_env)
     except StoreKeyError as e:
         raise _Usage(f"${args.signing_key_env}: {e}") from None
-    if key is None and not (args.trust_unsigned and is_local_url(args.store)):
+    if args.trust_unsigned and not is_local_url(args.store):
+        raise _Usage(f"--trust-unsigned applies to a local directory only, not {args.store}")
+    if key is None and not args.trust_unsigned:
         raise _Usage(f"hybridserve warm signs what it publishes: set ${args.signing_key_env} to the "
                      "private key from `hybridserve store keygen` (or its file path); "
                      "--trust-unsigned publishes unsigned, to a local directory only")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from artifacts import ArtifactManager, ArtifactStore, StoreConfig, Trust, fingerprint_fields, generate
-from artifacts import load_private_key, load_public_key
+from artifacts import load_public_key
 
 MODEL_CFG = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2}
 KEY = "QJ7WZ3BPK2M5"          # a Triton cache key directory name
@@ -138,10 +138,6 @@ def manager(backend, fields, cache_dir, *, public=(), sign: str | None = None, u
 def reader(backend, public=(), unsigned=False) -> ArtifactStore:
     return ArtifactStore(backend[0], Trust(tuple(load_public_key(k) for k in public), unsigned),
                          storage_options=backend[1])
-
-
-def publisher(backend, priv: str) -> ArtifactStore:
-    return ArtifactStore(backend[0], storage_options=backend[1], signing_key=load_private_key(priv))
 
 
 def entry_ids(backend, fp):

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 from store_fixtures import (ARTIFACTS, KEY, MODEL_CFG, backend, cache_files, entry_ids, fields,  # noqa: F401
-                            keypair, make_cache, manager, other_keypair, overwrite, publisher,
-                            reader, s3_opts, s3_server)
+                            keypair, make_cache, manager, overwrite, reader, s3_opts, s3_server)
 
-from artifacts import ArtifactStore, StoreConfig, fingerprint, fingerprint_fields
+from artifacts import StoreConfig, fingerprint, fingerprint_fields
 from artifacts.kinds import collect
 
 REPO = Path(__file__).resolve().parents[1]
