@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from . import maintain
 from . import manifest as mf
 from .backend import Backend, progress_bar
+from .kinds import Rejected, is_group, localize_group
 from .maintain import EntryInfo, VerifyReport
 from .publish import PublishResult, publish
-from .kinds import Rejected, is_group, localize_group
 
 log = logging.getLogger("hybridserve.store")
 
@@ -96,8 +96,13 @@ class ArtifactStore:
         self.trust = trust
         self.signing_key = signing_key
 
-    url = property(lambda self: self.io.url)
-    local = property(lambda self: self.io.local)
+    @property
+    def url(self) -> str:
+        return self.io.url
+
+    @property
+    def local(self) -> bool:
+        return self.io.local
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url!r}, trust={self.trust.describe()})"
