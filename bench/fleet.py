@@ -777,7 +777,9 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="hs-fleet-"))
     store = args.store or str(tmp / "store")
     engine_cfg = {"model": args.preset, "device": args.device, "max_context": args.max_context,
-                  "store": store, "background_capture": True}
+                  "store": store, "background_capture": True,
+                  # a local dir of its own: seeded unsigned, loaded unsigned (s3:// needs keys)
+                  "store_trust_unsigned_local": "://" not in store}
     if args.layers:
         engine_cfg["num_layers"] = args.layers
 

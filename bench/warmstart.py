@@ -11,6 +11,10 @@ on the host and which path served it ("graph" = CUDA-graph replay).
   (b) seeded: same config, empty Triton cache, the store filled by (a) -> loads the artifacts,
               captures the store's warm buckets before ready, serves.
 
+The store's entries are signed: the run makes a fresh Ed25519 key pair, the cold child holds the
+private key ($HYBRIDSERVE_STORE_SIGNING_KEY) and publishes, the seeded child trusts only the
+public key (``store_public_keys``), as a replica does.
+
 Both children get their own empty TRITON_CACHE_DIR / TORCHINDUCTOR_CACHE_DIR / XDG_CACHE_HOME, so
 nothing but the store carries compile work from (a) to (b).
 
@@ -70,7 +74,7 @@ def child(opts: dict) -> dict:
 
     t_imported = time.time()
     kw = dict(model=opts["preset"], device=opts["device"], store=opts["store"],
-              prewarm_buckets=_parse_buckets(opts["prewarm"]))
+              prewarm_buckets=_parse_buckets(opts["prewarm"]), store_public_keys=[opts["public_key"]])
     if opts.get("dtype"):
         kw["dtype"] = opts["dtype"]
     if opts.get("layers"):
@@ -126,10 +130,11 @@ def child(opts: dict) -> dict:
     restore = getattr(eng, "restore_result", None)
     if restore is not None:
         out["restore"] = {k: getattr(restore, k, None)
-                          for k in ("loaded", "entry", "files", "warm_buckets", "rejected",
-                                    "skipped", "error", "seconds")}
-        if isinstance(out["restore"].get("warm_buckets"), dict):
-            out["restore"]["warm_buckets"] = {str(k): v for k, v in out["restore"]["warm_buckets"].items()}
+                          for k in ("loaded", "entry", "files", "warm_buckets", "warm_batches",
+                                    "rejected", "skipped", "error", "seconds")}
+        for k in ("warm_buckets", "warm_batches"):
+            if isinstance(out["restore"].get(k), dict):
+                out["restore"][k] = {str(b): v for b, v in out["restore"][k].items()}
 
     if opts["mode"] == "cold":
         # what this replica publishes: the buckets a warm fleet should capture before ready
@@ -173,7 +178,7 @@ def _versions() -> dict:
     return out
 
 
-def run_child(args, mode: str, store: str, work: Path, tag: str) -> dict:
+def run_child(args, mode: str, store: str, work: Path, tag: str, keys: tuple[str, str]) -> dict:
     caches = {k: work / f"{tag}-{k.lower()}" for k in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
                                                       "XDG_CACHE_HOME", "HYBRIDSERVE_CACHE_DIR")}
     for d in caches.values():
@@ -181,7 +186,10 @@ def run_child(args, mode: str, store: str, work: Path, tag: str) -> dict:
         d.mkdir(parents=True)
     env = dict(os.environ, **{k: str(v) for k, v in caches.items()})
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    opts = {"mode": mode, "store": store, "preset": args.preset, "device": args.device,
+    env.pop("HYBRIDSERVE_STORE_SIGNING_KEY", None)
+    if mode == "cold":                  # the publisher holds the private key, the replica does not
+        env["HYBRIDSERVE_STORE_SIGNING_KEY"] = keys[0]
+    opts = {"mode": mode, "store": store, "public_key": keys[1], "preset": args.preset, "device": args.device,
             "dtype": args.dtype, "layers": args.layers, "buckets": args.buckets,
             "max_context": args.max_context, "prewarm": args.prewarm,
             "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
@@ -208,14 +216,15 @@ def run_child(args, mode: str, store: str, work: Path, tag: str) -> dict:
     return r
 
 
-def _store_entries(store: str) -> list[dict]:
+def _store_entries(store: str, public_key: str) -> list[dict]:
     sys.path.insert(0, str(REPO))
-    from engine.store import ArtifactStore
+    from artifacts import ArtifactStore, Trust, load_public_key
 
     return [{"fingerprint": i.fingerprint, "entry": i.entry, "complete": i.complete,
-             "files": i.files, "bytes": i.bytes,
-             "warm_buckets": {str(k): v for k, v in i.warm_buckets.items()}}
-            for i in ArtifactStore(store).ls()]
+             "trusted": i.trusted, "files": i.files, "bytes": i.bytes,
+             "warm_buckets": {str(k): v for k, v in i.warm_buckets.items()},
+             "warm_batches": {str(k): v for k, v in i.warm_batches.items()}}
+            for i in ArtifactStore(store, Trust((load_public_key(public_key),))).ls()]
 
 
 def _median(xs):
@@ -255,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         print(RESULT_TAG + json.dumps(res, default=str), flush=True)
         return 0
 
+    sys.path.insert(0, str(REPO))
+    from artifacts import generate
+
     work = Path(args.workdir or tempfile.mkdtemp(prefix="warmstart-"))
     work.mkdir(parents=True, exist_ok=True)
     store_root = Path(args.store) if args.store else work / "store"
@@ -264,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(store, ignore_errors=True)
         store.mkdir(parents=True)
         print(f"[{rep}] cold start (empty store {store}) ...", file=sys.stderr, flush=True)
-        cold = run_child(args, "cold", str(store), work, f"cold{rep}")
-        entries = _store_entries(str(store))
+        keys = generate()
+        cold = run_child(args, "cold", str(store), work, f"cold{rep}", keys)
+        entries = _store_entries(str(store), keys[1])
         print(f"[{rep}]   ready {cold['process_start_to_ready_s']:.1f}s, first token "
               f"{cold['process_start_to_first_token_s']:.1f}s ({cold['first_request']['path']}); "
               f"published {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}",
@@ -275,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                   "(engine not wired to the store, or nothing to publish on this device)",
                   file=sys.stderr, flush=True)
         print(f"[{rep}] seeded start ...", file=sys.stderr, flush=True)
-        seeded = run_child(args, "seeded", str(store), work, f"seeded{rep}")
+        seeded = run_child(args, "seeded", str(store), work, f"seeded{rep}", keys)
         print(f"[{rep}]   ready {seeded['process_start_to_ready_s']:.1f}s, first token "
               f"{seeded['process_start_to_first_token_s']:.1f}s ({seeded['first_request']['path']})",
               file=sys.stderr, flush=True)

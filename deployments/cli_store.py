@@ -1,9 +1,11 @@
-"""`hybridserve warm` and `hybridserve store ls|verify|prune`: the artifact store from a shell.
+"""`hybridserve warm` and `hybridserve store keygen|ls|verify|prune`: the artifact store from a shell.
 
-    hybridserve warm --preset llama-2-7b --store /shared/hybridserve-store          # on a GPU box
-    hybridserve store ls --store s3://bucket/hybridserve --endpoint-url http://minio:9000
-    hybridserve store verify --store /shared/hybridserve-store      # exit 1 if any entry is bad
-    hybridserve store prune --store /shared/hybridserve-store --keep 2 [--invalid] [--dry-run]
+    hybridserve store keygen --out ~/.hybridserve/store-key          # once; key + key.pub
+    HYBRIDSERVE_STORE_SIGNING_KEY=~/.hybridserve/store-key \
+      hybridserve warm --preset llama-2-7b --store s3://bucket/hybridserve   # on a GPU box: signs
+    hybridserve store ls --store s3://bucket/hybridserve --public-key ~/.hybridserve/store-key.pub
+    hybridserve store verify --store /shared/store --public-key KEY.pub     # exit 1 if any entry is bad
+    hybridserve store prune --store /shared/store --public-key KEY.pub --keep 2 [--invalid] [--dry-run]
 """
 from __future__ import annotations
 
@@ -25,14 +27,38 @@ def _progress_factory():
     return make
 
 
-def _open_store(args) -> "Any":
-    from engine.store import ArtifactStore, hmac_key_from_env
+class _Usage(Exception):
+    """A command-line mistake: printed, exit status 2."""
 
-    opts = None
-    if getattr(args, "endpoint_url", None):
-        opts = {"endpoint_url": args.endpoint_url}
-    return ArtifactStore(args.store, hmac_key=hmac_key_from_env(args.key_env),
-                         storage_options=opts)
+
+def _open_store(args) -> "Any":
+    from artifacts import ArtifactStore, StoreKeyError, Trust, load_public_key
+    from artifacts.keys import signing_key_from_env
+
+    opts = {"endpoint_url": args.endpoint_url} if getattr(args, "endpoint_url", None) else None
+    try:
+        trust = Trust(tuple(load_public_key(k) for k in args.public_key), args.trust_unsigned)
+        return ArtifactStore(args.store, trust, storage_options=opts,
+                             signing_key=signing_key_from_env(args.signing_key_env))
+    except (StoreKeyError, ValueError) as e:
+        raise _Usage(str(e)) from None
+
+
+def _guard(fn):
+    """fn(args) with a command-line mistake printed as one line and exit status 2."""
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except _Usage as e:
+            print(f"hybridserve: {e}", file=sys.stderr)
+            return 2
+    run.__wrapped__ = fn
+    return run
+
+
+def _no_trust_note(store) -> str:
+    return ("" if store.trust.any else " (no trusted key given: pass --public-key KEY.pub, or "
+            "--trust-unsigned for a local directory)")
 
 
 def _fmt_size(n: int) -> str:
@@ -55,31 +81,43 @@ def cmd_ls(args) -> int:
     from rich.table import Table
 
     store = _open_store(args)
+    if not store.exists():
+        print(f"store {args.store}: does not exist (no such directory, or nothing stored under "
+              "that bucket/prefix)", file=sys.stderr)
+        return 1
     infos = store.ls(args.fingerprint)
     if args.json:
         print(json.dumps([{
             "fingerprint": i.fingerprint, "entry": i.entry, "complete": i.complete,
-            "created": i.created, "files": i.files, "bytes": i.bytes, "signed": i.signed,
-            "latest": i.latest, "warm_buckets": {str(k): v for k, v in i.warm_buckets.items()},
+            "created": i.created, "files": i.files, "bytes": i.bytes, "signer": i.signer,
+            "trusted": i.trusted, "error": i.error, "latest": i.latest,
+            "warm_buckets": {str(k): v for k, v in i.warm_buckets.items()},
+            "warm_batches": {str(k): v for k, v in i.warm_batches.items()},
             "fields": i.fields} for i in infos], indent=1))
         return 0
-    console = Console(width=max(Console().width, 160))
+    console = Console(width=max(Console().width, 200))
     if not infos:
-        console.print(f"store {args.store}: empty")
+        console.print(f"store {args.store}: exists, no entries")
         return 0
     t = Table(title=f"artifact store {args.store}")
     for col in ("fingerprint", "entry", "state", "created", "files", "size", "warm buckets",
-                "signed", "dtype / arch / torch / triton / engine"):
+                "warm batches", "signer", "trusted", "dtype / arch / torch / triton / engine"):
         t.add_column(col)
     for i in infos:
         f = i.fields
         t.add_row(i.fingerprint, i.entry + (" (latest)" if i.latest else ""),
                   "complete" if i.complete else "incomplete", _fmt_time(i.created), str(i.files),
                   _fmt_size(i.bytes), ",".join(str(b) for b in i.warm_buckets) or "-",
-                  "yes" if i.signed else "no",
+                  ",".join(str(b) for b in i.warm_batches) or "-", i.signer or "unsigned",
+                  "yes" if i.trusted else "no",
                   " / ".join(str(f.get(k, "-")) for k in
                              ("dtype", "compute_capability", "torch", "triton", "engine")))
     console.print(t)
+    for i in infos:
+        if i.complete and not i.trusted:
+            console.print(f"not trusted {i.fingerprint}/{i.entry}: {i.error}", soft_wrap=True)
+    if not store.trust.any:
+        console.print(_no_trust_note(store).strip(" ()"))
     return 0
 
 
@@ -93,9 +131,7 @@ def cmd_verify(args) -> int:
         else:
             bad += 1
             print(f"FAILED  {r.fingerprint}/{r.entry}: " + "; ".join(r.errors))
-    print(f"{len(reports)} entries checked, {bad} failed"
-          + ("" if store.hmac_key else " (signatures not checked: no key in "
-             f"${args.key_env})"))
+    print(f"{len(reports)} entries checked, {bad} failed" + _no_trust_note(store))
     return 1 if bad else 0
 
 
@@ -104,9 +140,38 @@ def cmd_prune(args) -> int:
     removed = store.prune(keep=args.keep, incomplete_grace_s=args.grace,
                           remove_invalid=args.invalid, fp=args.fingerprint, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
+    if not store.trust.any:
+        print("note: no trusted key given, so no entry counts as valid; only incomplete ones "
+              "(and with --invalid, all) are removed", file=sys.stderr)
     for r in removed:
         print(f"{verb} {r}")
     print(f"{verb} {len(removed)} item(s)")
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    import os
+    from pathlib import Path
+
+    from artifacts import generate
+
+    priv_path = Path(os.path.expanduser(args.out))
+    pub_path = priv_path.with_name(priv_path.name + ".pub")
+    for p in (priv_path, pub_path):
+        if p.exists() and not args.force:
+            raise _Usage(f"{p} exists; pass --force to replace it (entries signed with the old key "
+                         "then stop loading on replicas that trust only the new one)")
+    priv, pub = generate()
+    priv_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(priv + "\n")
+    os.chmod(priv_path, 0o600)
+    pub_path.write_text(pub + "\n")
+    print(f"private key: {priv_path} (only where artifacts are built: "
+          f"HYBRIDSERVE_STORE_SIGNING_KEY={priv_path} hybridserve warm ...)")
+    print(f"public key:  {pub_path}")
+    print(f"replicas (serve_config.yaml, engine:):  store_public_keys: [\"{pub}\"]")
     return 0
 
 
@@ -124,12 +189,26 @@ def cmd_warm(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from artifacts import StoreKeyError
+    from artifacts.config import is_local_url
+    from artifacts.keys import signing_key_from_env
     from engine import EngineConfig, HybridEngine
-    from engine.store import ArtifactStore, hmac_key_from_env
 
     console = Console(stderr=True)
+    try:
+        key = signing_key_from_env(args.signing_key_env)
+    except StoreKeyError as e:
+        raise _Usage(f"${args.signing_key_env}: {e}") from None
+    if args.trust_unsigned and not is_local_url(args.store):
+        raise _Usage(f"--trust-unsigned applies to a local directory only, not {args.store}")
+    if key is None and not args.trust_unsigned:
+        raise _Usage(f"hybridserve warm signs what it publishes: set ${args.signing_key_env} to the "
+                     "private key from `hybridserve store keygen` (or its file path); "
+                     "--trust-unsigned publishes unsigned, to a local directory only")
     kw: dict[str, Any] = dict(model=args.preset, store=args.store, prewarm_buckets="all",
-                              device=args.device, dtype=args.dtype)
+                              device=args.device, dtype=args.dtype,
+                              store_signing_key_env=args.signing_key_env,
+                              store_trust_unsigned_local=bool(args.trust_unsigned))
     if args.buckets:
         kw["buckets"] = args.buckets
     if args.max_context:
@@ -162,7 +241,7 @@ def cmd_warm(args) -> int:
     total_s = time.perf_counter() - t0
 
     fp = getattr(mgr, "fingerprint", None)
-    store = ArtifactStore(args.store, hmac_key=hmac_key_from_env(cfg.store_hmac_key_env))
+    store = mgr.store
     entries = [i for i in store.ls(fp) if i.complete] if fp else [i for i in store.ls() if i.complete]
     t = Table(title=f"hybridserve warm {args.preset}")
     t.add_column("item")
@@ -197,8 +276,12 @@ def _store_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="store URL: a local directory or fsspec URL such as s3://bucket/prefix")
     p.add_argument("--endpoint-url", default=None,
                    help="S3-compatible endpoint (else $AWS_ENDPOINT_URL / AWS defaults)")
-    p.add_argument("--key-env", default="HYBRIDSERVE_STORE_KEY",
-                   help="environment variable holding the manifest HMAC key (optional)")
+    p.add_argument("--public-key", action="append", default=[],
+                   help="trusted Ed25519 public key (ed25519:... or a .pub file); repeatable")
+    p.add_argument("--trust-unsigned", action="store_true",
+                   help="also trust unsigned entries (a local directory only)")
+    p.add_argument("--signing-key-env", default="HYBRIDSERVE_STORE_SIGNING_KEY",
+                   help="env var with the publisher's private key (its entries count as trusted)")
 
 
 def add_parser(subparsers) -> None:
@@ -218,21 +301,29 @@ def add_parser(subparsers) -> None:
         w.add_argument("--max-context", type=int, default=None)
         w.add_argument("--timeout", type=float, default=1800.0,
                        help="seconds to wait for background captures")
-        w.set_defaults(func=cmd_warm)
+        w.add_argument("--signing-key-env", default="HYBRIDSERVE_STORE_SIGNING_KEY",
+                       help="env var with the private key that signs the entry")
+        w.add_argument("--trust-unsigned", action="store_true",
+                       help="publish unsigned (a local directory whose replicas opt in)")
+        w.set_defaults(func=_guard(cmd_warm))
 
     if "store" not in names:
-        s = subparsers.add_parser("store", help="inspect / verify / prune the artifact store")
+        s = subparsers.add_parser("store", help="keys for / inspect / verify / prune the artifact store")
         ss = s.add_subparsers(dest="store_command", required=True)
+        p = ss.add_parser("keygen", help="new Ed25519 key pair: PATH (private) and PATH.pub")
+        p.add_argument("--out", required=True, help="private key file (written 0600); PATH.pub too")
+        p.add_argument("--force", action="store_true", help="replace existing files")
+        p.set_defaults(func=_guard(cmd_keygen))
         p = ss.add_parser("ls", help="list entries")
         _store_args(p)
         p.add_argument("--fingerprint", default=None)
         p.add_argument("--json", action="store_true")
-        p.set_defaults(func=cmd_ls)
-        p = ss.add_parser("verify", help="check every file's sha256 (and signatures with a key)")
+        p.set_defaults(func=_guard(cmd_ls))
+        p = ss.add_parser("verify", help="check signatures and every file's size and sha256")
         _store_args(p)
         p.add_argument("--fingerprint", default=None)
         p.add_argument("--entry", default=None)
-        p.set_defaults(func=cmd_verify)
+        p.set_defaults(func=_guard(cmd_verify))
         p = ss.add_parser("prune", help="remove old, incomplete (and --invalid) entries")
         _store_args(p)
         p.add_argument("--fingerprint", default=None)
@@ -241,4 +332,4 @@ def add_parser(subparsers) -> None:
                        help="seconds before an incomplete entry counts as abandoned")
         p.add_argument("--invalid", action="store_true", help="also remove entries failing verify")
         p.add_argument("--dry-run", action="store_true")
-        p.set_defaults(func=cmd_prune)
+        p.set_defaults(func=_guard(cmd_prune))

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from artifacts.config import StoreConfig
 
 DEFAULT_BUCKETS = [16, 32, 64, 128, 256, 384, 512, 1024, 2048]
 
 
-class EngineConfig(BaseModel):
-    """Everything one HybridEngine needs. serve_config.yaml's ``engine:`` section is this model."""
+class EngineConfig(StoreConfig):
+    """Everything one HybridEngine needs. serve_config.yaml's ``engine:`` section is this model; the
+    artifact store's settings (``store``, ``store_public_keys``, ...) come from artifacts.StoreConfig."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -52,10 +55,7 @@ class EngineConfig(BaseModel):
                                                  "~0.3 ms of TTFT on an H100 VM); it busies one CPU core meanwhile")
     num_layers: int | None = Field(None, ge=1, description="presets only: override layer count (benchmarks)")
     seed: int = Field(0, description="seed for random preset weights")
-    store: str | None = Field(None, description="artifact store: local dir or fsspec URL (s3://...)")
     cache_dir: str | None = Field(None, description="local compile cache (default ~/.cache/hybridserve/<fingerprint>)")
-    store_hmac_key_env: str = Field("HYBRIDSERVE_STORE_KEY",
-                                    description="env var holding the HMAC key for manifests (optional)")
 
     @field_validator("buckets")
     @classmethod

@@ -120,9 +120,9 @@ class HybridEngine:
 
     # ---------------------------------------------------------------- artifact store
     def _restore_artifacts(self) -> None:
-        """Point Triton's compile cache at this fingerprint's dir and fill it from the store (every file verified
-        before it lands); the store's warm buckets and batch sizes join the prewarm lists."""
-        from .store import ArtifactManager, fingerprint, fingerprint_fields
+        """Point Triton's compile cache at this fingerprint's dir and fill it from the store (only signed
+        entries this replica trusts); the store's warm buckets and batch sizes join the prewarm lists."""
+        from artifacts import ArtifactManager, fingerprint, fingerprint_fields
 
         fields = fingerprint_fields(self.args.hash_dict(), str(self.dtype).replace("torch.", ""), self.device)
         root = Path(self.config.cache_dir or Path.home() / ".cache" / "hybridserve").expanduser()
@@ -143,8 +143,7 @@ class HybridEngine:
             self._emit({"type": "store", "action": "reject", "reason": f"store unavailable: {res.error}"})
         if res.loaded:
             self.store_warm = {b: c for b, c in res.warm_buckets.items() if b in self.buckets}
-            self.store_warm_batches = {b: c for b, c in getattr(res, "warm_batches", {}).items()
-                                       if b in self.batch_sizes}
+            self.store_warm_batches = {b: c for b, c in res.warm_batches.items() if b in self.batch_sizes}
             self._emit({"type": "store", "action": "load", "reason": f"{res.files} files, entry {res.entry}"})
             log.info("artifact store: loaded %d files in %.2f s; warm buckets %s", res.files, res.seconds,
                      sorted(self.store_warm))
@@ -155,7 +154,7 @@ class HybridEngine:
             return
 
         def work() -> None:
-            if self.artifacts.publish(self.graphs.cost_ms("prefill")):
+            if self.artifacts.publish(self.graphs.cost_ms("prefill"), self.graphs.cost_ms("decode")):
                 self._emit({"type": "store", "action": "publish", "reason": self.artifacts.fingerprint})
                 try:   # each publish is a full entry: keep the newest two of this fingerprint
                     self.artifacts.store.prune(keep=2, fp=self.artifacts.fingerprint)

@@ -426,7 +426,7 @@ def test_replica_killed_under_load(cluster, tmp_path):
     if use_store:
         store = tmp_path / "store"
         _publish_entry(store, tmp_path, tmp_path / "unused")
-        cluster.deploy(engine={**BASE_ARGS["engine"], "store": str(store),
+        cluster.deploy(engine={**BASE_ARGS["engine"], "store": str(store), "store_public_keys": [_store_keys()[1]],
                                "cache_dir": str(tmp_path / "cache")})
     before = cluster.replicas()
     assert len(before) == 2, before
@@ -571,9 +571,21 @@ def test_graceful_redeploy_lets_inflight_stream_finish(cluster):
 
 # --------------------------------------------------------------------------- artifact store faults
 def _engine_uses_store() -> bool:
-    """engine/engine.py wires EngineConfig.store (engine/store.py) in."""
+    """engine/engine.py wires EngineConfig.store (the artifacts package) in."""
     src = (REPO / "engine" / "engine.py").read_text()
-    return "restore_result" in src and "from .store import" in src
+    return "restore_result" in src and "from artifacts import" in src
+
+
+_KEYS: list = []
+
+
+def _store_keys() -> tuple[str, str]:
+    """One Ed25519 pair for this module: entries are signed, replicas trust the public key."""
+    if not _KEYS:
+        from artifacts import generate
+
+        _KEYS.append(generate())
+    return _KEYS[0]
 
 
 def _serve_logs_mention(needle: str, since: float) -> bool:
@@ -596,16 +608,17 @@ def _publish_entry(store: Path, tmp_path: Path, marker: Path) -> Path:
 
     from engine.model import ModelArgs
     from engine.presets import PRESETS
-    from engine.store import ArtifactStore, fingerprint, fingerprint_fields
+    from artifacts import ArtifactStore, fingerprint, fingerprint_fields, load_private_key
 
     fields = fingerprint_fields(ModelArgs.from_hf(dict(PRESETS["tiny"])).hash_dict(), "float32",
                                 torch.device("cpu"))
     fp = fingerprint(fields)
     src = tmp_path / "artifacts"
-    (src / "triton").mkdir(parents=True)
-    (src / "triton" / "kernel_launcher.py").write_text("X = 1\n" + "#" * 293 + "\n")   # 300 bytes
-    ArtifactStore(str(store)).publish(fp, fields, src, warm_buckets={16: 1.0})
-    (stored,) = [f for f in store.rglob("kernel_launcher.py")]
+    (src / "triton" / "K1").mkdir(parents=True)
+    (src / "triton" / "K1" / "kernel_launcher.ptx").write_text("X = 1\n" + "#" * 293 + "\n")   # 300 bytes
+    ArtifactStore(str(store), signing_key=load_private_key(_store_keys()[0])).publish(
+        fp, fields, src, warm_buckets={16: 1.0})
+    (stored,) = [f for f in store.rglob("kernel_launcher.ptx")]
     return stored
 
 
@@ -631,6 +644,7 @@ def test_store_faults_leave_replica_serving(cluster, tmp_path, fault):
             assert stored.stat().st_size == 300
     t0 = time.time()
     cluster.deploy(num_replicas=1, engine={**BASE_ARGS["engine"], "store": str(store),
+                                           "store_public_keys": [_store_keys()[1]],
                                            "cache_dir": str(tmp_path / "cache")})
     r = post("/v1/completions", {"prompt": "still serving", "max_tokens": 4})
     assert r.status_code == 200, r.text
@@ -646,7 +660,7 @@ def test_store_faults_leave_replica_serving(cluster, tmp_path, fault):
         assert st["rejected"], st
         assert _serve_logs_mention("nothing restored", t0)
     assert not marker.exists(), "tampered artifact code was executed"
-    bad = list((tmp_path / "cache").rglob("kernel_launcher.py"))
+    bad = list((tmp_path / "cache").rglob("kernel_launcher.ptx"))
     assert not bad, f"a rejected artifact reached the compile cache: {bad}"
     _record(f"store_{fault}", {"loaded": st["loaded"], "reason": (st["rejected"] or [st["error"]])[0]
                                if fault != "missing" else "no entry / store missing"})
