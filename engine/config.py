@@ -50,9 +50,9 @@ class EngineConfig(StoreConfig):
     max_pad_factor: float = Field(
         4.0, ge=0, description="CUDA: a prompt whose bucket has no graph yet replays the smallest warm bucket "
                                "up to this many times larger (padding) instead of the JIT path; 0 = off")
-    spin_s: float = Field(0.5, ge=0, description="CUDA: after each request the engine thread polls for the next "
-                                                 "one this long before it sleeps (waking a sleeping thread cost "
-                                                 "~0.3 ms of TTFT on an H100 VM); it busies one CPU core meanwhile")
+    spin_s: float = Field(0.5, ge=0, description="CUDA: once idle the engine thread polls for the next request "
+                                                 "this long before it sleeps (waking a sleeping thread costs TTFT); "
+                                                 "it busies one CPU core meanwhile")
     num_layers: int | None = Field(None, ge=1, description="presets only: override layer count (benchmarks)")
     seed: int = Field(0, description="seed for random preset weights")
     cache_dir: str | None = Field(None, description="local compile cache (default ~/.cache/hybridserve/<fingerprint>)")

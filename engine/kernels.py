@@ -353,22 +353,25 @@ def _decode_attn_reduce_kernel(O_PART, LSE_PART, OUT, n_heads, HD: tl.constexpr,
 
 ATTN_SPLITS = 16      # programs per kv head and row (power of 2); each takes 1/16 of the live length
 ATTN_BLOCK_N = 32     # positions per tile
-_scratch: dict = {}
+
+
+def attention_scratch(rows: int, H: int, hd: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split attention's partial outputs and log-sum-exps for up to `rows` rows: allocated once per model,
+    outside any graph, so every captured graph points at the same live buffers."""
+    return (torch.empty((rows, H, ATTN_SPLITS, hd), device=device, dtype=torch.float32),
+            torch.empty((rows, H, ATTN_SPLITS), device=device, dtype=torch.float32))
 
 
 def _decode_attention(q_or_qkv, k_cache, v_cache, kv_len, sm_scale, H, hd, cos=None, sin=None, slots=None,
-                      pdl=False):
+                      pdl=False, scratch=None):
     B = q_or_qkv.shape[0]
     slots, stride_kh, stride_slot = _slot_view(k_cache, slots)
     n_kv = k_cache.shape[-3]
     group = H // n_kv
     n_splits, block_n = ATTN_SPLITS, ATTN_BLOCK_N
     dev = q_or_qkv.device
-    key = (dev, H, hd, n_splits)
-    if key not in _scratch or _scratch[key][0].shape[0] < B:  # fixed scratch, allocated at warm-up (largest batch first)
-        _scratch[key] = (torch.empty((B, H, n_splits, hd), device=dev, dtype=torch.float32),
-                         torch.empty((B, H, n_splits), device=dev, dtype=torch.float32))
-    o_part, lse_part = _scratch[key]
+    o_part, lse_part = scratch if scratch is not None else attention_scratch(B, H, hd, dev)
+    assert o_part.shape[0] >= B
     out = torch.empty((B, H, hd), device=dev, dtype=q_or_qkv.dtype)
     rope = cos is not None
     q2 = q_or_qkv.reshape(B, -1)
@@ -383,16 +386,18 @@ def _decode_attention(q_or_qkv, k_cache, v_cache, kv_len, sm_scale, H, hd, cos=N
     return out
 
 
-def decode_attention(q, k_cache, v_cache, kv_len, sm_scale, slots=None, pdl=False):
+def decode_attention(q, k_cache, v_cache, kv_len, sm_scale, slots=None, pdl=False, scratch=None):
     """q (B, H, hd), already rotated, its K/V already in the cache; kv_len (B,) and slots (B,) device tensors."""
-    return _decode_attention(q, k_cache, v_cache, kv_len, sm_scale, q.shape[1], q.shape[2], slots=slots, pdl=pdl)
+    return _decode_attention(q, k_cache, v_cache, kv_len, sm_scale, q.shape[1], q.shape[2], slots=slots, pdl=pdl,
+                             scratch=scratch)
 
 
-def decode_rope_attention(qkv, cos, sin, k_cache, v_cache, kv_len, n_heads, hd, sm_scale, slots=None, pdl=False):
+def decode_rope_attention(qkv, cos, sin, k_cache, v_cache, kv_len, n_heads, hd, sm_scale, slots=None, pdl=False,
+                          scratch=None):
     """B decode rows' attention from their fused qkv rows (B, (H + 2 KV) hd), row b at position kv_len[b] - 1 of
     slot slots[b]: rope, its K/V into the slot and the split attention in one launch, then the reduce.
     Returns (B, H, hd)."""
-    return _decode_attention(qkv, k_cache, v_cache, kv_len, sm_scale, n_heads, hd, cos, sin, slots, pdl)
+    return _decode_attention(qkv, k_cache, v_cache, kv_len, sm_scale, n_heads, hd, cos, sin, slots, pdl, scratch)
 
 
 # ------------------------------------------------------------------ skinny matmul (decode GEMV)
@@ -403,19 +408,14 @@ _ROW_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "WX": False}, num_w
                 for bn, bk, w, s in [(8, 512, 4, 4), (4, 1024, 4, 4), (8, 1024, 8, 3), (2, 2048, 8, 4),
                                      (2, 2048, 8, 3), (4, 2048, 4, 3), (2, 1024, 4, 4), (16, 512, 8, 3)]]
 # 16 rows (prefill bucket 16): tl.dot tiles. WX puts the weight tile in the MMA's A operand (acc is
-# (BLOCK_N, 16)), else x is A and BLOCK_N the MMA's N. Each program re-reads x (16 x K, from L2) for its
-# BLOCK_N weight rows, so BLOCK_N = 16 doubles the on-chip traffic of the weight stream. The list is the
-# top of bench/gemv16.py's sweep (H100, 2026-11-27: e.g. gate_up 65.8 -> 62.3 us with WX 64 x 128,
-# 4 warps, 6 stages; the one-row GEMV streams the same weights in 59.3 us) plus the earlier picks.
+# (BLOCK_N, 16)), else x is A and BLOCK_N the MMA's N (docs/decisions/kernels.md: how the list was chosen).
 _ROWS16_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "WX": wx}, num_warps=w, num_stages=s)
                    for bn, bk, wx, w, s in [(64, 128, True, 4, 6), (64, 128, True, 4, 4), (32, 128, False, 4, 4),
                                             (32, 256, True, 4, 4), (32, 256, False, 4, 4), (16, 256, False, 4, 4),
                                             (32, 256, False, 8, 3)]]
-# 17-64 rows (buckets 32 and 64, with ops.SKINNY_MAX_ROWS raised): one WX tile, no autotuning. bench/gemm_mid.py (H100,
-# 2026-11-27): 64 x 128, 4 warps, 6 stages is the best or within 2 % of the best tile for every 7B shape at 32 and 64
-# rows, and beats cuBLAS on gate_up (64.2 vs 67.5 us at 32 rows, 66.9 vs 71.6 at 64), qkv and down at 32 rows, alone
-# in a graph; splitting K over more programs did not help. The autotuner (Python-launched timings of 15-70 us
-# kernels) picked 64 x 64 tiles for gate_up, which lost in the graph (H200, bucket 64: +246 us).
+# 17-64 rows (prefill bucket 32, decode rows at every batch size >= 2): one pinned WX tile, no autotuning (the
+# autotuner's Python-launched timings picked tiles that lost inside graphs: docs/decisions/kernels.md). One tile
+# also makes a row's arithmetic the same whatever the batch size.
 _ROWS64_CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "WX": True}, num_warps=4, num_stages=6)]
 
 
@@ -485,21 +485,20 @@ def _rows_chunk(acc, acc_u, ss, w, wu, X, LN, m, mmask, k, K, NORM: tl.constexpr
 def _skinny_kernel(X, LN, W, Y, M, N, K, eps, BLOCK_M: tl.constexpr, NORM: tl.constexpr, HAS_LN: tl.constexpr,
                    RES: tl.constexpr, SWIGLU: tl.constexpr, USE_PDL: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WX: tl.constexpr):
-    """Y = act(x) @ W.T for M <= 64 rows (the engine: up to ops.SKINNY_MAX_ROWS). Every program walks all of K,
+    """Y = act(x) @ W.T for M <= 64 rows (the engine: up to KernelPlan.skinny_max_rows). Every program walks all of K,
     so it sees each row of x whole:
     NORM: the RMSNorm of x runs inside the K loop (x * LN feeds the dot, or x alone when the norm weight
           is folded into W (HAS_LN False); sum(x^2) accumulates beside it, the dot is scaled by rstd at the
           end): no norm kernel, no normed copy of x. One row only in the engine (at 16 rows every program
           would redo the x-side work, and x changed in registers cannot feed the tensor cores from the
-          async copy pipeline: bench/NOTES.md steps 10 and 21).
+          async copy pipeline).
     RES:  Y is the residual stream: Y += result in place (rounded as the eager model rounds r + y).
     SWIGLU: W is [gate | up] (2N rows) and Y = silu(x @ gate.T) * (x @ up.T) (N columns): each program
           streams its BLOCK_N gate rows and the same BLOCK_N up rows and applies the SiLU in its epilogue,
           so the down projection reads a plain activation (no SiLU kernel, no SiLU in its loads).
     One row (decode): the first two weight chunks load before the PDL wait (they do not depend on the
     previous kernel; with BLOCK_K = 2048 that is all of a 4096-wide row), x, LN and Y after it, the rest
-    of K through the pipelined loop. More rows: the plain pipelined loop after the wait (peeling two of its
-    ~16 short chunks cost more than the early loads gained: bucket-16 prefill +60 µs on an H200)."""
+    of K through the pipelined loop. More rows: the plain pipelined loop after the wait."""
     _pdl_start(USE_PDL)
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)

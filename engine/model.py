@@ -174,6 +174,10 @@ class Llama:
         self.cos = emb.cos().to(device=device, dtype=dtype).contiguous()
         self.sin = emb.sin().to(device=device, dtype=dtype).contiguous()
         self.sm_scale = 1.0 / math.sqrt(a.head_dim)
+        self.attn_scratch = None
+        if plan.triton and device.type == "cuda":
+            from .kernels import attention_scratch
+            self.attn_scratch = attention_scratch(kv.slots + 1, a.n_heads, a.head_dim, device)
 
     def weight_bytes(self) -> int:
         ts = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
@@ -206,7 +210,8 @@ class Llama:
             qkv = self.qkv_proj(lw, r, decode)
             if decode:
                 attn = ops.decode_rope_attention(plan, qkv, positions, kv_len, slots, self.cos, self.sin, kv.k[i],
-                                                 kv.v[i], a.n_heads, a.n_kv_heads, a.head_dim, self.sm_scale)
+                                                 kv.v[i], a.n_heads, a.n_kv_heads, a.head_dim, self.sm_scale,
+                                                 self.attn_scratch)
             else:
                 attn = ops.prefill_rope_attention(plan, qkv, positions, slots, self.cos, self.sin, kv.k[i], kv.v[i],
                                                   a.n_heads, a.n_kv_heads, a.head_dim, self.sm_scale)

@@ -140,13 +140,15 @@ def prefill_rope_attention(plan: KernelPlan, qkv: torch.Tensor, positions: torch
 
 def decode_rope_attention(plan: KernelPlan, qkv: torch.Tensor, pos: torch.Tensor, kv_len: torch.Tensor,
                           slots: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                          v_cache: torch.Tensor, n_heads: int, n_kv: int, hd: int, sm_scale: float) -> torch.Tensor:
+                          v_cache: torch.Tensor, n_heads: int, n_kv: int, hd: int, sm_scale: float,
+                          scratch=None) -> torch.Tensor:
     """B decode rows' attention from their fused qkv rows (B, (H + 2 KV) hd): row b at position pos[b] of slot
     slots[b] (device tensors): rope, K/V into the slot, attention over kv_len[b] = pos[b] + 1 positions. On CUDA
-    the split attention kernel does the rope and the KV write itself. Returns (B, H, hd)."""
+    the split attention kernel does the rope and the KV write itself, its partial results in `scratch`
+    (kernels.attention_scratch). Returns (B, H, hd)."""
     if (k := _k(plan, qkv)) is not None:
         return k.decode_rope_attention(qkv, cos, sin, k_cache, v_cache, kv_len, n_heads, hd, sm_scale, slots=slots,
-                                       pdl=plan.pdl)
+                                       pdl=plan.pdl, scratch=scratch)
     q, _ = rope_and_cache(plan, qkv, pos, slots, cos, sin, k_cache, v_cache, n_heads, n_kv, hd)
     return decode_attention(q, k_cache, v_cache, kv_len, slots, sm_scale)
 

@@ -25,4 +25,5 @@ class KernelPlan:
             return cls()
         triton = cfg.kernels == "triton"
         return cls(triton=triton, skinny=triton and cfg.skinny_matmul, fused_norm=cfg.fused_gemv_norm,
-                   pdl=triton and cfg.pdl, decode_tile=32, batch_invariant=cfg.batch_invariant)
+                   pdl=triton and cfg.pdl, decode_tile=32 if max(cfg.batch_sizes(True)) <= 32 else 64,
+                   batch_invariant=cfg.batch_invariant)
