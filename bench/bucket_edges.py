@@ -3,8 +3,10 @@ the k edges that minimise the mean prefill time over a prompt-length mix (engine
 
 Every candidate bucket's graph is captured at start-up (prewarm "all") and replayed alone, back to back,
 CUDA events around each replay (the GPU time a prompt of that bucket pays; the host's part of TTFT is the
-same for every bucket). Then, for each k, the chosen edges, their expected mean prefill time over the mix
-against the default powers of two: the list for serve_config.gpu.yaml's ``engine.buckets``.
+same for every bucket). The replays are the engine's ("prefill", bucket) graphs (eng.graphs), run on the
+engine thread while it is idle (eng.scheduler.call), writing into the scratch KV slot. Then, for each k,
+the chosen edges, their expected mean prefill time over the mix against the default powers of two: the
+list for serve_config.gpu.yaml's ``engine.buckets``.
 
   python3 bench/bucket_edges.py                               # LLaMA-2-7B preset, 16..512 step 16, uniform 10-500
   python3 bench/bucket_edges.py --layers 4 --reps 10          # quick, 7B-shaped layers
@@ -14,7 +16,6 @@ Writes bench/results/bucket-edges-<date>-<gpu>[-tag].json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import random
@@ -35,31 +36,39 @@ ISSUE_LENGTHS = [10, 50, 100, 200, 500]
 
 
 def prefill_us(eng: HybridEngine, b: int, reps: int) -> dict:
-    """A full bucket-b prefill: its graph replayed alone with CUDA events around it (CUDA), or the same
-    function run eagerly under a wall clock (CPU: the script's plumbing, the figures mean little)."""
+    """A full bucket-b prefill: its ("prefill", b) graph replayed alone with CUDA events around it (CUDA), or
+    runner.prefill_fn(b) run eagerly under a wall clock (CPU: the script's plumbing, the figures mean little).
+    Runs on the engine thread while no stream runs (scheduler.call), into the scratch KV slot."""
     rng = random.Random(b)
-    xs = []
-    ctx = torch.cuda.stream(eng.cuda_stream) if eng.cuda else contextlib.nullcontext()
-    with ctx, torch.inference_mode():
-        eng._ids_np[:b] = [rng.randrange(3, eng.args.vocab_size) for _ in range(b)]
-        eng.ids[:b].copy_(eng._ids_host[:b], non_blocking=True)
-        eng.seq_len.fill_(b)
-        if eng.cuda:
-            g = eng._graphs[b]
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for i in range(reps + 3):
+    toks = [rng.randrange(3, eng.args.vocab_size) for _ in range(b)]
+
+    def run() -> list[float]:
+        r = eng.runner
+        xs = []
+        with r.ctx():
+            r.ids[:b].copy_(torch.tensor(toks, dtype=torch.long))
+            r.seq_len.fill_(b)
+            r.slot.fill_(eng.kv.scratch)
             if eng.cuda:
-                e0.record()
-                g.replay()
-                e1.record()
-                e1.synchronize()
-                us = e0.elapsed_time(e1) * 1e3
-            else:
-                t0 = time.perf_counter()
-                eng._prefill(b)
-                us = (time.perf_counter() - t0) * 1e6
-            if i >= 3:
-                xs.append(us)
+                g = eng.graphs.get(("prefill", b))
+                assert g is not None, f"bucket {b} has no prefill graph (prewarm failed?)"
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            for i in range(reps + 3):
+                if eng.cuda:
+                    e0.record()
+                    g.replay()
+                    e1.record()
+                    e1.synchronize()
+                    us = e0.elapsed_time(e1) * 1e3
+                else:
+                    t0 = time.perf_counter()
+                    r.prefill_fn(b)
+                    us = (time.perf_counter() - t0) * 1e6
+                if i >= 3:
+                    xs.append(us)
+        return xs
+
+    xs = eng.scheduler.call(run).result()
     xs.sort()
     return {"p50": round(statistics.median(xs), 1), "p99": round(xs[min(len(xs) - 1, int(0.99 * len(xs)))], 1),
             "n": len(xs)}
@@ -110,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     out = {
         "benchmark": "bucket-edges", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if eng.cuda else "cpu", "torch": torch.__version__, "preset": a.preset,
-        "layers": eng.args.n_layers, "engine_start_s": round(start_s, 1), "graph_mem_gib": round(eng.graph_mem_bytes / 2**30, 3),
+        "layers": eng.args.n_layers, "engine_start_s": round(start_s, 1),
+        "graph_mem_gib": round(eng.stats()["graph_mem_bytes"] / 2**30, 3),
         "mix": a.lengths_file or f"uniform {a.mix}", "n_lengths": len(lengths),
         "prefill_us": {str(b): v for b, v in costs_us.items()},
         "defaults": {"buckets": defaults, "expected_prefill_ms": round(default_ms, 3),

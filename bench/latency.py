@@ -6,6 +6,8 @@
 Writes bench/results/latency-<date>-<gpu>.json (per engine: ttft_ms[len]{p50,p99}, tpot_ms{p50,p99},
 random-length run, first_unseen_ms, graph_mem_gib, device, versions) and prints a markdown table.
 Random token ids, fresh per request; the token is read on the host every step (as streaming needs).
+Every request runs alone through the continuous-batching engine (batch 1: the ("decode", 1) graph); the JIT row
+sets the bucket's ("prefill", b) graph aside in eng.graphs and turns off padding via eng.scheduler.max_pad_factor.
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ class Hybrid:
         from engine import kernels
         picks = {str(k): str(v) for k, v in kernels._skinny_kernel.cache.items()}
         return {"graph_mem_gib": round(s["graph_mem_bytes"] / 2**30, 3), "start_s": round(self.start_s, 2),
-                "compile_s": round(self.eng.compile_s, 2), "capture_ms": s["capture_ms"],
+                "compile_s": round(self.eng.graphs.compile_s, 2), "capture_ms": s["capture_ms"],
                 "weight_gib": round(s["weight_bytes"] / 2**30, 3), "kv_gib": round(s["kv_bytes"] / 2**30, 3),
                 "gemv_autotune_picks": picks}
 
@@ -167,17 +169,23 @@ def measure(e, a, rng, vocab: int, unseen_len: int) -> dict:
     out["unseen_bucket_steady_ttft"] = summ(steady)
     out["first_unseen_ratio"] = round(out["first_unseen_ms"] / out["unseen_bucket_steady_ttft"]["p50"], 3)
     if isinstance(e, Hybrid):   # the JIT path in steady state: same bucket with its graph set aside
-        b = e.eng.bucket_for(unseen_len)
+        eng = e.eng
+        key = ("prefill", eng.bucket_for(unseen_len))
         jit = []
-        pad = e.eng.config.max_pad_factor
-        for _ in range(10):
-            g = e.eng._graphs.pop(b)
-            e.eng.config.background_capture = False
-            e.eng.config.max_pad_factor = 0              # no padded replay of a larger graph either
-            jit.append(e.run(rand_ids(rng, unseen_len, vocab), 2)[0])
-            e.eng._graphs[b] = g
-        e.eng.config.background_capture = True
-        e.eng.config.max_pad_factor = pad
+        pad = eng.scheduler.max_pad_factor
+        eng.config.background_capture = False           # the JIT run must not queue a fresh capture
+        eng.scheduler.max_pad_factor = 0                # no padded replay of a larger graph either
+        try:
+            for _ in range(10):
+                # set aside / put back on the engine thread while it is idle (no race with its graph lookups)
+                g = eng.scheduler.call(lambda: eng.graphs.graphs.pop(key)).result()
+                try:
+                    jit.append(e.run(rand_ids(rng, unseen_len, vocab), 2)[0])
+                finally:
+                    eng.scheduler.call(lambda g=g: eng.graphs.graphs.__setitem__(key, g)).result()
+        finally:
+            eng.config.background_capture = True
+            eng.scheduler.max_pad_factor = pad
         out["jit_steady_ttft"] = summ(jit)
     for n in a.lengths:               # warm each length (the compile baseline compiles here)
         e.run(rand_ids(rng, n, vocab), 3)

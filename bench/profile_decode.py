@@ -5,9 +5,11 @@
 
 Writes bench/results/profile-decode-<date>-<gpu|cpu>.json with:
   0. prefill_<bucket>: the same for the prefill graphs of buckets 16, 64 and 128 (TTFT's GPU part; --prefill);
-  1. step: the decode graph replayed back to back (CUDA events, per step) vs the sum of the GPU time of
-     the kernels in one step (torch.profiler over eager steps and over graph replays), per kernel family:
+  1. step: the ("decode", 1) graph (one stream; the engine now holds one decode graph per batch size) replayed
+     back to back (CUDA events, per step) vs the sum of the GPU time of the kernels in one step
+     (torch.profiler over eager runner.decode_fn(1) steps and over graph replays), per kernel family:
      launches and µs per step. step - kernels = the gaps between kernels inside the graph.
+     batch_steps: the step time at batch 1, 8 and 32 (--batches) from eng.time_decode_steps (continuous batching).
   2. streaming: per-token times (engine side, token on the host) of engine.stream() (text + a chunk per
      token on the host, overlapped with the next step) vs generate() (no text work), and how the
      streamed per-token time changes from the first to the last 100 tokens of a 1,024-token reply.
@@ -89,12 +91,13 @@ def kernel_table(prof, steps: int, cuda: bool) -> dict:
 
 
 def time_graph(eng: HybridEngine, g, steps: int, reset=lambda: None) -> tuple[dict, dict]:
-    """A CUDA graph replayed back to back on the engine's stream: µs per replay (p50/p99 over 5 windows of
-    `steps`, CUDA events, no host sync inside a window) and its kernels per family (CUPTI, one more window).
-    reset() restores the graph's inputs before each window (the decode graph advances its position)."""
+    """A CUDA graph replayed back to back on the engine's serving stream: µs per replay (p50/p99 over 5 windows
+    of `steps`, CUDA events, no host sync inside a window) and its kernels per family (CUPTI, one more window).
+    reset() restores the graph's inputs before each window (a decode graph advances its rows' positions).
+    Call it on the engine thread (inside eng.scheduler.call)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.cuda.stream(eng.cuda_stream), torch.inference_mode():
+    with eng.runner.ctx():
         for _ in range(10):
             g.replay()
         per = []
@@ -117,33 +120,50 @@ def time_graph(eng: HybridEngine, g, steps: int, reset=lambda: None) -> tuple[di
 
 
 def profile_step(eng: HybridEngine, steps: int, context: int = 100) -> dict:
+    """One stream's decode step (batch 1) at `context` KV positions: the ("decode", 1) graph replayed back to back
+    and runner.decode_fn(1) eagerly under the profiler, both on the engine thread over KV slot 0 (the slot the
+    filling request used; the engine is idle, so no stream owns it)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = eng.cuda
     rng = random.Random(0)
     ids = [1] + [rng.randrange(3, eng.args.vocab_size) for _ in range(context - 1)]
-    eng.generate(ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))   # KV filled past context
+    eng.generate(ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))   # KV of slot 0 filled past context
     pos = context + 1
-    out: dict = {}
-    if cuda:
-        out["graph_step_us"], out["graph_replay_kernels"] = time_graph(eng, eng._decode_graph, steps,
-                                                                       lambda: eng.pos.fill_(pos))
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    ctx = torch.cuda.stream(eng.cuda_stream) if cuda else torch.inference_mode()
-    with ctx, torch.inference_mode():
-        eng.pos.fill_(pos)
-        for _ in range(3):
-            eng._decode()
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with profile(activities=acts) as prof:
-            for _ in range(steps):
-                eng._decode()
+    slot = 0
+    r = eng.runner
+
+    def reset() -> None:
+        r.pos_s[slot:slot + 1].fill_(pos)
+
+    def run() -> dict:
+        out: dict = {"batch": 1}
+        with r.ctx():
+            r.set_rows([slot], 1)        # tok_s[slot] still holds the filling request's last token
+        g = eng.graphs.get(("decode", 1)) if cuda else None
+        if g is not None:
+            out["graph_step_us"], out["graph_replay_kernels"] = time_graph(eng, g, steps, reset)
+        elif cuda:
+            out["graph_step_us_error"] = "no ('decode', 1) graph is warm"
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with r.ctx():
+            reset()
+            for _ in range(3):
+                r.decode_fn(1)
             if cuda:
                 torch.cuda.synchronize()
-        out["eager_step_ms_under_profiler"] = round((time.perf_counter() - t0) * 1e3 / steps, 3)
-    out["eager_kernels"] = kernel_table(prof, steps, cuda)
+            t0 = time.perf_counter()
+            with profile(activities=acts) as prof:
+                for _ in range(steps):
+                    r.decode_fn(1)
+                if cuda:
+                    torch.cuda.synchronize()
+            out["eager_step_ms_under_profiler"] = round((time.perf_counter() - t0) * 1e3 / steps, 3)
+            r.pos_s[slot:slot + 1].zero_()
+        out["eager_kernels"] = kernel_table(prof, steps, cuda)
+        return out
+
+    out = eng.scheduler.call(run).result()
     if cuda and "graph_replay_kernels" in out:
         busy = out["graph_replay_kernels"]["kernel_us_per_step"] or out["eager_kernels"]["kernel_us_per_step"]
         out["graph_gap_us_per_step"] = round(out["graph_step_us"]["p50"] - busy, 1)
@@ -152,27 +172,52 @@ def profile_step(eng: HybridEngine, steps: int, context: int = 100) -> dict:
     return out
 
 
+def batch_steps(eng: HybridEngine, batches: list[int], steps: int, context: int) -> dict:
+    """Decode step time per batch size at `context` positions (eng.time_decode_steps: CUDA events around each
+    replay of the smallest warm decode graph >= the batch, or its JIT step; CPU: wall time), in µs; batch sizes
+    above the engine's KV slots are skipped."""
+    out: dict = {"context": context}
+    for B in batches:
+        if B > eng.max_batch:
+            out[str(B)] = {"skipped": f"more than the {eng.max_batch} KV slots"}
+            continue
+        ts = eng.time_decode_steps(B, context, steps + 3)[3:]
+        out[str(B)] = {"step_us": summ([t * 1e6 for t in ts], 1),
+                       "tokens_per_s": round(B / statistics.median(ts), 1)}
+    return out
+
+
 def profile_prefill(eng: HybridEngine, bucket: int, n_tokens: int, steps: int) -> dict:
-    """The prefill of one bucket, like profile_step: its CUDA graph replayed back to back (CUDA events) and
-    the kernels inside it per family (CUPTI); on CPU the eager prefill under the profiler. TTFT at a short
-    prompt is this plus the host's input copy, the token read and the request bookkeeping."""
+    """The prefill of one bucket, like profile_step: its ("prefill", bucket) CUDA graph replayed back to back
+    (CUDA events) and the kernels inside it per family (CUPTI); on CPU runner.prefill_fn(bucket) eagerly under
+    the profiler. Both on the engine thread, into the scratch KV slot. TTFT at a short prompt is this plus the
+    host's input copy, the token read and the request bookkeeping."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = eng.cuda
     rng = random.Random(1)
     ids = [1] + [rng.randrange(3, eng.args.vocab_size) for _ in range(n_tokens - 1)]
-    r = eng.generate(ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))  # fills ids/seq_len
+    r = eng.generate(ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
     out: dict = {"bucket": bucket, "tokens": n_tokens, "request_ttft_ms": round(r.metrics.ttft_s * 1e3, 3),
                  "path": r.metrics.path}
-    g = eng._graphs.get(bucket) if cuda else None
-    if g is not None:
-        out["graph_us"], out["graph_kernels"] = time_graph(eng, g, steps)
-        out["graph_gap_us"] = round(out["graph_us"]["p50"] - out["graph_kernels"]["kernel_us_per_step"], 1)
-    else:
-        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                eng._prefill(bucket)
-        out["eager_kernels"] = kernel_table(prof, steps, False)
+    run_ = eng.runner
+
+    def run() -> None:
+        with run_.ctx():
+            run_.ids[:n_tokens].copy_(torch.tensor(ids, dtype=torch.long))
+            run_.seq_len.fill_(n_tokens)
+            run_.slot.fill_(eng.kv.scratch)
+        g = eng.graphs.get(("prefill", bucket)) if cuda else None
+        if g is not None:
+            out["graph_us"], out["graph_kernels"] = time_graph(eng, g, steps)
+            out["graph_gap_us"] = round(out["graph_us"]["p50"] - out["graph_kernels"]["kernel_us_per_step"], 1)
+        else:
+            with run_.ctx(), profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    run_.prefill_fn(bucket)
+            out["eager_kernels"] = kernel_table(prof, steps, False)
+
+    eng.scheduler.call(run).result()
     return out
 
 
@@ -226,12 +271,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--long-tokens", type=int, default=1024)
     ap.add_argument("--long-requests", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: step,prefill_<bucket>,streaming")
+    ap.add_argument("--skip", default="",
+                    help="comma list of parts to skip: step,batch_steps,prefill_<bucket>,streaming")
     ap.add_argument("--prefill", default="16:10,64:50,128:100",
                     help="bucket:tokens of the prefill graphs profiled (buckets prewarmed)")
     ap.add_argument("--tag", default="", help="suffix of the result file names (a leading '-' is added: --tag run1)")
     ap.add_argument("--out", default=str(RESULTS), help="directory of the JSON")
     ap.add_argument("--contexts", type=int, nargs="+", default=[100], help="KV positions of the profiled steps")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32],
+                    help="decode batch sizes timed by eng.time_decode_steps (batch_steps; above the slots: skipped)")
     a = ap.parse_args(argv)
     a.tag = "-" + a.tag.lstrip("-") if a.tag else ""   # "--tag -x" would parse as an option
     skip = set(filter(None, a.skip.split(",")))
@@ -270,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         log(name, json.dumps(out[name])[:3000])
 
     part("step", lambda: profile_step(eng, a.steps, a.contexts[0]))
+    part("batch_steps", lambda: batch_steps(eng, a.batches, a.steps, a.contexts[0]))
     if cuda:   # which config the autotuner chose for each GEMV key (N, K, BLOCK_M, NORM, RES, GATED, dtypes)
         from engine import kernels
         out["gemv_autotune_picks"] = {str(k): str(v) for k, v in kernels._skinny_kernel.cache.items()}
