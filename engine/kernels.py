@@ -417,13 +417,16 @@ _ROWS16_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "WX": wx}, num_w
 # autotuner's Python-launched timings picked tiles that lost inside graphs: docs/decisions/kernels.md). One tile
 # also makes a row's arithmetic the same whatever the batch size.
 _ROWS64_CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "WX": True}, num_warps=4, num_stages=6)]
+# the same tile streaming gate and up rows (SwiGLU): two weight tiles per stage, so fewer stages fit in shared memory
+_ROWS64_SWIGLU_CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "WX": True}, num_warps=4, num_stages=4)]
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """The autotuner tries only the configs of its row count (configs set from outside, as the interpreter
     tests do, are all tried)."""
     bm = kwargs.get("BLOCK_M")
-    want = _ROW_CONFIGS if bm == 1 else _ROWS16_CONFIGS if bm == 16 else _ROWS64_CONFIGS
+    wide = _ROWS64_SWIGLU_CONFIGS if kwargs.get("SWIGLU") else _ROWS64_CONFIGS
+    want = _ROW_CONFIGS if bm == 1 else _ROWS16_CONFIGS if bm == 16 else wide
     return [c for c in configs if any(c is w for w in want)] or configs
 
 
@@ -478,7 +481,7 @@ def _rows_chunk(acc, acc_u, ss, w, wu, X, LN, m, mmask, k, K, NORM: tl.constexpr
 
 
 # restore_value: autotuning runs every config on the live arguments, and with RES each run adds into Y
-@triton.autotune(configs=_ROW_CONFIGS + _ROWS16_CONFIGS + _ROWS64_CONFIGS,
+@triton.autotune(configs=_ROW_CONFIGS + _ROWS16_CONFIGS + _ROWS64_CONFIGS + _ROWS64_SWIGLU_CONFIGS,
                  key=["N", "K", "BLOCK_M", "NORM", "HAS_LN", "RES", "SWIGLU"],
                  prune_configs_by={"early_config_prune": _prune_configs}, restore_value=["Y"], **_AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["M", "eps"])
