@@ -384,7 +384,7 @@ def test_engine_input_errors_are_400(app, stream):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert "max_tokens" in err["message"] and "context" in err["message"]
-    assert err["code"] == "PromptTooLongError"
+    assert err["code"] == "context_length_exceeded"          # OpenAI's code, what its clients look for
 
 
 def test_unknown_model_is_404(app):

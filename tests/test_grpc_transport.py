@@ -15,7 +15,8 @@ pytestmark = pytest.mark.ray
 
 APP_ARGS = {"engine": {"model": "tiny", "device": "cpu", "buckets": [16, 32, 64], "max_context": 128},
             "handle_transport": "grpc", "num_replicas": 1, "num_cpus": 1, "max_ongoing_requests": 2,
-            "max_queued_requests": 2, "inject_latency_ms": 150, "retry_after_s": 2,
+            "max_queued_requests": 2, "engine_factory": "tests.slow_engine:SlowEngine",
+            "engine_factory_args": {"ms": 150}, "retry_after_s": 2,
             "router": {"stats_period_s": 0.5}}
 GREEDY = {"temperature": 0, "ignore_eos": True}
 

@@ -46,6 +46,7 @@ BASE_ARGS: dict[str, Any] = {
     "graceful_shutdown_timeout_s": 30,
 }
 FIGURES: dict[str, Any] = {}
+SLOW = "tests.slow_engine:SlowEngine"      # the real engine, each request delayed (tests/slow_engine.py)
 
 
 def _record(name: str, value: Any) -> None:
@@ -408,14 +409,14 @@ def test_engine_shut_down_is_a_retryable_replica_failure():
     generated) is treated like a dead replica: the ingress retries once on another."""
     from ray.exceptions import RayTaskError
 
-    from deployments.ingress import _REPLICA_GONE, _ray_failure
+    from deployments.http.errors import REPLICA_GONE, ray_failure
     from engine import EngineClosedError, EngineInputError
 
     closed = RayTaskError("ModelServer.generate", "tb", EngineClosedError("shut down")).as_instanceof_cause()
-    assert _ray_failure(closed) == _REPLICA_GONE
-    assert _ray_failure(EngineClosedError("local")) == _REPLICA_GONE
+    assert ray_failure(closed) == REPLICA_GONE
+    assert ray_failure(EngineClosedError("local")) == REPLICA_GONE
     bad = RayTaskError("ModelServer.generate", "tb", EngineInputError("bad")).as_instanceof_cause()
-    assert _ray_failure(bad) is None
+    assert ray_failure(bad) is None
 
 
 def test_replica_killed_under_load(cluster, tmp_path):
@@ -495,7 +496,7 @@ def test_backpressure_burst_gets_fast_503(cluster):
     """1 replica, max_ongoing_requests 2, queue 2, 400 ms per request: a burst of 24 gets a few
     successes and fast 503s with Retry-After and a JSON error; no other status; nothing hangs."""
     cluster.deploy(num_replicas=1, max_ongoing_requests=2, max_queued_requests=2,
-                   inject_latency_ms=400, retry_after_s=2)
+                   engine_factory=SLOW, engine_factory_args={"ms": 400}, retry_after_s=2)
     n = 24
 
     def one(i: int) -> tuple[int, float, dict, str]:
