@@ -38,6 +38,7 @@ def model_deployment_options(cfg: AppConfig) -> dict[str, Any]:
         "logging_config": cfg.replica_runtime()["logging_config"],
         # loading a 7B checkpoint and compiling/capturing takes minutes on first start
         "health_check_timeout_s": 120,
+        "health_check_period_s": cfg.health_check_period_s,
     }
     if cfg.autoscaling is not None:
         opts["autoscaling_config"] = cfg.autoscaling.to_ray()

@@ -139,6 +139,8 @@ class AppConfig(BaseModel):
     engine_stuck_s: float = Field(
         30.0, gt=0, description="the replica's health check fails when its engine has made no step for "
                                 "this long with work in flight (Ray Serve then replaces the replica)")
+    health_check_period_s: float = Field(10.0, gt=0, description="how often Ray Serve checks each model "
+                                         "replica's health (3 failures in a row replace it)")
     max_request_bytes: int = Field(
         4 * 2**20, ge=1024, description="request bodies larger than this get 413 (counted as they are read)")
     request_timeout_s: float | None = Field(

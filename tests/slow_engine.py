@@ -74,3 +74,12 @@ class StuckEngine(SlowEngine):
             self._stuck_since = time.monotonic()
             await asyncio.Event().wait()
         return await super().generate_async(ids, params)
+
+
+class FaultyEngine(StuckEngine):
+    """StuckEngine that also fails, with an error naming a server path, on a prompt with token 11."""
+
+    async def generate_async(self, ids, params):
+        if 11 in ids:
+            raise RuntimeError("cannot open /srv/secret/weights.bin")
+        return await super().generate_async(ids, params)

@@ -16,7 +16,7 @@ APP = "hybridserve"
 APP_ARGS = {"engine": {"model": "tiny", "device": "cpu", "buckets": [16, 32, 64], "max_context": 128},
             "topology": "colocated", "user_code_thread": False, "num_replicas": 1, "num_cpus": 1, "router": {"stats_period_s": 0.5}}
 GREEDY = {"temperature": 0, "ignore_eos": True}
-ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
 @pytest.fixture(scope="module")
