@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from starlette.responses import StreamingResponse  # noqa: E402
 
-from deployments.ingress import SSEResponse  # noqa: E402
+from deployments.http.openai import SSEResponse  # noqa: E402
 
 
 async def _body():

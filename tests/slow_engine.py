@@ -69,11 +69,19 @@ class StuckEngine(SlowEngine):
     def heartbeat_age_s(self) -> float:
         return 0.0 if self._stuck_since is None else time.monotonic() - self._stuck_since
 
-    async def generate_async(self, ids, params):
+    async def _maybe_stick(self, ids) -> None:
         if 7 in ids:
             self._stuck_since = time.monotonic()
             await asyncio.Event().wait()
+
+    async def generate_async(self, ids, params):
+        await self._maybe_stick(ids)
         return await super().generate_async(ids, params)
+
+    async def stream(self, ids, params):
+        await self._maybe_stick(ids)
+        async for ch in super().stream(ids, params):
+            yield ch
 
 
 class FaultyEngine(StuckEngine):
@@ -83,3 +91,9 @@ class FaultyEngine(StuckEngine):
         if 11 in ids:
             raise RuntimeError("cannot open /srv/secret/weights.bin")
         return await super().generate_async(ids, params)
+
+    async def stream(self, ids, params):
+        if 11 in ids:
+            raise RuntimeError("cannot open /srv/secret/weights.bin")
+        async for ch in super().stream(ids, params):
+            yield ch

@@ -1,7 +1,8 @@
 """The Ray Serve application on a real local Ray Serve instance (CPU, tiny preset), over real HTTP.
 
-One module-scoped app (2 model replicas, warm-bucket router) serves every test after the first;
-the first test runs ``serve run`` on a copy of serve_config.yaml as a subprocess (own cluster).
+One module-scoped app (2 model replicas, warm-bucket router, the default gRPC handle transport) serves
+every test after the first; the first test runs ``serve run`` on a copy of serve_config.yaml as a
+subprocess (own cluster). Back-pressure over gRPC: tests/test_reliability.py.
 """
 from __future__ import annotations
 
@@ -169,6 +170,8 @@ def test_completion_streaming_sse(app):
     assert all(c["choices"][0]["finish_reason"] is None for c in token_chunks[:-1])
     assert len(token_chunks) >= 6  # one chunk per token + the final one
     assert "".join(c["choices"][0]["text"] for c in token_chunks) == full
+    tl = token_chunks[-1]["hybridserve"]["timeline"]     # over the default gRPC transport (handle_transport)
+    assert tl["http_in"] <= tl["ingress_in"] and tl["replica_in"] <= tl["replica_first"], tl
 
 
 def test_chat_non_streaming_and_streaming(app):

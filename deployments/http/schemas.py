@@ -45,7 +45,7 @@ class Common(_Strict):
         None, description="token id (as a string) -> bias in [-100, 100]")
     ignore_eos: bool = Field(False, description="extension: keep generating past EOS")
     request_timeout_s: float | None = Field(
-        None, gt=0, le=3600, description="extension: give up (HTTP 504) if the answer is not complete by then")
+        None, ge=0.1, le=3600, description="extension: give up (HTTP 504) if the answer is not complete by then")
 
 
 class CompletionRequest(Common):
