@@ -29,6 +29,11 @@ class Ingress(_IngressASGI):
     """HTTP goes to the FastAPI app; any other call is the Python API. ``@serve.ingress`` forbids a
     ``__call__`` on the decorated class, so it is added here."""
 
+    def transport(self) -> str:
+        """How this ingress calls the model replicas: "grpc" (Serve's gRPC transport) or "ray"."""
+        opts = getattr(self.model, "handle_options", None)
+        return "grpc" if getattr(opts, "_by_reference", True) is False else "ray"
+
     async def __call__(self, *args: Any, **kwargs: Any):
         if (len(args) == 3 and not kwargs and isinstance(args[0], dict)
                 and args[0].get("type") in _ASGI_TYPES):

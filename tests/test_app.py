@@ -427,6 +427,8 @@ def test_python_handle_calls(app):
 def test_routing_stats_contract(app):
     from ray import serve
 
+    assert app.transport.remote().result() == "grpc"      # AppConfig.handle_transport's default reached the handle
+
     post("/v1/completions", {"prompt": "z" * 40, "max_tokens": 2})
     model = serve.get_deployment_handle("ModelServer", APP)
     stats = model.stats.remote().result()

@@ -40,12 +40,20 @@ def unsupported(req: Common) -> None:
             raise APIError(msg, param=param, code="unsupported_parameter")
 
 
+def _is_ray_handle(model: Any) -> bool:
+    try:
+        from ray.serve.handle import DeploymentHandle
+    except ImportError:   # pragma: no cover
+        return False
+    return isinstance(model, DeploymentHandle)
+
+
 class OpenAIIngress:
     """Validation, tokenization, fan-out and response building of the OpenAI API (no HTTP here)."""
 
     def __init__(self, model: Any, app_config: dict | AppConfig):
         self.cfg = app_config if isinstance(app_config, AppConfig) else AppConfig.model_validate(app_config)
-        if self.cfg.handle_transport == "grpc" and hasattr(model, "_by_reference"):
+        if self.cfg.handle_transport == "grpc" and _is_ray_handle(model):
             model = model.options(_by_reference=False)      # Serve's replica-to-replica gRPC transport
         self.model = model
         self.client = ModelClient(model, self.cfg.retry_after_s)
