@@ -1,12 +1,12 @@
 """The colocated topology: the OpenAI API served inside each model replica.
 
 ``topology: split`` (default) runs Ray proxy -> Ingress replica -> ModelServer replica: two Ray hops
-per request, and the warm-bucket router sees each prompt's token count. ``topology: colocated``
+per request, and the warm-bucket router sees each prompt's bucket. ``topology: colocated``
 removes the Ingress -> ModelServer hop: :class:`ColocatedServer` *is* the Ingress (same FastAPI app,
 same validation and errors) and owns its ModelServer in-process, reached through :class:`LocalHandle`,
 which has the slice of the ``DeploymentHandle`` interface the Ingress uses. The proxy (or, with
 ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, the replica's own HTTP port) sends HTTP straight to the replica
-that runs the engine. What it costs: HTTP requests reach the router as ASGI calls with no token count,
+that runs the engine. What it costs: HTTP requests reach the router as ASGI calls with no bucket,
 so the router balances them by load only.
 
 ``topology: local_first`` puts warm-bucket routing back without a routing call per request. Whatever sends

@@ -164,8 +164,12 @@ class ModelServer:
         with self._lock:
             return set(self._served)
 
+    def queue_depth(self) -> int:
+        """Requests running + waiting in the engine (cheap: on every request's path)."""
+        return int(self.eng.in_flight())
+
     def _set_in_flight(self) -> None:
-        n = self.eng.in_flight()
+        n = self.queue_depth()
         if self._window is not None:
             self._window.set_in_flight(n)
         if _metrics is not None:
@@ -212,8 +216,8 @@ class ModelServer:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics (autoscale.window.LatencyWindow snapshot)."""
         if self._window is None:
-            return {"in_flight": float(self.eng.in_flight())}
-        self._window.set_in_flight(self.eng.in_flight())
+            return {"in_flight": float(self.queue_depth())}
+        self._window.set_in_flight(self.queue_depth())
         return self._window.snapshot()
 
     def check_health(self) -> None:

@@ -66,7 +66,7 @@ def test_serve_run_serve_config_yaml_answers(tmp_path):
                 if r.status_code == 200:
                     body = r.json()
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):   # not up yet (the proxy may hold it)
                 pass
             time.sleep(2)
         assert body is not None, "serve run did not answer in 240 s:\n" + (tmp_path / "serve_run.log").read_text()[-3000:]
