@@ -708,16 +708,14 @@ FAULTY = "/faulty"
 
 
 @pytest.fixture(scope="module")
-def faulty(cluster, checkpoints, tmp_path_factory):
+def faulty(cluster, tmp_path_factory):
     """A second app on the cluster: a tiny HF checkpoint whose chat template rejects [user, user], served
     by tests.slow_engine:FaultyEngine (prompt token 11: an error naming a server path; token 7: the
     engine's scheduler stops stepping), health-checked every second."""
-    import shutil
-
+    from conftest import make_checkpoint
     from deployments.app import build_app
 
-    model = tmp_path_factory.mktemp("strict") / "model"
-    shutil.copytree(checkpoints["gqa"], model)
+    model = make_checkpoint(tmp_path_factory.mktemp("strict") / "model", "gqa")   # one, not conftest's four
     tc = model / "tokenizer_config.json"
     tc.write_text(json.dumps({**json.loads(tc.read_text()), "chat_template": STRICT_TEMPLATE}))
     args = {**BASE_ARGS, "name": "faulty", "num_replicas": 1, "health_check_period_s": 1.0, "engine_stuck_s": 2.0,
