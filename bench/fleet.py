@@ -378,7 +378,7 @@ def app_args_for(args, engine_cfg: dict, hybrid: bool, objective_ms: float) -> d
             "router": {"enabled": hybrid, "stats_period_s": 0.5},
             # --local-first: HAProxy balances by load; a replica warm for the prompt's bucket serves it, and only
             # a miss applies the warm-bucket policy and forwards to the replica it picks (deployments/colocated.py)
-            **({"topology": "colocated", "local_first": True} if hybrid and args.local_first else {}),
+            **({"topology": "local_first"} if hybrid and args.local_first else {}),
             **(dict(args.app) if hybrid else {})}
 
 

@@ -1,9 +1,8 @@
 """Application builder: ``import_path: deployments.app:build_app`` in serve_config.yaml.
 
-``build_app(args)`` validates ``args`` (serve_config.yaml ``applications[].args``) as
-:class:`deployments.config.AppConfig` and wires: Ingress (FastAPI) -> ModelServer replicas
-(one HybridEngine each, ``num_gpus`` GPUs each) behind the warm-bucket router; or, with
-``topology: colocated``, one deployment whose replicas serve the API next to their engine.
+``build_app(args)`` validates ``args`` as :class:`deployments.config.AppConfig` and wires, by
+``topology``: split (Ingress -> ModelServer replicas behind the warm-bucket router), or colocated /
+local_first (one deployment whose replicas serve the API next to their engine).
 """
 from __future__ import annotations
 
@@ -28,9 +27,9 @@ def _actor_options(cfg: AppConfig, **resources: Any) -> dict[str, Any]:
 def model_deployment_options(cfg: AppConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "name": "ModelServer",
-        "max_ongoing_requests": cfg.max_ongoing_requests,
-        # bounded queue at each caller: past it the handle raises BackPressureError, which the
-        # ingress answers with 503 + Retry-After (deployments/ingress.py)
+        "max_ongoing_requests": cfg.replica_max_ongoing,
+        # bounded queue at each caller: past it the handle raises BackPressureError, answered with
+        # 503 + Retry-After (deployments/http/fanout.py)
         "max_queued_requests": cfg.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
         "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
@@ -39,9 +38,10 @@ def model_deployment_options(cfg: AppConfig) -> dict[str, Any]:
         "logging_config": cfg.replica_runtime()["logging_config"],
         # loading a 7B checkpoint and compiling/capturing takes minutes on first start
         "health_check_timeout_s": 120,
+        "health_check_period_s": cfg.health_check_period_s,
     }
     if cfg.autoscaling is not None:
-        opts["autoscaling_config"] = cfg.autoscaling
+        opts["autoscaling_config"] = cfg.autoscaling.to_ray()
     else:
         opts["num_replicas"] = cfg.num_replicas
     r = cfg.router
@@ -49,13 +49,9 @@ def model_deployment_options(cfg: AppConfig) -> dict[str, Any]:
                           "request_routing_stats_timeout_s": r.stats_timeout_s}
     # local_first: the replicas apply the policy themselves (deployments/colocated.py); under HAProxy Ray
     # refuses a custom request router on the ingress deployment. Their routing stats are still polled.
-    if r.enabled and not cfg.local_first:
+    if r.enabled and cfg.topology != "local_first":
         rr["request_router_class"] = ROUTER_CLASS
-        rr["request_router_kwargs"] = {"buckets": list(cfg.engine.buckets),
-                                       "imbalance_threshold": r.imbalance_threshold,
-                                       "hint_ttl_s": r.hint_ttl_s,
-                                       # HAProxy sends the requests itself: load from the replicas' stats
-                                       "load_from_stats": cfg.ingress_router}
+        rr["request_router_kwargs"] = {"imbalance_threshold": r.imbalance_threshold, "hint_ttl_s": r.hint_ttl_s}
     opts["request_router_config"] = RequestRouterConfig(**rr)
     return opts
 
@@ -63,24 +59,11 @@ def model_deployment_options(cfg: AppConfig) -> dict[str, Any]:
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     cfg = load_app_config(args)
     cfg_json = cfg.model_dump(mode="json")
-    if cfg.topology == "colocated":   # the API inside each model replica (deployments/colocated.py)
+    if cfg.colocated:   # the API inside each model replica (deployments/colocated.py)
         from .colocated import ColocatedServer
-        app = serve.deployment(ColocatedServer).options(**model_deployment_options(cfg)).bind(cfg_json)
-        if cfg.ingress_router:        # HAProxy asks BucketRouteServer which replica (deployments/bucket_route.py)
-            from .bucket_route import BucketRouteServer
-            # on every request's path: its handler and the handle's router run on the replica's own
-            # event loop (no thread hops), and no access-log line per routing decision
-            same_loop = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
-            route = serve.deployment(BucketRouteServer).options(
-                name="BucketRoute", num_replicas=1, max_ongoing_requests=1000,
-                ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": same_loop}},
-                logging_config={"enable_access_log": False},
-            ).bind(app, cfg_json)
-            app = app._with_ingress_request_router(route)
-        return app
+        return serve.deployment(ColocatedServer).options(**model_deployment_options(cfg)).bind(cfg_json)
     model = serve.deployment(ModelServer).options(**model_deployment_options(cfg)).bind(cfg_json)
-    ingress = serve.deployment(Ingress).options(
+    return serve.deployment(Ingress).options(
         name="Ingress", num_replicas=cfg.ingress.num_replicas,
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
         max_queued_requests=cfg.ingress.max_queued_requests,
@@ -91,4 +74,3 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
         ray_actor_options=_actor_options(cfg, num_cpus=cfg.ingress.num_cpus),
         logging_config=cfg.replica_runtime()["logging_config"],
     ).bind(model, cfg_json)
-    return ingress

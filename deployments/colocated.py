@@ -1,15 +1,15 @@
 """The colocated topology: the OpenAI API served inside each model replica.
 
 ``topology: split`` (default) runs Ray proxy -> Ingress replica -> ModelServer replica: two Ray hops
-per request, and the warm-bucket router sees each prompt's token count. ``topology: colocated``
+per request, and the warm-bucket router sees each prompt's bucket. ``topology: colocated``
 removes the Ingress -> ModelServer hop: :class:`ColocatedServer` *is* the Ingress (same FastAPI app,
 same validation and errors) and owns its ModelServer in-process, reached through :class:`LocalHandle`,
 which has the slice of the ``DeploymentHandle`` interface the Ingress uses. The proxy (or, with
 ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, the replica's own HTTP port) sends HTTP straight to the replica
-that runs the engine. What it costs: HTTP requests reach the router as ASGI calls with no token count,
+that runs the engine. What it costs: HTTP requests reach the router as ASGI calls with no bucket,
 so the router balances them by load only.
 
-``local_first: true`` puts warm-bucket routing back without a routing call per request. Whatever sends
+``topology: local_first`` puts warm-bucket routing back without a routing call per request. Whatever sends
 the request here (HAProxy, ``RAY_SERVE_ENABLE_HA_PROXY=1``, balancing by load) picks the replica; the
 replica validates and tokenizes the prompt, and when it holds a warm graph for the prompt's bucket it
 serves it. On a miss it applies the warm-bucket policy (:func:`deployments.router.choose_replicas`) to
@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .ingress import Ingress, SSEResponse
-from .router import choose_replicas, view_from_stats
+from .http.openai import SSEResponse
+from .ingress import Ingress
+from .router import WarmBucketPolicy
 from .server import ModelServer
 
 logger = logging.getLogger("ray.serve")
@@ -44,19 +44,21 @@ _FORWARD_IN = ("authorization", "content-type", "accept")
 
 
 async def forward(session: Any, endpoint: tuple[str, int], request: Request, *, stream: bool,
-                  by: str) -> Response | None:
+                  by: str, read_timeout_s: float = 30.0) -> Response | None:
     """Send ``request`` (its path and body as received) to the replica listening at ``endpoint`` and
     relay its answer: streamed chunk by chunk when ``stream``. None when the peer cannot take it (no
-    connection, or a 5xx status before any byte of the answer): the caller serves the request itself,
-    so nothing is lost. ``session`` is an ``aiohttp.ClientSession``."""
+    connection, a 5xx status, or no answer within ``read_timeout_s``, all before any byte of the
+    answer): the caller serves the request itself, so nothing is lost. Once relaying, a peer silent for
+    ``read_timeout_s`` ends the response. ``session`` is an ``aiohttp.ClientSession``."""
     import aiohttp
 
     host, port = endpoint
     headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_IN}
     headers[FORWARDED_HEADER] = by
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=read_timeout_s)
     try:
         resp = await session.post(f"http://{host}:{port}{request.url.path}", data=await request.body(),
-                                  headers=headers)
+                                  headers=headers, timeout=timeout)
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
         logger.warning("local-first: forward to %s:%s failed (%s); serving here", host, port, e)
         return None
@@ -70,6 +72,9 @@ async def forward(session: Any, endpoint: tuple[str, int], request: Request, *, 
     if not stream:
         try:
             data = await resp.read()
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            logger.warning("local-first: %s:%s stopped answering (%r); serving here", host, port, e)
+            return None
         finally:
             resp.release()
         return Response(data, status_code=resp.status, headers=out)
@@ -78,6 +83,8 @@ async def forward(session: Any, endpoint: tuple[str, int], request: Request, *, 
         try:
             async for chunk in resp.content.iter_any():
                 yield chunk
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            logger.warning("local-first: %s:%s went silent mid-stream (%r)", host, port, e)
         finally:   # done, or the client went away: closing the connection cancels the peer's request
             resp.close()
     return SSEResponse(relay(), status_code=resp.status, headers=out)
@@ -102,27 +109,63 @@ class LocalStream:
             self._closing = asyncio.get_running_loop().create_task(self._agen.aclose())
 
 
+class Capacity:
+    """Engine calls a colocated replica takes at once (``limit``; None: no bound). Past it a call raises
+    Ray Serve's BackPressureError, answered 503 + Retry-After like a full split deployment."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.used = limit, 0
+
+    def take(self) -> None:
+        if self.limit is not None and self.used >= self.limit:
+            from ray.serve.exceptions import BackPressureError
+            raise BackPressureError(num_queued_requests=self.used, max_queued_requests=self.limit)
+        self.used += 1
+
+    def give(self) -> None:
+        self.used -= 1
+
+
 class _LocalMethod:
-    def __init__(self, fn, stream: bool):
-        self._fn, self._stream = fn, stream
+    def __init__(self, fn, stream: bool, capacity: Capacity):
+        self._fn, self._stream, self._cap = fn, stream, capacity
 
     def remote(self, *args: Any, **kwargs: Any):
-        out = self._fn(*args, **kwargs)
-        return LocalStream(out) if self._stream else out   # coroutine: awaited by the caller
+        if self._stream:
+            return LocalStream(self._held_stream(args, kwargs))
+        return self._held(args, kwargs)   # coroutine: awaited by the caller
+
+    async def _held(self, args: tuple, kwargs: dict):
+        self._cap.take()
+        try:
+            return await self._fn(*args, **kwargs)
+        finally:
+            self._cap.give()
+
+    async def _held_stream(self, args: tuple, kwargs: dict):
+        self._cap.take()
+        agen = self._fn(*args, **kwargs)
+        try:
+            async for x in agen:
+                yield x
+        finally:
+            self._cap.give()
+            await agen.aclose()
 
 
 class LocalHandle:
     """``handle.method.remote(...)`` / ``handle.options(stream=True).method.remote(...)`` on an
-    in-process object."""
+    in-process object, at most ``capacity.limit`` calls at once."""
 
-    def __init__(self, target: Any, stream: bool = False):
+    def __init__(self, target: Any, stream: bool = False, capacity: Capacity | None = None):
         self._target, self._stream = target, stream
+        self._cap = capacity or Capacity(None)
 
     def options(self, *, stream: bool = False, **_: Any) -> "LocalHandle":
-        return LocalHandle(self._target, stream)
+        return LocalHandle(self._target, stream, self._cap)
 
     def __getattr__(self, name: str) -> _LocalMethod:
-        return _LocalMethod(getattr(self._target, name), self._stream)
+        return _LocalMethod(getattr(self._target, name), self._stream, self._cap)
 
 
 class ColocatedServer(Ingress):
@@ -131,12 +174,14 @@ class ColocatedServer(Ingress):
 
     async def __init__(self, app_config: dict):   # @serve.ingress makes the parent __init__ async
         self.server = await asyncio.to_thread(ModelServer, app_config)   # loading/compiling: off the loop
-        await super().__init__(LocalHandle(self.server), app_config)
-        self._local_first = bool(self.cfg.local_first)
+        cfg = self.server.cfg
+        queued = None if cfg.max_queued_requests < 0 else cfg.max_queued_requests
+        limit = None if queued is None else cfg.replica_max_ongoing + queued
+        await super().__init__(LocalHandle(self.server, capacity=Capacity(limit)), app_config)
+        self._local_first = self.cfg.topology == "local_first"
         # (own replica id, own node id, handle to this deployment, aiohttp session): set on the first miss
         self._peers = None
-        self._hints: dict[str, dict[int, float]] = {}    # peer -> {bucket: time a miss was sent there cold}
-        self._rng = random.Random()
+        self.policy = WarmBucketPolicy(self.cfg.router.imbalance_threshold, self.cfg.router.hint_ttl_s)
         self._lf = {"warm_here": 0, "forwarded_in": 0, "misses": 0, "forwarded": 0,
                     "kept_cold": 0, "forward_failed": 0}
 
@@ -173,26 +218,20 @@ class ColocatedServer(Ingress):
         views, by_id = [], {}
         for r in await self._replicas(handle):
             rid = r.replica_id.unique_id
-            if rid == own:
-                stats = {"warm_buckets": self.server.warm_set(), "queue_depth": self.server.eng.in_flight(),
-                         "capturing_buckets": self.server.eng.capturing_buckets()}
-            else:
-                stats = r.routing_stats
-            views.append(view_from_stats(rid, stats, r.max_ongoing_requests, hints=self._hints.get(rid),
-                                         now=now, hint_ttl_s=self.cfg.router.hint_ttl_s))
+            stats = self.server.record_routing_stats() if rid == own else r.routing_stats
+            views.append(self.policy.view(rid, stats, r.max_ongoing_requests, now=now))
             by_id[rid] = r
-        order = choose_replicas(bucket, views, self._rng, imbalance_threshold=self.cfg.router.imbalance_threshold)
-        chosen = next((v for v in order if v.max_load is None or v.load < v.max_load), None)
+        chosen = self.policy.first_with_room(self.policy.rank(bucket, views))
         if chosen is None:
             return None, None
-        if bucket not in chosen.warm and chosen.id != own:    # the next misses follow it until its stats say warm
-            self._hints.setdefault(chosen.id, {})[bucket] = now
+        if chosen.id != own:    # a cold pick: the next misses follow it until its stats say warm
+            self.policy.placed(chosen.id, bucket, bucket in chosen.warm)
         endpoint = by_id[chosen.id].backend_http_endpoint
         if endpoint is not None and by_id[chosen.id].node_id == node:
             endpoint = ("127.0.0.1", endpoint[1])   # same node: loopback, as Ray's HAProxy config does
         return chosen.id, endpoint
 
-    async def _elsewhere(self, req, prepared, request):
+    async def elsewhere(self, req, prepared, request):
         """Local-first (module docstring): None (serve here) on a warm bucket, a forwarded request, or
         when the policy picks this replica; else the peer's answer."""
         if not self._local_first or request is None or len(prepared) != 1:
@@ -200,7 +239,7 @@ class ColocatedServer(Ingress):
         if request.headers.get(FORWARDED_HEADER):
             self._lf["forwarded_in"] += 1
             return None
-        bucket = self.server.eng.bucket_for(prepared[0][1])
+        bucket = prepared[0].bucket
         if bucket in self.server.warm_set():
             self._lf["warm_here"] += 1
             return None
@@ -214,7 +253,8 @@ class ColocatedServer(Ingress):
         if pick is None or pick == own or endpoint is None:
             self._lf["kept_cold"] += 1
             return None
-        out = await forward(session, endpoint, request, stream=bool(req.stream), by=own)
+        out = await forward(session, endpoint, request, stream=bool(req.stream), by=own,
+                            read_timeout_s=self.cfg.forward_timeout_s)
         self._lf["forwarded" if out is not None else "forward_failed"] += 1
         return out
 

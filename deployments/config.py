@@ -45,6 +45,62 @@ class IngressSettings(BaseModel):
                                "503 with Retry-After (-1: no limit; the model queue below is the real bound)")
 
 
+LATENCY_POLICY = "autoscale.ray_policy:LatencyAutoscalingPolicy"
+
+
+class AutoscalingPolicySettings(BaseModel):
+    """The autoscaling policy: by default the project's P99-latency policy (docs/autoscaling.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy_function: str = Field(LATENCY_POLICY, description="import path of Ray Serve's custom policy")
+    policy_kwargs: dict[str, Any] = Field(default_factory=dict, description="the policy's settings "
+                                          "(autoscale.policy.LatencyPolicyConfig for the latency policy)")
+
+    @model_validator(mode="after")
+    def _check_kwargs(self) -> "AutoscalingPolicySettings":
+        if self.policy_function == LATENCY_POLICY:   # a bad latency-policy setting fails here, at deploy time
+            from autoscale.policy import LatencyPolicyConfig
+            try:
+                LatencyPolicyConfig(**self.policy_kwargs)
+            except ValidationError as e:
+                bad = "; ".join(f"policy_kwargs.{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+                raise ValueError(f"{bad} (the latency policy needs at least p99_ttft_ms, its P99 TTFT "
+                                 "objective in ms; policy: null selects Ray's queue-length policy)") from None
+        return self
+
+
+class AutoscalingSettings(BaseModel):
+    """Ray Serve's autoscaling_config of the model deployment, typed (``policy`` included)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float | None = Field(None, gt=0)
+    metrics_interval_s: float | None = Field(None, gt=0)
+    look_back_period_s: float | None = Field(None, gt=0)
+    upscale_delay_s: float | None = Field(None, ge=0)
+    downscale_delay_s: float | None = Field(None, ge=0)
+    downscale_to_zero_delay_s: float | None = Field(None, ge=0)
+    upscaling_factor: float | None = Field(None, gt=0)
+    downscaling_factor: float | None = Field(None, gt=0)
+    policy: AutoscalingPolicySettings | None = Field(
+        None, description="the custom policy ({} or policy_kwargs alone: the P99-latency policy); "
+                          "null: Ray's queue-length policy")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.min_replicas ({self.min_replicas}) is above max_replicas "
+                             f"({self.max_replicas})")
+        return self
+
+    def to_ray(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
 class AppConfig(BaseModel):
     """Everything the hybridserve Ray Serve application needs (engine + serving)."""
 
@@ -52,59 +108,61 @@ class AppConfig(BaseModel):
 
     name: str = Field("hybridserve", description="Serve application name (serve.get_app_handle(name))")
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    engine_factory: str | None = Field(
+        None, description="import path 'module:callable' building the replica's engine from an EngineConfig "
+                          "(plus engine_factory_args); default: engine.HybridEngine")
+    engine_factory_args: dict[str, Any] = Field(default_factory=dict)
     served_model_name: str | None = Field(
         None, description="model id in the OpenAI API; default: the engine's model name")
 
     # model deployment
     num_replicas: int = Field(1, ge=1, description="fixed replica count (ignored when autoscaling is set)")
-    autoscaling: dict[str, Any] | None = Field(
-        None, description="Ray Serve autoscaling_config for the model deployment "
-                          "(min_replicas, max_replicas, policy, ...); replaces num_replicas")
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="autoscaling of the model deployment (replaces num_replicas); both shipped configs "
+                          "set the P99-latency policy")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica: 1 on GPU machines, 0 on CPU")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model replica")
-    max_ongoing_requests: int = Field(
-        8, ge=1, description="per model replica; the engine runs one request at a time, the rest queue")
+    replica_queue: int = Field(
+        7, ge=0, description="requests a model replica accepts beyond the engine's batch (they wait in its engine)")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="per model replica; default: the engine's max batch + replica_queue")
     max_queued_requests: int = Field(
         32, ge=-1,
-        description="back-pressure: requests waiting at each ingress replica for a free model slot "
-                    "(all replicas at max_ongoing_requests) beyond which the ingress answers 503 "
-                    "with Retry-After at once; -1: unbounded queue (latency grows for everyone)")
+        description="back-pressure: requests waiting for a free model slot (all replicas at "
+                    "max_ongoing_requests) beyond which the app answers 503 with Retry-After at once; "
+                    "-1: unbounded queue (latency grows for everyone)")
     retry_after_s: float = Field(
         1.0, ge=0, allow_inf_nan=False, description="Retry-After (seconds, rounded up) on 503 answers")
     graceful_shutdown_timeout_s: float = Field(
         60.0, ge=0, description="scale-down/redeploy: a model replica waits up to this long for its "
                                 "in-flight requests to finish before it is stopped")
+    engine_stuck_s: float = Field(
+        30.0, gt=0, description="the replica's health check fails when its engine has made no step for "
+                                "this long with work in flight (Ray Serve then replaces the replica)")
+    health_check_period_s: float = Field(10.0, gt=0, description="how often Ray Serve checks each model "
+                                         "replica's health (3 failures in a row replace it)")
     max_request_bytes: int = Field(
-        4 * 2**20, ge=1024, description="request bodies larger than this get 413 before parsing")
-    topology: Literal["split", "colocated"] = Field(
+        4 * 2**20, ge=1024, description="request bodies larger than this get 413 (counted as they are read)")
+    request_timeout_s: float | None = Field(
+        600.0, gt=0, description="an answer not complete by then gets 504 (a request's own request_timeout_s "
+                                 "may set a shorter one); null: no limit")
+    topology: Literal["split", "colocated", "local_first"] = Field(
         "split", description="split: Ray proxy -> Ingress replicas -> ModelServer replicas (the warm-bucket "
-                             "router sees each prompt's token count); colocated: the OpenAI API is served "
-                             "inside each model replica (one hop fewer, lowest latency; the router has no "
-                             "token count for HTTP requests and balances by load). With "
-                             "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 each colocated replica also listens on its "
-                             "own HTTP port (no proxy hop): see docs/latency.md")
-    ingress_router: bool = Field(
-        False, description="colocated topology only: route each HTTP request by its prompt's bucket before "
-                           "it reaches a replica, through Ray Serve's HAProxy ingress (needs "
-                           "RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1 in "
-                           "the Ray cluster's environment; deployments/bucket_route.py)")
-    local_first: bool = Field(
-        False, description="colocated topology only: a replica serves a prompt itself when it holds a warm "
-                           "graph for the prompt's bucket; on a miss it applies the warm-bucket policy to the "
-                           "replicas' routing stats and, when that picks another replica, forwards the HTTP "
-                           "request to that replica's own port (at most one hop). In front: Ray Serve's HAProxy "
-                           "ingress (RAY_SERVE_ENABLE_HA_PROXY=1 in the Ray cluster's environment), balancing by "
-                           "load, with no per-request routing call (deployments/colocated.py)")
+                             "router sees each prompt's bucket); colocated: the OpenAI API inside each model "
+                             "replica (one hop fewer; HTTP requests are balanced by load only); local_first: "
+                             "colocated behind Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1), a "
+                             "replica serves the prompts it is warm for and forwards a miss to the replica the "
+                             "warm-bucket policy picks (deployments/colocated.py)")
+    forward_timeout_s: float = Field(
+        30.0, gt=0, description="local_first: a peer that sends no byte of its answer for this long is given "
+                                "up and the request is served here")
     user_code_thread: bool = Field(
         True, description="Ray Serve runs each replica's request handlers on a separate event-loop thread "
-                          "(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, Ray's default). false: on the replica's "
-                          "own loop, which saves a thread hop per ASGI message (CPU A/B about -0.4 ms HTTP "
-                          "overhead; within noise on an H100). Set per deployment through runtime_env")
+                          "(Ray's default); false: on the replica's own loop (one thread hop fewer per ASGI "
+                          "message). Set per deployment through runtime_env")
     handle_transport: Literal["ray", "grpc"] = Field(
-        "grpc", description="split topology: how the Ingress calls the model replicas. grpc: Ray Serve's "
-                            "direct gRPC transport between replicas (handle option _by_reference=False; CPU "
-                            "A/B: HTTP overhead -3 to -5 ms); ray: Ray actor calls (results through the object "
-                            "store)")
+        "grpc", description="split topology: how the Ingress calls the model replicas: Ray Serve's gRPC "
+                            "transport between replicas, or Ray actor calls (docs/latency.md)")
     access_log: bool = Field(True, description="Ray Serve's per-request access log lines in the replicas")
     router: RouterSettings = Field(default_factory=RouterSettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
@@ -114,18 +172,11 @@ class AppConfig(BaseModel):
         "HYBRIDSERVE_API_KEY",
         description="env var holding the API key; when that variable is set and non-empty, "
                     "requests need 'Authorization: Bearer <key>'. null disables the check")
+    http_docs: bool = Field(False, description="serve /docs and /openapi.json")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request omits it")
 
     latency_window_s: float = Field(30.0, gt=0, description="sliding window of the P99 latency each "
                                     "replica reports to the autoscaling policy")
-
-    # test-only
-    inject_latency_ms: float = Field(
-        0.0, ge=0, description="TEST ONLY: sleep this long in the model replica before each request")
-    inject_latency_file: str | None = Field(
-        None, description="TEST ONLY: path of a file holding a number of milliseconds; when set, each "
-                          "model replica re-reads it (at most every 0.5 s; missing file: 0) and uses it "
-                          "in place of inject_latency_ms, so a test can change the latency at run time")
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":
@@ -139,26 +190,22 @@ class AppConfig(BaseModel):
                         ("ingress.max_queued_requests", self.ingress.max_queued_requests)):
             if v == 0:
                 raise ValueError(f"{name} must be -1 (no limit) or a positive integer, got 0")
-        if self.ingress_router and self.topology != "colocated":
-            raise ValueError("ingress_router needs topology: colocated (the split topology's Ingress "
-                             "already routes by bucket); set topology: colocated or drop ingress_router")
-        if self.local_first and self.topology != "colocated":
-            raise ValueError("local_first needs topology: colocated (in the split topology the Ingress routes "
-                             "every prompt by bucket already); set topology: colocated or drop local_first")
-        if self.local_first and self.ingress_router:
-            raise ValueError("local_first and ingress_router are two ways to route colocated replicas: "
-                             "ingress_router asks the router on every request, local_first only on a miss; "
-                             "set one of them")
-        if self.local_first and not self.router.enabled:
-            raise ValueError("local_first applies the warm-bucket policy on a miss: set router.enabled: true")
-        if self.ingress_router and not self.router.enabled:
-            raise ValueError("ingress_router routes through the warm-bucket router: set router.enabled: true")
-        if self.autoscaling is not None:
-            for key in ("min_replicas", "max_replicas"):
-                v = self.autoscaling.get(key)
-                if v is not None and (not isinstance(v, int) or v < 0):
-                    raise ValueError(f"autoscaling.{key} must be an integer >= 0, got {v!r}")
+        if self.topology == "local_first" and not self.router.enabled:
+            raise ValueError("topology local_first applies the warm-bucket policy on a miss: set "
+                             "router.enabled: true (or topology: colocated)")
         return self
+
+    @property
+    def colocated(self) -> bool:
+        """The API served inside the model replicas (colocated or local_first)."""
+        return self.topology != "split"
+
+    @property
+    def replica_max_ongoing(self) -> int:
+        """max_ongoing_requests of a model replica: set, or the engine's KV slots + replica_queue."""
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        return self.engine.slots(self.num_gpus > 0) + self.replica_queue
 
     @property
     def model_name(self) -> str:

@@ -19,18 +19,13 @@ enforces capacity (it probes/caches queue lengths and moves to the next rank if 
 """
 from __future__ import annotations
 
-import bisect
 import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 logger = logging.getLogger("ray.serve")
-
-# kwarg of ModelServer.generate/stream that carries the prompt's token count for routing
-TOKENS_KWARG = "n_tokens"
-
 
 @dataclass(frozen=True)
 class ReplicaView:
@@ -41,15 +36,6 @@ class ReplicaView:
     warm: frozenset[int] = frozenset()             # buckets with a warm graph
     capturing: frozenset[int] = frozenset()        # buckets being captured (or just sent here cold)
     max_load: int | None = None                    # max_ongoing_requests; None = unbounded
-
-
-def bucket_for(n_tokens: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket >= n_tokens (the engine's prefill bucket); the largest if none fits."""
-    if not buckets:
-        raise ValueError("no buckets")
-    bs = sorted(buckets)
-    i = bisect.bisect_left(bs, max(int(n_tokens), 0))
-    return bs[min(i, len(bs) - 1)]
 
 
 def view_from_stats(rid: str, stats: dict | None, max_load: int | None, *, load: int | None = None,
@@ -99,6 +85,51 @@ def choose_replicas(bucket: int, replicas: Sequence[ReplicaView], rng: random.Ra
     return order + full
 
 
+class WarmBucketPolicy:
+    """The warm-bucket choice with its memory: :func:`choose_replicas` over the replicas' views, plus the
+    hints of recent cold placements (a bucket just sent to a cold replica counts as capturing there for
+    ``hint_ttl_s``, covering the lag until its stats report it). Used by the Ray router and by the
+    local-first replicas alike."""
+
+    def __init__(self, imbalance_threshold: int = 2, hint_ttl_s: float = 10.0, seed: int | None = None):
+        self.imbalance_threshold = int(imbalance_threshold)
+        self.hint_ttl_s = float(hint_ttl_s)
+        self.rng = random.Random(seed)
+        self.hints: dict[str, dict[int, float]] = {}    # replica id -> {bucket: time sent there cold}
+
+    def view(self, rid: str, stats: dict | None, max_load: int | None, load: int | None = None,
+             now: float | None = None) -> ReplicaView:
+        return view_from_stats(rid, stats, max_load, load=load, hints=self.hints.get(rid),
+                               now=time.monotonic() if now is None else now, hint_ttl_s=self.hint_ttl_s)
+
+    def rank(self, bucket: int, views: Sequence[ReplicaView]) -> list[ReplicaView]:
+        return choose_replicas(bucket, views, self.rng, imbalance_threshold=self.imbalance_threshold)
+
+    @staticmethod
+    def first_with_room(order: Sequence[ReplicaView]) -> ReplicaView | None:
+        return next((v for v in order if v.max_load is None or v.load < v.max_load), None)
+
+    def placed(self, rid: str, bucket: int, warm: bool) -> None:
+        """Count the warm/cold choice; remember a cold placement so the next prompts of that bucket
+        follow it until the replica's stats report the bucket."""
+        try:
+            from deployments.metrics import observe_router_choice
+            observe_router_choice(warm)
+        except Exception:  # metrics never break routing
+            pass
+        if not warm:
+            self.hints.setdefault(rid, {})[bucket] = time.monotonic()
+
+    def keep(self, live: set[str]) -> None:
+        """Forget replicas that are gone and hints older than hint_ttl_s."""
+        now = time.monotonic()
+        for rid in list(self.hints):
+            if rid not in live:
+                del self.hints[rid]
+            else:
+                self.hints[rid] = {b: t for b, t in self.hints[rid].items() if now - t <= self.hint_ttl_s}
+
+
 # --------------------------------------------------------------------------- Ray Serve adapter
 try:  # deployments/ may be imported without Ray (pure tests); the adapter needs it.
     from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -107,65 +138,37 @@ except ImportError:  # pragma: no cover
     PendingRequest = RunningReplica = Any  # type: ignore[misc,assignment]
 
 
-def tokens_of(pending_request: Any) -> int | None:
-    """The prompt's token count the ingress attached to the request (kwarg ``n_tokens``)."""
-    if pending_request is None:
+def bucket_of(pending_request: Any) -> int | None:
+    """The prompt's prefill bucket: the ``bucket`` of the engine.request.Request the call carries."""
+    if pending_request is None or not pending_request.args:
         return None
-    v = (pending_request.kwargs or {}).get(TOKENS_KWARG)
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
-    return None
+    b = getattr(pending_request.args[0], "bucket", None)
+    return b if isinstance(b, int) and not isinstance(b, bool) else None
 
 
 # Requests between choose_replicas and on_request_routed that the router remembers (a bound, not a
-# batch size: at batch 1 a handful are in flight; the rest are requests whose hook never fires).
+# batch size: a replica holds a handful in flight; the rest are requests whose hook never fires).
 MAX_PENDING_BUCKETS = 4096
 
 
 class WarmBucketRouter(RequestRouter):  # type: ignore[misc,valid-type]
-    """Ray Serve 2.60 RequestRouter (alpha API) that applies :func:`choose_replicas`.
+    """Ray Serve 2.60 RequestRouter (alpha API) that applies :class:`WarmBucketPolicy`.
 
-    Configured via the deployment's ``request_router_config`` with
-    ``request_router_class: deployments.router:WarmBucketRouter`` and ``request_router_kwargs``
-    (``buckets``, ``imbalance_threshold``, ``hint_ttl_s``, ``seed``). Reads each replica's
-    ``RunningReplica.routing_stats`` (what ModelServer.record_routing_stats returned) and the
-    prompt's token count from ``PendingRequest.kwargs['n_tokens']``.
+    Configured via the deployment's ``request_router_config`` with ``request_router_class:
+    deployments.router:WarmBucketRouter`` and ``request_router_kwargs`` (``imbalance_threshold``,
+    ``hint_ttl_s``, ``seed``). Reads each replica's ``RunningReplica.routing_stats`` (what
+    ModelServer.record_routing_stats returned) and the request's bucket (:func:`bucket_of`).
     """
 
-    def initialize_state(self, buckets: Iterable[int] = (), imbalance_threshold: int = 2,
-                         hint_ttl_s: float = 10.0, seed: int | None = None,
-                         load_from_stats: bool = False, **_: Any) -> None:
-        self._buckets = sorted(int(b) for b in buckets)
-        # HAProxy mode (bucket_route.py): requests bypass this router, so Ray's queue-length cache
-        # (updated on send/complete, else by a probe RPC every 10 s) never sees them; the replicas'
-        # reported queue depth (every router.stats_period_s) is the fresher load.
-        self._load_from_stats = bool(load_from_stats)
-        self._imbalance = int(imbalance_threshold)
-        self._hint_ttl_s = float(hint_ttl_s)
-        self._rng = random.Random(seed)
-        # replica id -> {bucket: time it was sent there cold}; covers the routing-stats lag
-        self._hints: dict[str, dict[int, float]] = {}
+    def initialize_state(self, imbalance_threshold: int = 2, hint_ttl_s: float = 10.0,
+                         seed: int | None = None, **_: Any) -> None:
+        self.policy = WarmBucketPolicy(imbalance_threshold, hint_ttl_s, seed)
         self._bucket_of_request: dict[str, int] = {}
 
-    # helpers -----------------------------------------------------------------
     def _ensure_state(self) -> None:
-        if not hasattr(self, "_rng"):
+        if not hasattr(self, "policy"):
             self.initialize_state()
 
-    def _buckets_now(self, replicas: Sequence[Any]) -> list[int]:
-        for r in replicas:
-            b = (r.routing_stats or {}).get("buckets")
-            if b:
-                return list(b)
-        return self._buckets
-
-    def _view(self, r: Any, now: float) -> ReplicaView:
-        rid = r.replica_id.unique_id
-        return view_from_stats(rid, r.routing_stats, r.max_ongoing_requests,
-                               load=self._replica_queue_len_cache.get(r.replica_id),
-                               hints=self._hints.get(rid), now=now, hint_ttl_s=self._hint_ttl_s)
-
-    # RequestRouter API -------------------------------------------------------
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
                               ) -> list[list[RunningReplica]]:
@@ -175,42 +178,23 @@ class WarmBucketRouter(RequestRouter):  # type: ignore[misc,valid-type]
         if pending_request is not None:
             # back off between rounds when every replica is full (as Ray's own routers do)
             pending_request.routing_context.should_backoff = True
-        n = tokens_of(pending_request)
-        buckets = self._buckets_now(candidate_replicas)
-        if n is None or not buckets:
-            # no token count (e.g. a call that bypassed the ingress): plain power of two choices
-            pair = self._rng.sample(list(candidate_replicas), min(2, len(candidate_replicas)))
-            return [pair]
-        bucket = bucket_for(n, buckets)
+        bucket = bucket_of(pending_request)
+        if bucket is None:
+            # no bucket (e.g. an HTTP request of the colocated topology): plain power of two choices
+            return [self.policy.rng.sample(list(candidate_replicas), min(2, len(candidate_replicas)))]
         now = time.monotonic()
-        if self._load_from_stats:
-            self._load_queue_lens_from_stats(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        order = choose_replicas(bucket, [self._view(r, now) for r in candidate_replicas], self._rng,
-                                imbalance_threshold=self._imbalance)
-        if self._load_from_stats:
-            # HAProxy mode: on_request_routed never fires. The base class takes the first replica
-            # whose (just loaded) queue length leaves room, so the placement is known here.
-            chosen = next((v for v in order if v.max_load is None or v.load < v.max_load), None)
-            if chosen is not None:
-                self._note_placement(chosen.id, bucket, bucket in chosen.warm)
-        elif pending_request is not None:
+        views = [self.policy.view(rid, r.routing_stats, r.max_ongoing_requests,
+                                  load=self._replica_queue_len_cache.get(r.replica_id), now=now)
+                 for rid, r in by_id.items()]
+        order = self.policy.rank(bucket, views)
+        if pending_request is not None:
             self._remember_bucket(pending_request.metadata.internal_request_id, bucket)
         return [[by_id[v.id]] for v in order]
 
-    def _load_queue_lens_from_stats(self, replicas: Sequence[Any]) -> None:
-        """Put each replica's reported queue depth into Ray's queue-length cache: ``_view`` reads
-        the load from it, and the base class then picks among the ranked replicas without a probe
-        RPC on the request's path (it still probes a replica reported full, as Ray does)."""
-        for r in replicas:
-            depth = (r.routing_stats or {}).get("queue_depth")
-            if isinstance(depth, int):
-                self._replica_queue_len_cache.update(r.replica_id, depth)
-
     def _remember_bucket(self, request_id: str, bucket: int) -> None:
-        """Keep the request's bucket for ``on_request_routed``. Should requests be routed without
-        that hook firing, they would pile up here, so the map keeps only the newest
-        ``MAX_PENDING_BUCKETS`` entries, dropping the oldest first."""
+        """Keep the request's bucket for ``on_request_routed``; only the newest MAX_PENDING_BUCKETS
+        entries, should requests be routed without that hook firing."""
         d = self._bucket_of_request
         d[request_id] = bucket
         while len(d) > MAX_PENDING_BUCKETS:
@@ -224,27 +208,9 @@ class WarmBucketRouter(RequestRouter):  # type: ignore[misc,valid-type]
             return
         replica = self._replicas.get(replica_id)
         stats = (replica.routing_stats if replica is not None else None) or {}
-        self._note_placement(replica_id.unique_id, bucket, bucket in set(stats.get("warm_buckets", ())))
-
-    def _note_placement(self, rid: str, bucket: int, warm: bool) -> None:
-        """Count the warm/cold choice; remember a cold placement so the next prompts of that bucket
-        follow it until the replica's stats report the bucket (hint_ttl_s)."""
-        try:
-            from deployments.metrics import observe_router_choice
-            observe_router_choice(warm)
-        except Exception:  # metrics never break routing
-            pass
-        if not warm:
-            self._hints.setdefault(rid, {})[bucket] = time.monotonic()
+        self.policy.placed(replica_id.unique_id, bucket, bucket in set(stats.get("warm_buckets", ())))
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         self._ensure_state()
-        live = {r.replica_id.unique_id for r in replicas}
-        now = time.monotonic()
-        for rid in list(self._hints):
-            if rid not in live:
-                del self._hints[rid]
-                continue
-            self._hints[rid] = {b: t for b, t in self._hints[rid].items()
-                                if now - t <= self._hint_ttl_s}
+        self.policy.keep({r.replica_id.unique_id for r in replicas})

@@ -1,34 +1,31 @@
-"""ModelServer: the model deployment. Each replica owns one HybridEngine (and, on GPU, one GPU).
+"""ModelServer: the model deployment. Each replica owns one engine (and, on GPU, one GPU).
 
-Calls (from the ingress, through the warm-bucket router):
-  ``generate.remote(request, n_tokens=N)``                  -> dict (see ``_result``)
-  ``options(stream=True).stream.remote(request, n_tokens=N)`` -> dicts, one per token, then a final one
-  ``remote(request)`` (``__call__``)                           -> same as generate
-
-``request`` is ``{"prompt": str | list[int], "params": {SamplingParams fields}}`` or a bare prompt
-string. ``n_tokens`` (the prompt's token count, computed by the ingress) is only read by the
-router (``PendingRequest.kwargs``); the replica recounts with the engine.
+Calls (from the HTTP app, through the warm-bucket router), each with an :class:`engine.request.Request`
+the app built and validated once (the replica trusts it):
+  ``generate.remote(req)``                    -> dict (see ``_final``)
+  ``options(stream=True).stream.remote(req)`` -> dicts, one per token, then a final one
 Engine input errors never raise across Ray: they come back as ``{"error": {...}}`` (the only item
-of a stream), which the ingress turns into HTTP 400.
+of a stream), which the app turns into HTTP 400.
 
 Warm buckets reported to the router (``record_routing_stats``): on CUDA ``eng.warm_buckets()`` (a
-captured graph). On CPU there are no graphs; as a deliberate, documented stand-in the replica
-reports the buckets it has already served (what its JIT path would have captured on a GPU), so
-the router's behaviour is testable in CI. ``warm_source`` in the stats says which one it is.
+captured graph). On CPU there are no graphs; as a deliberate stand-in the replica reports the buckets
+it has served (what its JIT path would have captured on a GPU), so routing is testable in CI.
+``warm_source`` in the stats says which one it is.
 """
 from __future__ import annotations
 
-import asyncio
+import importlib
 import logging
-import math
 import os
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any, AsyncIterator
 
-from engine import EngineInputError, HybridEngine, SamplingParams
+from engine import EngineInputError, HybridEngine
+from engine.errors import PromptTooLongError
+from engine.request import CONTEXT_LENGTH_CODE, Request
 
 from .config import AppConfig
 
@@ -44,7 +41,6 @@ try:
 except ImportError:  # pragma: no cover
     _metrics = None  # type: ignore[assignment]
 
-_PARAM_FIELDS = {f.name for f in fields(SamplingParams)}
 TTFT_HISTORY = 32  # recent TTFTs kept per bucket for routing stats
 
 
@@ -57,18 +53,23 @@ def _replica_id() -> str:
 
 
 def error_dict(e: Exception) -> dict:
-    return {"error": {"message": str(e), "type": "invalid_request_error", "param": None,
-                      "code": type(e).__name__}}
+    code = CONTEXT_LENGTH_CODE if isinstance(e, PromptTooLongError) else type(e).__name__
+    return {"error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": code}}
 
 
-def to_params(raw: dict | None) -> SamplingParams:
-    raw = dict(raw or {})
-    bad = sorted(set(raw) - _PARAM_FIELDS)
-    if bad:
-        raise EngineInputError(f"unknown sampling parameter(s) {bad}; known: {sorted(_PARAM_FIELDS)}")
-    p = SamplingParams(**raw)
-    p.validate()
-    return p
+def make_engine(cfg: AppConfig, engine_cfg: Any) -> Any:
+    """The replica's engine: ``cfg.engine_factory`` ('module:callable', called with the EngineConfig and
+    ``engine_factory_args``) or HybridEngine."""
+    if not cfg.engine_factory:
+        return HybridEngine(engine_cfg)
+    module, _, name = cfg.engine_factory.partition(":")
+    return getattr(importlib.import_module(module), name)(engine_cfg, **cfg.engine_factory_args)
+
+
+def engine_load(eng: Any) -> dict[str, int]:
+    """running / waiting / free_slots / max_batch of the engine (its stats() keys)."""
+    st = eng.stats()
+    return {k: int(st[k]) for k in ("running", "waiting", "free_slots", "max_batch")}
 
 
 class ModelServer:
@@ -81,7 +82,7 @@ class ModelServer:
             import torch
             torch.set_num_threads(max(1, int(self.cfg.num_cpus or 1)))
         self.replica_id = _replica_id()
-        self.eng = HybridEngine(ecfg)
+        self.eng = make_engine(self.cfg, ecfg)
         self.cuda = bool(getattr(self.eng, "cuda", False))
         self._lock = threading.Lock()
         self._served: set[int] = set()                        # CPU stand-in for warm graphs
@@ -93,7 +94,6 @@ class ModelServer:
         self._finish_counts: dict[str, int] = {}
         self.started_at = time.time()
         self._store_events: list[dict] = []
-        self._inject_ms_cached, self._inject_read_at = 0.0, -math.inf  # inject_latency_file
         self.eng.add_listener(self._on_event)
         self._log_store_outcome()
         logger.info("ModelServer %s ready: model=%s device=%s buckets=%s", self.replica_id,
@@ -141,10 +141,8 @@ class ModelServer:
                 self._ttft.setdefault(m.bucket, deque(maxlen=TTFT_HISTORY)).append(m.ttft_s)
                 if event.get("finish_reason") != "cancelled" or m.ttft_s > 0:
                     self._served.add(m.bucket)
-            if self._window is not None:   # as the client sees it: the test-only delay counts too
-                extra = self._inject_ms() / 1e3
-                self._window.record(m.ttft_s + extra, m.e2e_s + extra,
-                                    service_s=max(0.0, m.e2e_s - m.queue_s) + extra)
+            if self._window is not None:
+                self._window.record(m.ttft_s, m.e2e_s, service_s=max(0.0, m.e2e_s - m.queue_s))
         if _metrics is not None:
             try:
                 _metrics.observe_event(event, self.replica_id, self.eng.model_name)
@@ -157,8 +155,12 @@ class ModelServer:
         with self._lock:
             return set(self._served)
 
+    def queue_depth(self) -> int:
+        """Requests running + waiting in the engine (cheap: on every request's path)."""
+        return int(self.eng.in_flight())
+
     def _set_in_flight(self) -> None:
-        n = self.eng.in_flight()
+        n = self.queue_depth()
         if self._window is not None:
             self._window.set_in_flight(n)
         if _metrics is not None:
@@ -177,6 +179,7 @@ class ModelServer:
         warm_buckets       list[int]  buckets this replica serves by graph replay (CPU: served)
         capturing_buckets  list[int]  buckets queued or being captured in the background
         queue_depth        int        requests running + waiting in the engine
+        running, waiting, free_slots, max_batch   int   the engine's scheduler (engine.stats())
         ttft_ms_p50        dict[int, float]  median TTFT of the last 32 requests per bucket (ms)
         warm_source        "cuda_graphs" | "cpu_served_standin"
         replica, model, device, requests, warm_hits
@@ -184,6 +187,7 @@ class ModelServer:
         with self._lock:
             ttft = {b: round(sorted(d)[len(d) // 2] * 1e3, 1) for b, d in self._ttft.items() if d}
             requests, hits = self._requests, self._warm_hits
+        load = engine_load(self.eng)
         return {
             "v": 1,
             "replica": self.replica_id,
@@ -192,7 +196,8 @@ class ModelServer:
             "buckets": list(self.eng.config.buckets),
             "warm_buckets": sorted(self.warm_set()),
             "capturing_buckets": sorted(self.eng.capturing_buckets()),
-            "queue_depth": int(self.eng.in_flight()),
+            "queue_depth": load["running"] + load["waiting"],
+            **load,
             "ttft_ms_p50": ttft,
             "warm_source": "cuda_graphs" if self.cuda else "cpu_served_standin",
             "requests": requests,
@@ -202,56 +207,30 @@ class ModelServer:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics (autoscale.window.LatencyWindow snapshot)."""
         if self._window is None:
-            return {"in_flight": float(self.eng.in_flight())}
-        self._window.set_in_flight(self.eng.in_flight())
+            return {"in_flight": float(self.queue_depth())}
+        self._window.set_in_flight(self.queue_depth())
         return self._window.snapshot()
 
     def check_health(self) -> None:
+        """Fails (so Ray Serve replaces the replica) when the engine is shut down or stuck."""
         if getattr(self.eng, "_closed", False):
             raise RuntimeError("engine is shut down")
+        age = self.eng.heartbeat_age_s()
+        if age > self.cfg.engine_stuck_s:
+            raise RuntimeError(f"engine stuck: no step for {age:.1f} s with requests in flight "
+                               f"(engine_stuck_s {self.cfg.engine_stuck_s:g})")
 
     # ------------------------------------------------------------------ requests
-    def _prepare(self, request: Any) -> tuple[Any, SamplingParams, dict]:
-        if isinstance(request, (str, list)):
-            request = {"prompt": request}
-        if not isinstance(request, dict) or "prompt" not in request:
-            raise EngineInputError("request must be a prompt string, a list of token ids, or "
-                                   "{'prompt': ..., 'params': {...}}")
-        prompt = request["prompt"]
-        params = to_params(request.get("params"))
-        ids = self.eng.validate(prompt, params)
-        bucket = self.eng.bucket_for(len(ids))
-        warm = bucket in self.warm_set()
+    def _accept(self, req: Any) -> dict:
+        """Count the request (warm hit or not); its meta for the answer."""
+        if not isinstance(req, Request):
+            raise EngineInputError("call the model deployment with an engine.request.Request (the hybridserve "
+                                   "app builds one); from Python use the app handle instead")
+        warm = req.bucket in self.warm_set()
         with self._lock:
             self._requests += 1
             self._warm_hits += warm
-        meta = {"replica": self.replica_id, "bucket": bucket, "warm": warm, "prompt_tokens": len(ids)}
-        return ids, params, meta
-
-    def _inject_ms(self) -> float:
-        """TEST ONLY: the injected latency (ms): ``inject_latency_ms``, or, when
-        ``inject_latency_file`` is set, the number in that file (re-read at most every 0.5 s;
-        missing file: 0; unparsable, e.g. caught mid-write: the last value)."""
-        path = self.cfg.inject_latency_file
-        if not path:
-            return self.cfg.inject_latency_ms
-        now = time.monotonic()
-        if now - self._inject_read_at >= 0.5:   # engine thread and event loop: benign race
-            self._inject_read_at = now
-            try:
-                with open(path) as f:
-                    v = float(f.read().strip() or 0)
-                self._inject_ms_cached = v if math.isfinite(v) and v > 0 else 0.0
-            except FileNotFoundError:
-                self._inject_ms_cached = 0.0
-            except (OSError, ValueError):
-                pass
-        return self._inject_ms_cached
-
-    async def _delay(self) -> None:
-        ms = self._inject_ms()
-        if ms > 0:
-            await asyncio.sleep(ms / 1e3)
+        return {"replica": self.replica_id, "bucket": req.bucket, "warm": warm, "prompt_tokens": req.n_tokens}
 
     @staticmethod
     def _final(meta: dict, finish_reason: str, completion_tokens: int, m: Any) -> dict:
@@ -265,12 +244,11 @@ class ModelServer:
                      "queue_ms": round(m.queue_s * 1e3, 3) if m else None},
         }
 
-    async def generate(self, request: Any, n_tokens: int | None = None) -> dict:
-        await self._delay()
+    async def generate(self, req: Request) -> dict:
         try:
-            ids, params, meta = self._prepare(request)
+            meta = self._accept(req)
             self._set_in_flight()
-            res = await self.eng.generate_async(ids, params)
+            res = await self.eng.generate_async(req)
         except EngineInputError as e:
             return error_dict(e)
         finally:
@@ -283,20 +261,19 @@ class ModelServer:
             out["prompt_logprobs"] = [asdict(lp) for lp in res.prompt_logprobs]
         return out
 
-    async def __call__(self, request: Any, n_tokens: int | None = None) -> dict:
-        return await self.generate(request, n_tokens=n_tokens)
+    async def __call__(self, req: Request) -> dict:
+        return await self.generate(req)
 
-    async def stream(self, request: Any, n_tokens: int | None = None) -> AsyncIterator[dict]:
+    async def stream(self, req: Request) -> AsyncIterator[dict]:
         """Yields ``{"text", "index", "token_id"}`` per token (the first also carries ``meta``),
         then ``{"text": "", "finish_reason", "usage", "meta"}``; or a single ``{"error"}``."""
         t_in = time.time()
-        await self._delay()
         try:
-            ids, params, meta = self._prepare(request)
+            meta = self._accept(req)
         except EngineInputError as e:
             yield error_dict(e)
             return
-        gen = self.eng.stream(ids, params)
+        gen = self.eng.stream(req)
         first = True
         timeline = {"replica_in": t_in}
         self._set_in_flight()

@@ -8,6 +8,9 @@ from .errors import InvalidSamplingParams
 
 MAX_LOGPROBS = 20                     # alternatives per token (OpenAI chat allows 0..20; vLLM's default cap)
 LOGPROB_FLOOR = -9999.0               # what a -inf logprob is reported as (JSON has no -inf; OpenAI's value)
+MAX_STOP = 4                          # stop strings per request (OpenAI's limit)
+MAX_STOP_CHARS = 256                  # characters per stop string
+MAX_STOP_TOKEN_IDS = 64               # stop token ids per request
 
 
 @dataclass
@@ -51,8 +54,15 @@ class SamplingParams:
             bad(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             bad("stop must be a list of non-empty strings")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+        if len(self.stop) > MAX_STOP:
+            bad(f"stop has {len(self.stop)} strings; at most {MAX_STOP} are allowed")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            bad(f"each stop string must be at most {MAX_STOP_CHARS} characters")
+        if not isinstance(self.stop_token_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
             bad("stop_token_ids must be a list of integers")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad(f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:

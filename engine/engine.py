@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from . import request
 from .api import LOGPROB_FLOOR, GenerationResult, Logprob, SamplingParams, StreamChunk
 from .config import EngineConfig
-from .errors import EmptyPromptError, EngineClosedError, EngineInputError, ModelLoadError, PromptTooLongError
+from .errors import EmptyPromptError, EngineClosedError, EngineInputError, ModelLoadError
 from .graphs import GraphCache
 from .kv import KVSlots
 from .model import Llama, ModelArgs, load_checkpoint, random_weights
@@ -30,7 +31,7 @@ from .presets import PRESETS
 from .runner import Runner
 from .scheduler import Scheduler, pick_batch_size
 from .sequence import Stream
-from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("hybridserve.engine")
 
@@ -98,7 +99,7 @@ class HybridEngine:
             if cfg.num_layers:
                 hf["num_hidden_layers"] = cfg.num_layers
             args = ModelArgs.from_hf(hf)
-            return args, random_weights(args, device, dtype, cfg.seed), ByteTokenizer(args.vocab_size), cfg.model
+            return args, random_weights(args, device, dtype, cfg.seed), load_tokenizer(cfg.model), cfg.model
         path = Path(cfg.model).expanduser()
         if not path.exists():
             raise ModelLoadError(f"unknown model {cfg.model!r}: not a preset ({', '.join(PRESETS)}) "
@@ -106,7 +107,7 @@ class HybridEngine:
         hf, weights = load_checkpoint(path)
         args = ModelArgs.from_hf(hf)
         try:
-            tok = HFTokenizer(path, args.eos_token_ids)
+            tok = load_tokenizer(str(path), args.eos_token_ids)
         except Exception as e:
             raise ModelLoadError(f"cannot load the tokenizer of {str(path)!r}: {e}") from None
         return args, weights, tok, path.name
@@ -306,24 +307,14 @@ class HybridEngine:
         return Logprob(i, text, v, list(b))
 
     def bucket_for(self, n: int) -> int:
-        for b in self.buckets:
-            if n <= b:
-                return b
-        raise PromptTooLongError(f"prompt of {n} tokens exceeds the largest bucket {self.buckets[-1]}")
+        return request.bucket_for(n, self.buckets)
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise EmptyPromptError("prompt is empty: send at least one character or token id")
             return self.tokenizer.encode(prompt, add_special_tokens=True)
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise EmptyPromptError("prompt must be a non-empty string or a non-empty list of token ids")
-        V = self.args.vocab_size
-        # one C-speed pass each (every prompt of a request comes through here); type(t) is int rejects bools
-        if set(map(type, prompt)) != {int} or min(prompt) < 0 or max(prompt) >= V:
-            t = next(t for t in prompt if type(t) is not int or not 0 <= t < V)
-            raise EngineInputError(f"prompt token id {t!r} is not an integer in [0, {V})")
-        return list(prompt)
+        return request.check_ids(prompt, self.args.vocab_size)
 
     def count_tokens(self, prompt: str | list[int]) -> int:
         return len(self.prompt_ids(prompt))
@@ -334,30 +325,22 @@ class HybridEngine:
         return self.tokenizer.chat_prompt(messages)
 
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        if not isinstance(params, SamplingParams):
-            raise EngineInputError("params must be a SamplingParams")
-        params.validate()
-        ids = self.prompt_ids(prompt)
-        V = self.args.vocab_size
-        bad_bias = [t for t in params.logit_bias if t >= V]
-        if bad_bias:
-            raise EngineInputError(f"logit_bias token id {bad_bias[0]} is out of range [0, {V})")
-        n = len(ids)
-        if n >= self.max_context:
-            raise PromptTooLongError(f"prompt has {n} tokens but the context holds {self.max_context} "
-                                     "(prompt + max_tokens); shorten the prompt")
-        if n + params.max_tokens > self.max_context:
-            raise PromptTooLongError(
-                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
-                f"{self.max_context} tokens; lower max_tokens to at most {self.max_context - n}")
-        return ids
+        return request.validate(self.prompt_ids(prompt), params, self.args.vocab_size, self.max_context)
+
+    def _request(self, prompt: str | list[int] | request.Request, params: SamplingParams | None) -> request.Request:
+        """A Request built by the serving layer is trusted as it is; anything else is validated here, once."""
+        if isinstance(prompt, request.Request):
+            return prompt
+        params = params or SamplingParams()
+        ids = self.validate(prompt, params)
+        return request.Request(tuple(ids), params, self.bucket_for(len(ids)))
 
     # ---------------------------------------------------------------- generation
-    def _submit(self, ids: list[int], params: SamplingParams, on_chunk=None, cancel=None) -> Stream:
+    def _submit(self, req: request.Request, on_chunk=None, cancel=None) -> Stream:
         """Queue a validated request for a slot; it counts in in_flight() from here until it is done."""
         if self._closed:
             raise EngineClosedError("the engine is shut down; send the request to another replica")
-        st = Stream(ids, self.bucket_for(len(ids)), params, self.tokenizer, on_chunk, cancel, time.perf_counter())
+        st = Stream(list(req.ids), req.bucket, req.params, self.tokenizer, on_chunk, cancel, time.perf_counter())
         with self._count_lock:
             self._in_flight += 1
         try:
@@ -376,17 +359,17 @@ class HybridEngine:
             self._emit({"type": "request", "metrics": st.metrics, "finish_reason": st.finish_reason,
                         "output_tokens": len(st.out)})
 
-    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
+    def generate(self, prompt: str | list[int] | request.Request,
+                 params: SamplingParams | None = None) -> GenerationResult:
         """Blocking generation (the scheduler batches it with every other request in flight)."""
-        params = params or SamplingParams()
-        return self._submit(self.validate(prompt, params), params).future.result()
+        return self._submit(self._request(prompt, params)).future.result()
 
-    async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationResult:
+    async def generate_async(self, prompt: str | list[int] | request.Request,
+                             params: SamplingParams | None = None) -> GenerationResult:
         """Like generate(); cancelling the awaiting task (the client went away) ends the request at the engine's
         next step (finish_reason "cancelled"), or before it starts if still waiting, freeing its slot."""
-        params = params or SamplingParams()
         cancel = threading.Event()
-        st = self._submit(self.validate(prompt, params), params, None, cancel)
+        st = self._submit(self._request(prompt, params), None, cancel)
         try:
             return await asyncio.wrap_future(st.future)
         except asyncio.CancelledError:
@@ -394,11 +377,11 @@ class HybridEngine:
             self.scheduler.drop(st)
             raise
 
-    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
+    async def stream(self, prompt: str | list[int] | request.Request,
+                     params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
         """Token-by-token chunks; the last one carries finish_reason and metrics. Closing the generator early
         (client gone) cancels the generation within one decode step."""
-        params = params or SamplingParams()
-        ids = self.validate(prompt, params)      # raise input errors before the first chunk
+        req = self._request(prompt, params)      # raise input errors before the first chunk
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -409,7 +392,7 @@ class HybridEngine:
             except RuntimeError:    # the consumer's loop is gone: nobody is listening any more
                 cancel.set()
 
-        st = self._submit(ids, params, push, cancel)
+        st = self._submit(req, push, cancel)
         st.future.add_done_callback(lambda f: push(f.exception() or f.result()))
         try:
             while True:

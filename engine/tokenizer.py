@@ -179,3 +179,24 @@ class HFTokenizer(Tokenizer):
                 out = out["input_ids"]
             return list(out)
         return super().chat_prompt(messages)
+
+
+def load_tokenizer(model: str, eos_ids: tuple[int, ...] = ()) -> Tokenizer:
+    """The one tokenizer choice: a preset's byte tokenizer, or a checkpoint dir's HF tokenizer.
+    Loads no weights (the HTTP app tokenizes with it; the engine loads the same one)."""
+    from .errors import ModelLoadError
+    from .presets import PRESETS
+
+    if model in PRESETS:
+        return ByteTokenizer(PRESETS[model]["vocab_size"])
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) "
+                             "and no such checkpoint directory")
+    tok = HFTokenizer(path, tuple(eos_ids))
+    try:   # token ids are checked against the model's vocabulary, which may be larger than the tokenizer's
+        import json
+        tok.vocab_size = int(json.loads((path / "config.json").read_text())["vocab_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        tok.vocab_size = len(tok.tok)
+    return tok

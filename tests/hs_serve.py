@@ -132,8 +132,8 @@ def bucket_prompts(base_url: str, lengths: tuple[int, ...] = (15, 40, 200), roun
     """(bucket, response) for prompts of these byte lengths (byte tokenizer: BOS + n tokens; by default
     buckets 16, 64 and 256), one at a time, ``rounds`` times over, each answered 200. After each, a pause
     of ``settle_s`` lets the replicas' routing stats (every 0.2 s in the tests) show the bucket warm."""
-    from deployments.router import bucket_for
     from engine.config import DEFAULT_BUCKETS
+    from engine.request import bucket_for
 
     buckets = {n: bucket_for(n + 1, DEFAULT_BUCKETS) for n in lengths}
     assert len(set(buckets.values())) == len(lengths)

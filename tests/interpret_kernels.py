@@ -1,5 +1,5 @@
 """Run by tests/test_kernels_interpret.py in a fresh interpreter with TRITON_INTERPRET=1 (Triton reads it
-when it is imported): the Triton kernels of engine/kernels.py on CPU tensors, against engine/ops.py's
+when it is imported): the Triton kernels of engine/kernels/ on CPU tensors, against engine/ops.py's
 PyTorch reference. Not a test_*.py file, so a plain pytest run does not collect it by itself."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import triton  # noqa: E402  (after the check above)
 
 @pytest.fixture(scope="module")
 def k():
-    """engine/kernels.py as the interpreter runs it (CPU tensors, PDL off)."""
+    """engine/kernels/ as the interpreter runs it (CPU tensors, PDL off)."""
     from engine import kernels as mod
     assert not mod.PDL_SUPPORTED
     # one config keeps the interpreted autotuning short: BLOCK_K 64 makes K=300 and K=1000 take the

@@ -1,7 +1,8 @@
 """The Ray Serve application on a real local Ray Serve instance (CPU, tiny preset), over real HTTP.
 
-One module-scoped app (2 model replicas, warm-bucket router) serves every test after the first;
-the first test runs ``serve run`` on a copy of serve_config.yaml as a subprocess (own cluster).
+One module-scoped app (2 model replicas, warm-bucket router, the default gRPC handle transport) serves
+every test after the first; the first test runs ``serve run`` on a copy of serve_config.yaml as a
+subprocess (own cluster). Back-pressure over gRPC: tests/test_reliability.py.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_serve_run_serve_config_yaml_answers(tmp_path):
                 if r.status_code == 200:
                     body = r.json()
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):   # not up yet (the proxy may hold it)
                 pass
             time.sleep(2)
         assert body is not None, "serve run did not answer in 240 s:\n" + (tmp_path / "serve_run.log").read_text()[-3000:]
@@ -169,6 +170,8 @@ def test_completion_streaming_sse(app):
     assert all(c["choices"][0]["finish_reason"] is None for c in token_chunks[:-1])
     assert len(token_chunks) >= 6  # one chunk per token + the final one
     assert "".join(c["choices"][0]["text"] for c in token_chunks) == full
+    tl = token_chunks[-1]["hybridserve"]["timeline"]     # over the default gRPC transport (handle_transport)
+    assert tl["http_in"] <= tl["ingress_in"] and tl["replica_in"] <= tl["replica_first"], tl
 
 
 def test_chat_non_streaming_and_streaming(app):
@@ -384,7 +387,7 @@ def test_engine_input_errors_are_400(app, stream):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert "max_tokens" in err["message"] and "context" in err["message"]
-    assert err["code"] == "PromptTooLongError"
+    assert err["code"] == "context_length_exceeded"          # OpenAI's code, what its clients look for
 
 
 def test_unknown_model_is_404(app):
@@ -423,6 +426,8 @@ def test_python_handle_calls(app):
 
 def test_routing_stats_contract(app):
     from ray import serve
+
+    assert app.transport.remote().result() == "grpc"      # AppConfig.handle_transport's default reached the handle
 
     post("/v1/completions", {"prompt": "z" * 40, "max_tokens": 2})
     model = serve.get_deployment_handle("ModelServer", APP)

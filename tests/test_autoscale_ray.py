@@ -5,7 +5,7 @@ engine, warm-bucket router) with the model deployment's ``autoscaling_config.pol
 the real ``autoscale.ray_policy:LatencyAutoscalingPolicy``; each ModelServer replica feeds its
 own ``LatencyWindow`` and returns it from ``record_autoscaling_stats``.  Load comes over HTTP
 (Serve's proxy on port 28000, ``/v1/completions``).  Latency is injected with the app's
-test-only ``inject_latency_file`` setting: every replica (also those started by the scale-up)
+test engine factory ``tests.slow_engine:SlowEngine`` (its ``ms_file``): every replica (also those started by the scale-up)
 re-reads the file and sleeps that many ms before each request, counting it in its P99.
 
 1. 800 ms injected -> fleet P99 TTFT above the 300 ms objective -> Serve scales 1 -> 2, not
@@ -223,7 +223,8 @@ def serve_app(tmp_path_factory):
     args = {**TINY_APP_ARGS, "name": APP, "num_cpus": 1, "max_ongoing_requests": 1,
             "engine": {**TINY_APP_ARGS["engine"], "max_context": MAX_CONTEXT},
             "graceful_shutdown_timeout_s": 30.0,  # the drain budget: longer than any request here
-            "autoscaling": AUTOSCALING, "inject_latency_file": str(latency_file)}
+            "autoscaling": AUTOSCALING, "engine_factory": "tests.slow_engine:SlowEngine",
+            "engine_factory_args": {"ms_file": str(latency_file)}}
     if ray.is_initialized():
         ray.shutdown()
     global BASE

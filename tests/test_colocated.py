@@ -14,9 +14,10 @@ pytestmark = pytest.mark.ray
 
 APP = "hybridserve"
 APP_ARGS = {"engine": {"model": "tiny", "device": "cpu", "buckets": [16, 32, 64], "max_context": 128},
-            "topology": "colocated", "user_code_thread": False, "num_replicas": 1, "num_cpus": 1, "router": {"stats_period_s": 0.5}}
+            "topology": "colocated", "user_code_thread": False, "num_replicas": 1, "num_cpus": 1, "router": {"stats_period_s": 0.5},
+            "max_ongoing_requests": 2, "max_queued_requests": 2, "retry_after_s": 3}   # 4 engine calls at once
 GREEDY = {"temperature": 0, "ignore_eos": True}
-ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,19 @@ def test_choices_and_batches_on_the_replica_own_engine(urls):
     assert ev[-1] == "[DONE]"
     for i, t in enumerate(texts):
         assert "".join(c["choices"][0]["text"] for c in ev[:-1] if c["choices"][0]["index"] == i) == t
+
+
+def test_a_full_replica_answers_503_with_retry_after(urls):
+    """The replica's engine takes max_ongoing_requests + max_queued_requests calls at once (4 here): a
+    request needing 5 (n=5) is refused with 503 + Retry-After on the direct port and through the proxy,
+    and the replica then serves the next request."""
+    proxy, direct, _ = urls
+    for base in (direct, proxy):
+        r = requests.post(base + "/v1/completions", json={"prompt": "full", "max_tokens": 50, "n": 5}, timeout=60)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"] == "3"
+    r = requests.post(direct + "/v1/completions", json={"prompt": "ok", "max_tokens": 2, "n": 4}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
 
 
 def test_bad_request_is_400_and_replica_keeps_serving(urls):

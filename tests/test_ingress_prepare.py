@@ -10,7 +10,8 @@ import pytest
 
 from deployments.colocated import LocalHandle
 from deployments.config import AppConfig
-from deployments.ingress import ChatCompletionRequest, CompletionRequest, OpenAIIngress
+from deployments.http.schemas import ChatCompletionRequest, CompletionRequest
+from deployments.http.service import OpenAIIngress
 from engine import EngineConfig, HybridEngine
 
 TEXTS = ["Hello there, how are you?", "  two  spaces\nand a newline", "unicode: café ✓"]
@@ -27,20 +28,22 @@ def test_ingress_sends_the_engines_own_token_ids(which, checkpoints):
     ing = _ingress(model)
     eng = HybridEngine(EngineConfig(model=model, device="cpu"))
     for prompt in [*TEXTS, [1, 5, 7]]:
-        [(payload, n)] = ing._prepare(CompletionRequest(prompt=prompt, max_tokens=4))
-        assert payload["prompt"] == eng.prompt_ids(prompt), prompt
-        assert n == len(payload["prompt"]) and all(type(t) is int for t in payload["prompt"])
-    batch = ing._prepare(CompletionRequest(prompt=TEXTS[:2], max_tokens=4))
-    assert [p["prompt"] for p, _ in batch] == [eng.prompt_ids(t) for t in TEXTS[:2]]
+        [req] = ing.prepare(CompletionRequest(prompt=prompt, max_tokens=4))
+        assert list(req.ids) == eng.prompt_ids(prompt), prompt
+        assert all(type(t) is int for t in req.ids)
+        assert req.bucket == eng.bucket_for(req.n_tokens)           # the engine's own bucket
+    batch = ing.prepare(CompletionRequest(prompt=TEXTS[:2], max_tokens=4))
+    assert [list(r.ids) for r in batch] == [eng.prompt_ids(t) for t in TEXTS[:2]]
     messages = [{"role": "user", "content": "Hi!"}]
-    [(payload, _)] = ing._prepare(ChatCompletionRequest(messages=messages, max_tokens=4))
-    assert payload["prompt"] == eng.chat_prompt(messages)
+    [req] = ing.prepare(ChatCompletionRequest(messages=messages, max_tokens=4))
+    assert list(req.ids) == eng.chat_prompt(messages)
+    assert ing.vocab_size == eng.args.vocab_size
 
 
 def test_echo_returns_the_prompt_as_sent(checkpoints):
     ing = _ingress(str(checkpoints["gqa"]))
     req = CompletionRequest(prompt=TEXTS[1], max_tokens=2, echo=True)
-    [(payload, _)] = ing._prepare(req)
-    assert isinstance(payload["prompt"], list)            # ids go to the replica...
-    text, _ = ing._text_and_logprobs(req, ing._prompts_as_sent(req)[0], {"text": "!"})
+    [one] = ing.prepare(req)
+    assert all(type(t) is int for t in one.ids)           # ids go to the replica...
+    text, _ = ing.text_and_logprobs(req, req.prompts()[0], {"text": "!"})
     assert text == TEXTS[1] + "!"                         # ...and the client gets its own text back

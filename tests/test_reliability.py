@@ -46,6 +46,7 @@ BASE_ARGS: dict[str, Any] = {
     "graceful_shutdown_timeout_s": 30,
 }
 FIGURES: dict[str, Any] = {}
+SLOW = "tests.slow_engine:SlowEngine"      # the real engine, each request delayed (tests/slow_engine.py)
 
 
 def _record(name: str, value: Any) -> None:
@@ -240,6 +241,12 @@ NASTY: list[tuple[str, str, Any, int, str]] = [
     ("unknown model", "/v1/completions", {"prompt": "a", "model": "gpt-9"}, 404, "model"),
     ("deeply nested", "/v1/completions", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "parse"),
     ("stream over the context", "/v1/completions", {"prompt": OVER_CONTEXT, "stream": True}, 400, "context"),
+    ("5 stop strings", "/v1/completions", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
+    ("200,000 stop strings", "/v1/completions", {"prompt": "a", "stop": ["ab"] * 200_000}, 413, "bytes"),
+    ("stop string too long", "/v1/completions", {"prompt": "a", "stop": ["x" * 300]}, 400, "256 characters"),
+    ("50,000 prompts in a batch", "/v1/completions", {"prompt": ["a"] * 50_000}, 400, "at most 64"),
+    ("400 messages of 800 bytes", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "z" * 800}] * 400}, 413, "bytes"),
 ]
 
 
@@ -264,17 +271,55 @@ def test_nasty_inputs_are_4xx_with_a_message(cluster):
     assert not problems, "\n".join(problems)
     assert cluster.replicas() == before, "a replica restarted"
     _record("nasty_requests", len(NASTY))
+    r = post("/v1/completions", {"prompt": OVER_CONTEXT})
+    assert r.json()["error"]["code"] == "context_length_exceeded"     # what OpenAI clients look for
+
+
+def test_every_body_is_counted_whatever_its_route_and_type(cluster):
+    """A chunked body (no Content-Length) over max_request_bytes is cut at the limit with 413, whatever its
+    content type, on every route; it is not read whole (the old gate counted JSON bodies only)."""
+    def chunks():
+        for _ in range(1000):                     # 1000 x 64 KiB = 64 MiB offered, 256 KiB allowed
+            yield b"x" * 65536
+    for path, ctype in [("/v1/completions", "text/plain"), ("/v1/chat/completions", "application/octet-stream"),
+                        ("/v1/completions", "application/json")]:
+        t0 = time.monotonic()
+        try:
+            r = requests.post(BASE + path, data=chunks(), headers={**AUTH, "content-type": ctype}, timeout=60)
+        except requests.ConnectionError:          # the server answered and closed while we still sent
+            continue
+        assert r.status_code == 413, (path, ctype, r.status_code, r.text[:200])
+        assert r.json()["error"]["code"] == "request_too_large"
+        assert time.monotonic() - t0 < 20
+
+
+def test_docs_and_openapi_are_off_by_default(cluster):
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert requests.get(BASE + path, headers=AUTH, timeout=30).status_code == 404, path
+
+
+def _openapi() -> dict:
+    """The app's OpenAPI schema, built in-process (the deployment serves /openapi.json only with http_docs)."""
+    from types import SimpleNamespace
+
+    from deployments.colocated import LocalHandle
+    from deployments.config import AppConfig
+    from deployments.http.app import build_http_app
+    from deployments.http.service import OpenAIIngress
+
+    ingress = OpenAIIngress(LocalHandle(SimpleNamespace(generate=None, stream=None)), AppConfig.model_validate(BASE_ARGS))
+    return build_http_app(ingress).openapi()
 
 
 def test_schemathesis_fuzz_no_5xx(cluster):
-    """>= 1,000 requests generated from the ingress's /openapi.json (valid and invalid bodies):
+    """>= 1,000 requests generated from the ingress's OpenAPI schema (valid and invalid bodies):
     zero 5xx, every 4xx names the problem, no replica restarts."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
 
     before = cluster.replicas()
-    schema = schemathesis.openapi.from_url(BASE + "/openapi.json")
+    schema = schemathesis.openapi.from_dict(_openapi())
     session = requests.Session()
     counts = {"total": 0, "2xx": 0, "4xx": 0, "5xx": 0}
     bad: list[str] = []
@@ -302,7 +347,10 @@ def test_schemathesis_fuzz_no_5xx(cluster):
                 resp = session.request(**kw)
                 counts["total"] += 1
                 code = resp.status_code
-                if code >= 500:
+                asked = isinstance(case.body, dict) and case.body.get("request_timeout_s") is not None
+                if code == 504 and asked and resp.json()["error"]["code"] == "request_timeout":
+                    counts["4xx"] += 1      # the deadline the client set passed: its answer, not a fault
+                elif code >= 500:
                     counts["5xx"] += 1
                     bad.append(f"{op.method} {op.path} -> {code}: {resp.text[:300]} body={case.body!r:.300}")
                 elif code >= 400:
@@ -408,14 +456,14 @@ def test_engine_shut_down_is_a_retryable_replica_failure():
     generated) is treated like a dead replica: the ingress retries once on another."""
     from ray.exceptions import RayTaskError
 
-    from deployments.ingress import _REPLICA_GONE, _ray_failure
+    from deployments.http.errors import REPLICA_GONE, ray_failure
     from engine import EngineClosedError, EngineInputError
 
     closed = RayTaskError("ModelServer.generate", "tb", EngineClosedError("shut down")).as_instanceof_cause()
-    assert _ray_failure(closed) == _REPLICA_GONE
-    assert _ray_failure(EngineClosedError("local")) == _REPLICA_GONE
+    assert ray_failure(closed) == REPLICA_GONE
+    assert ray_failure(EngineClosedError("local")) == REPLICA_GONE
     bad = RayTaskError("ModelServer.generate", "tb", EngineInputError("bad")).as_instanceof_cause()
-    assert _ray_failure(bad) is None
+    assert ray_failure(bad) is None
 
 
 def test_replica_killed_under_load(cluster, tmp_path):
@@ -495,7 +543,7 @@ def test_backpressure_burst_gets_fast_503(cluster):
     """1 replica, max_ongoing_requests 2, queue 2, 400 ms per request: a burst of 24 gets a few
     successes and fast 503s with Retry-After and a JSON error; no other status; nothing hangs."""
     cluster.deploy(num_replicas=1, max_ongoing_requests=2, max_queued_requests=2,
-                   inject_latency_ms=400, retry_after_s=2)
+                   engine_factory=SLOW, engine_factory_args={"ms": 400}, retry_after_s=2)
     n = 24
 
     def one(i: int) -> tuple[int, float, dict, str]:
@@ -664,3 +712,94 @@ def test_store_faults_leave_replica_serving(cluster, tmp_path, fault):
     assert not bad, f"a rejected artifact reached the compile cache: {bad}"
     _record(f"store_{fault}", {"loaded": st["loaded"], "reason": (st["rejected"] or [st["error"]])[0]
                                if fault != "missing" else "no entry / store missing"})
+
+
+# --------------------------------------------------------------------------- a faulty engine
+STRICT_TEMPLATE = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                   "{% endif %}{{ m['content'] }}{% endfor %}")
+FAULTY = "/faulty"
+
+
+@pytest.fixture(scope="module")
+def faulty(cluster, tmp_path_factory):
+    """A second app on the cluster: a tiny HF checkpoint whose chat template rejects [user, user], served
+    by tests.slow_engine:FaultyEngine (prompt token 11: an error naming a server path; token 7: the
+    engine's scheduler stops stepping), health-checked every second."""
+    from conftest import make_checkpoint
+    from deployments.app import build_app
+
+    model = make_checkpoint(tmp_path_factory.mktemp("strict") / "model", "gqa")   # one, not conftest's four
+    tc = model / "tokenizer_config.json"
+    tc.write_text(json.dumps({**json.loads(tc.read_text()), "chat_template": STRICT_TEMPLATE}))
+    args = {**BASE_ARGS, "name": "faulty", "num_replicas": 1, "health_check_period_s": 1.0, "engine_stuck_s": 2.0,
+            "engine": {"model": str(model), "device": "cpu", "buckets": [16, 32], "max_context": 128},
+            "engine_factory": "tests.slow_engine:FaultyEngine"}
+    cluster.serve.run(build_app(args), name="faulty", route_prefix=FAULTY)
+    yield FAULTY
+    cluster.serve.delete("faulty")
+
+
+def _faulty_replicas() -> set[str]:
+    from ray._private.state import actors
+
+    return {v["Name"] for v in actors().values()
+            if v.get("State") == "ALIVE" and "faulty#ModelServer" in (v.get("Name") or "")}
+
+
+def _ingress_logs_mention(needle: str) -> bool:
+    import ray
+
+    root = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return any(needle in f.read_text(errors="replace") for f in root.rglob("*Ingress*") if f.is_file())
+
+
+def test_a_chat_template_error_is_the_clients_400(faulty):
+    ok = post(faulty + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+    r = post(faulty + "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"},
+                                                            {"role": "user", "content": "b"}]})
+    assert r.status_code == 400, r.text
+    assert "roles must alternate" in assert_error_body(r, "chat template") and r.json()["error"]["param"] == "messages"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_500_is_generic_with_a_request_id_and_the_detail_in_the_log(faulty, stream):
+    r = post(faulty + "/v1/completions", {"prompt": [1, 11], "max_tokens": 2, "stream": stream})
+    assert r.status_code == 500, r.text
+    assert "/srv/secret" not in r.text and "RuntimeError" not in r.text
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and err["code"] == "internal_error"
+    rid = err["message"].split("request id ")[1].split(")")[0]
+    deadline = time.monotonic() + 20
+    while not _ingress_logs_mention(rid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _ingress_logs_mention(rid), rid
+
+
+def test_a_stuck_engine_times_requests_out_and_fails_its_health_check(faulty):
+    """request_timeout_s bounds the wait (504, streaming too); the engine's heartbeat (no step for
+    engine_stuck_s with work in flight) fails the health check, so Ray Serve replaces the replica,
+    which then serves."""
+    before = _faulty_replicas()
+    assert len(before) == 1
+    for stream in (False, True):
+        t0 = time.monotonic()
+        r = post(faulty + "/v1/completions", {"prompt": [1, 7], "max_tokens": 2, "stream": stream,
+                                              "request_timeout_s": 1.5})
+        took = time.monotonic() - t0
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
+        assert 1.4 <= took < 10, took
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and (_faulty_replicas() & before or not _faulty_replicas()):
+        time.sleep(1)
+    after = _faulty_replicas()
+    assert after and not after & before, (before, after)
+    _record("stuck_engine_replaced_s", round(time.monotonic() - t0, 1))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = post(faulty + "/v1/completions", {"prompt": "fine", "max_tokens": 2})
+        if r.status_code == 200:
+            break
+        time.sleep(1)
+    assert r.status_code == 200, r.text

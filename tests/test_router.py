@@ -6,7 +6,10 @@ from collections import Counter
 
 import pytest
 
-from deployments.router import ReplicaView, bucket_for, choose_replicas, tokens_of
+from deployments.router import ReplicaView, WarmBucketPolicy, bucket_of, choose_replicas
+from engine.errors import PromptTooLongError
+from engine.request import Request, bucket_for
+from engine.api import SamplingParams
 
 BUCKETS = [16, 32, 64, 128, 256]
 
@@ -20,8 +23,8 @@ def test_bucket_for_matches_smallest_fitting_bucket():
     assert bucket_for(16, BUCKETS) == 16
     assert bucket_for(17, BUCKETS) == 32
     assert bucket_for(256, BUCKETS) == 256
-    assert bucket_for(9999, BUCKETS) == 256  # too long: the largest (the engine rejects it)
-    assert bucket_for(0, [64, 16, 32]) == 16  # unsorted input is fine
+    with pytest.raises(PromptTooLongError, match="largest bucket 256"):   # the one bucket function raises
+        bucket_for(9999, BUCKETS)
 
 
 def test_warm_replica_preferred_over_less_loaded_cold_one():
@@ -115,25 +118,24 @@ def test_simulated_fleet_keeps_buckets_on_their_warm_replica():
 
 
 class _PR:
-    def __init__(self, kwargs):
-        self.kwargs = kwargs
+    def __init__(self, args):
+        self.args = args
 
 
-@pytest.mark.parametrize("kwargs,expected", [({"n_tokens": 40}, 40), ({}, None),
-                                             ({"n_tokens": True}, None), ({"n_tokens": "4"}, None)])
-def test_tokens_of_reads_the_ingress_kwarg(kwargs, expected):
-    assert tokens_of(_PR(kwargs)) == expected
-    assert tokens_of(None) is None
+@pytest.mark.parametrize("args,expected", [
+    ((Request(ids=(1, 2), params=SamplingParams(), bucket=16),), 16), ((), None), (("text",), None)])
+def test_bucket_of_reads_the_request_the_call_carries(args, expected):
+    assert bucket_of(_PR(args)) == expected
+    assert bucket_of(None) is None
 
 
 def test_pending_bucket_map_is_bounded_and_drops_the_oldest():
-    # Requests routed through HAProxy's choose_replica never fire on_request_routed: their
-    # entries must not grow without bound, and a burst of them must not drop the newest ones
-    # (the requests whose hook is about to fire).
+    # Requests whose on_request_routed never fires must not grow the map without bound, and a burst
+    # of them must not drop the newest ones (the requests whose hook is about to fire).
     from deployments.router import MAX_PENDING_BUCKETS, WarmBucketRouter
 
     r = object.__new__(WarmBucketRouter)      # the bookkeeping needs no Ray router state
-    r.initialize_state(buckets=BUCKETS)
+    r.initialize_state()
     n = MAX_PENDING_BUCKETS + 1000
     for i in range(n):
         r._remember_bucket(f"req-{i}", BUCKETS[i % len(BUCKETS)])
@@ -143,44 +145,18 @@ def test_pending_bucket_map_is_bounded_and_drops_the_oldest():
     assert r._bucket_of_request[f"req-{n - 1}"] == BUCKETS[(n - 1) % len(BUCKETS)]
 
 
-@pytest.mark.parametrize("load_from_stats", [True, False])
-def test_haproxy_mode_takes_the_load_from_the_replicas_reported_queue_depth(load_from_stats):
-    # In HAProxy mode the requests bypass Ray's router, so its queue-length cache keeps whatever a
-    # probe saw up to 10 s ago. With load_from_stats the reported queue depth replaces it: the warm
-    # replica reported 5 deep spills the prompt to the idle cold one (imbalance threshold 2), and the
-    # cache now holds the reported depths, so Ray's base class picks without a probe RPC.
-    import asyncio
-    from dataclasses import dataclass
-    from types import SimpleNamespace
-
-    from ray.serve._private.request_router.common import ReplicaQueueLengthCache
-
-    from deployments.router import TOKENS_KWARG, WarmBucketRouter
-
-    @dataclass(frozen=True)
-    class Rid:
-        unique_id: str
-
-    def replica(rid, warm, depth):
-        stats = {"buckets": BUCKETS, "warm_buckets": warm, "capturing_buckets": [], "queue_depth": depth}
-        return SimpleNamespace(replica_id=Rid(rid), routing_stats=stats, max_ongoing_requests=8)
-
-    warm, cold = replica("warm", [32], 5), replica("cold", [], 0)
-    r = object.__new__(WarmBucketRouter)
-    r.initialize_state(buckets=BUCKETS, seed=0, load_from_stats=load_from_stats)
-    r._replica_queue_len_cache = ReplicaQueueLengthCache()
-    r._replica_queue_len_cache.update(warm.replica_id, 0)    # a probe's view from seconds ago
-    r._replica_queue_len_cache.update(cold.replica_id, 0)
-    req = SimpleNamespace(kwargs={TOKENS_KWARG: 20}, metadata=SimpleNamespace(internal_request_id="q1"),
-                          routing_context=SimpleNamespace(should_backoff=False))
-    order = asyncio.run(r.choose_replicas([warm, cold], req))
-    first = order[0][0].replica_id.unique_id
-    if load_from_stats:
-        assert first == "cold"
-        assert r._replica_queue_len_cache.get(warm.replica_id) == 5
-        # on_request_routed never fires in this mode: the cold placement is remembered right away
-        # (the next prompt of the bucket follows it before the replica's stats list the bucket)
-        assert set(r._hints.get("cold", {})) == {32} and not r._bucket_of_request
-    else:
-        assert first == "warm"                                 # the stale cache hides the queue
-        assert r._replica_queue_len_cache.get(warm.replica_id) == 0
+def test_policy_hint_makes_the_next_miss_follow_a_cold_placement_until_it_expires():
+    """The one policy object (Ray router and local-first replicas): after a cold placement on r1 the
+    next prompt of that bucket goes to r1 too (the hint counts as capturing), not to the equally idle
+    r0; once the hint is older than hint_ttl_s, or r1 is gone, it no longer counts."""
+    pol = WarmBucketPolicy(hint_ttl_s=10.0, seed=0)
+    stats = {"warm_buckets": [], "capturing_buckets": [], "queue_depth": 0}
+    pol.placed("r1", 64, warm=False)
+    for _ in range(10):
+        views = [pol.view("r0", stats, 8), pol.view("r1", stats, 8)]
+        assert pol.rank(64, views)[0].id == "r1"
+    assert pol.view("r1", stats, 8, now=1e12).capturing == frozenset()   # expired
+    pol.keep({"r0"})
+    assert "r1" not in pol.hints
+    full = [pol.view("r0", {**stats, "queue_depth": 8}, 8), pol.view("r1", {**stats, "queue_depth": 3}, 8)]
+    assert pol.first_with_room(pol.rank(64, full)).id == "r1"

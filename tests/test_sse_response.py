@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from deployments.ingress import SSEResponse
+from deployments.http.openai import SSEResponse
 
 SCOPE = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}}
 
