@@ -211,7 +211,7 @@ def baseline_parser(doc: str) -> argparse.ArgumentParser:
                    help="prefill buckets (compiled baselines: one compile each)")
     p.add_argument("--lengths", type=int, nargs="+", default=[10, 50, 100, 200, 500])
     p.add_argument("--requests", type=int, default=20, help="requests per length")
-    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--random-requests", type=int, default=60)
     p.add_argument("--random-decode-tokens", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 16], help="decode batch sizes timed")

@@ -34,9 +34,12 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k_cache[:, :, input_pos] = k
-        self.v_cache[:, :, input_pos] = v
-        return self.k_cache, self.v_cache
+        """Rows [:B] of the cache for a step of B streams (one buffer for every batch size, so one decode
+        compile with a symbolic B serves them all)."""
+        B = k.shape[0]
+        self.k_cache[:B, :, input_pos] = k
+        self.v_cache[:B, :, input_pos] = v
+        return self.k_cache[:B], self.v_cache[:B]
 
 
 class RMSNorm(nn.Module):
@@ -100,7 +103,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """LLaMA with static KV caches; ``use_batch(B)`` points every layer at the caches of batch size B.
+    """LLaMA with static KV caches of ``setup_caches(max_batch)`` rows; a step of B streams uses rows [:B].
     Parameters are made on the meta device and come from ``load_hf``; rope tables and mask on ``device``."""
 
     def __init__(self, hf: dict, max_seq: int, dtype: torch.dtype, device):
@@ -117,7 +120,6 @@ class Transformer(nn.Module):
         self.register_buffer("sin", emb.sin().to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("causal_mask", torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device)),
                              persistent=False)
-        self._caches: dict[int, list[KVCache]] = {}
 
     def _build(self, hf: dict) -> None:
         D, nh = hf["hidden_size"], hf["num_attention_heads"]
@@ -144,12 +146,9 @@ class Transformer(nn.Module):
             sd[q + "ffn_norm.weight"] = w[p + "post_attention_layernorm.weight"]
         self.load_state_dict(sd, strict=True, assign=True)
 
-    def use_batch(self, batch: int) -> None:
-        if batch not in self._caches:
-            self._caches[batch] = [KVCache(batch, self.max_seq, self.nkv, self.hd, self.dtype, self.device)
-                                   for _ in self.layers]
-        for layer, c in zip(self.layers, self._caches[batch]):
-            layer.attention.kv_cache = c
+    def setup_caches(self, max_batch: int) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch, self.max_seq, self.nkv, self.hd, self.dtype, self.device)
 
     def forward(self, idx: Tensor, input_pos: Tensor, last: Tensor | None = None) -> Tensor:
         mask = self.causal_mask[None, None, input_pos]
@@ -177,6 +176,7 @@ class GptFast:
         self.model = Transformer(hf, a.max_context, self.dtype, self.device)
         self.model.load_hf(random_weights(hf, self.device, self.dtype, a.seed))
         self.model.eval().requires_grad_(False)
+        self.model.setup_caches(max(a.batches + [1]))
         self.buckets = sorted(b for b in a.buckets if b <= a.max_context)
         self.batches = sorted(set([1] + list(a.batches)))
         self.max_context, self.vocab = a.max_context, hf["vocab_size"]
@@ -188,11 +188,13 @@ class GptFast:
             dynamo_config.cache_size_limit = 64
             inductor_config.coordinate_descent_tuning = a.coordinate_descent_tuning
             inductor_config.fx_graph_cache = True
-            kw = {"backend": a.compile_backend, "fullgraph": True, "dynamic": False}
+            # prefill: one compile with a symbolic length (gpt-fast's dynamic=True), a CUDA graph per bucket;
+            # decode: static at batch 1, one more compile with a symbolic batch for the larger sizes
+            kw = {"backend": a.compile_backend, "fullgraph": True}
             dm = {"mode": a.decode_mode} if a.compile_backend == "inductor" else {}
             pm = {"mode": a.prefill_mode} if a.compile_backend == "inductor" else {}
-            self.decode = torch.compile(decode_one_token, **kw, **dm)
-            self.prefill = torch.compile(prefill, **kw, **pm)
+            self.decode = torch.compile(decode_one_token, dynamic=None, **kw, **dm)
+            self.prefill = torch.compile(prefill, dynamic=True, **kw, **pm)
         self.cudagraphs = a.compile_backend == "inductor" and self.device.type == "cuda"
 
     def _step_begin(self):
@@ -215,7 +217,6 @@ class GptFast:
     @torch.no_grad()
     def generate(self, ids: list[int], n: int) -> tuple[list[int], float, list[float]]:
         """n greedy tokens at batch 1, each read on the host as it is made (as streaming needs)."""
-        self.model.use_batch(1)
         t0 = time.perf_counter()
         tok = int(self._prefill(ids).item())
         t1 = time.perf_counter()
@@ -236,14 +237,13 @@ class GptFast:
     def warm(self) -> dict:
         """Compile (and capture) every shape the run uses: a prefill per bucket, a decode step per batch size."""
         per = {}
-        self.model.use_batch(1)
         for b in self.buckets:
             t0 = time.perf_counter()
             for _ in range(3):   # cudagraph trees record on the second call
                 self._prefill([1] * b).item()
             per[f"prefill_{b}"] = round(time.perf_counter() - t0, 2)
+            print(f"    warm prefill {b}: {per[f'prefill_{b}']} s", flush=True)
         for B in self.batches:
-            self.model.use_batch(B)
             t0 = time.perf_counter()
             cur = torch.ones((B, 1), dtype=torch.long, device=self.device)
             pos = torch.tensor([min(300, self.max_context - 1)], device=self.device)
@@ -251,14 +251,13 @@ class GptFast:
                 self._step_begin()
                 self.decode(self.model, cur, pos).tolist()
             per[f"decode_b{B}"] = round(time.perf_counter() - t0, 2)
-        self.model.use_batch(1)
+            print(f"    warm decode B={B}: {per[f'decode_b{B}']} s", flush=True)
         return per
 
     @torch.no_grad()
     def time_decode(self, batch: int, context: int, steps: int) -> list[tuple[float, float]]:
         """Seconds per decode step at ``batch`` streams, every one at position ``context``."""
         from bench.baselines.common import StepTimer
-        self.model.use_batch(batch)
         cur = torch.randint(3, self.vocab, (batch, 1), device=self.device)
         pos = torch.tensor([context], device=self.device)
         out = []
@@ -268,7 +267,6 @@ class GptFast:
                 nxt = self.decode(self.model, cur, pos)
                 nxt.tolist()
             out.append((t.gpu_s, t.wall_s))
-        self.model.use_batch(1)
         return out
 
 

@@ -67,20 +67,29 @@ class HFStatic:
         self._StaticCache = StaticCache
         self.caches: dict[int, object] = {}
         if a.compile_backend == "none":
-            self.fwd_decode = self.fwd_prefill = self._forward
+            self.fwd_decode, self.fwd_prefill = self._decode_fwd, self._prefill_fwd
         else:
             from torch._dynamo import config as dynamo_config
             dynamo_config.cache_size_limit = 64
-            kw = {"backend": a.compile_backend, "fullgraph": True, "dynamic": False}
+            # prefill: one compile with a symbolic length, a CUDA graph per bucket; decode: static at batch 1,
+            # one more compile with a symbolic batch for the larger sizes (compile time: docs/benchmarks.md)
+            kw = {"backend": a.compile_backend, "fullgraph": True}
             dm = {"mode": a.decode_mode} if a.compile_backend == "inductor" else {}
             pm = {"mode": a.prefill_mode} if a.compile_backend == "inductor" else {}
-            self.fwd_decode = torch.compile(self._forward, **kw, **dm)
-            self.fwd_prefill = torch.compile(self._forward, **kw, **pm)
+            self.fwd_decode = torch.compile(self._decode_fwd, dynamic=None, **kw, **dm)
+            self.fwd_prefill = torch.compile(self._prefill_fwd, dynamic=True, **kw, **pm)
         self.cudagraphs = a.compile_backend == "inductor" and self.device.type == "cuda"
 
     def _forward(self, ids: torch.Tensor, keep: torch.Tensor, cache) -> torch.Tensor:
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **{self.kw: cache})
         return out.logits[:, -1].argmax(-1)
+
+    # two code objects, so the decode and prefill compiles keep separate caches
+    def _prefill_fwd(self, ids, keep, cache):
+        return self._forward(ids, keep, cache)
+
+    def _decode_fwd(self, ids, keep, cache):
+        return self._forward(ids, keep, cache)
 
     def cache(self, batch: int):
         if batch not in self.caches:
@@ -140,6 +149,7 @@ class HFStatic:
             for _ in range(3):   # cudagraph trees record on the second call
                 self._prefill([1] * b, cache).item()
             per[f"prefill_{b}"] = round(time.perf_counter() - t0, 2)
+            print(f"    warm prefill {b}: {per[f'prefill_{b}']} s", flush=True)
         keep = torch.tensor([0], device=self.device)
         for B in self.batches:
             cache = self.cache(B)
@@ -150,6 +160,7 @@ class HFStatic:
                 self._step_begin()
                 self.fwd_decode(cur, keep, cache).tolist()
             per[f"decode_b{B}"] = round(time.perf_counter() - t0, 2)
+            print(f"    warm decode B={B}: {per[f'decode_b{B}']} s", flush=True)
         return per
 
     @torch.no_grad()
