@@ -79,7 +79,8 @@ def copy_worker(a) -> dict:
     moved = 2 * src.numel() * src.element_size()          # read + written
     t = statistics.median(times)
     return {"copy_bandwidth_tbs": round(moved / t / 1e12, 4), "copy": {
-        "buffer_mib": a.copy_mib, "iters": a.copy_iters, "median_s": t, "best_tbs": round(moved / min(times) / 1e12, 4)}}
+        "buffer_mib": a.copy_mib, "iters": a.copy_iters, "median_s": t,
+        "best_tbs": round(moved / min(times) / 1e12, 4)}}
 
 
 # ------------------------------------------------------------------ the engine (worker)
@@ -276,7 +277,8 @@ def engine_worker(a) -> dict:
     out_path = Path(a.out)
     res: dict = {"errors": {}, "wall_s": {}}
     eng, res["engine"] = build_engine(a, unseen_bucket)
-    log(f"engine ready in {res['engine']['start_s']} s (missing config fields: {res['engine']['config_fields_missing']})")
+    log(f"engine ready in {res['engine']['start_s']} s "
+        f"(config fields this engine lacks: {res['engine']['config_fields_missing']})")
     try:
         for part in a.engine_parts:
             t0 = time.perf_counter()
@@ -337,11 +339,71 @@ def worker_args(a) -> list[str]:
     return args + ["--engine-parts", ",".join(a.engine_parts)]
 
 
+def baseline_cmd(a, name: str, f: Path) -> list[str]:
+    cmd = [sys.executable, "-m", f"bench.baselines.{name}", "--out", str(f), "--preset", a.preset,
+           "--device", a.device, "--dtype", a.dtype, "--seed", str(a.seed),
+           "--max-context", str(a.max_context), "--context", str(a.context),
+           "--buckets", *map(str, a.baseline_buckets), "--batches", *map(str, a.baseline_batches),
+           "--lengths", *map(str, a.lengths)]
+    cmd += ["--layers", str(a.layers)] if a.layers else []
+    cmd += ["--check-lengths", *map(str, a.check_lengths), "--check-tokens", str(a.check_tokens)] \
+        if a.check_lengths else []
+    if a.dry_run:
+        cmd += ["--requests", str(a.requests), "--decode-tokens", str(a.decode_tokens),
+                "--random-requests", str(a.random_requests), "--steps", str(a.steps)]
+        cmd += ["--compile-backend", "eager" if name == "gptfast" else "none"] if name != "hf_eager" else []
+    return cmd + a.baseline_args.split()
+
+
+def run_baselines(a, res: dict, tmp: Path, env: dict, out: Path) -> None:
+    """Start every baseline at once so their compiles (minutes of host work each) overlap; once all are
+    compiled (or gone), let them measure one at a time, each with the GPU to itself."""
+    names = [x for x in a.baselines.split(",") if x]
+    procs = {}
+    t0 = time.perf_counter()
+    for name in names:
+        f, ready, go = tmp / f"{name}.json", tmp / f"{name}.ready", tmp / f"{name}.go"
+        for x in (f, ready, go):
+            x.unlink(missing_ok=True)
+        logf = open(tmp / f"{name}.log", "w")
+        cmd = baseline_cmd(a, name, f) + ["--ready-file", str(ready), "--go-file", str(go)]
+        log("$ " + " ".join(cmd))
+        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT), logf)
+    deadline = t0 + a.baseline_compile_timeout_s
+    while time.perf_counter() < deadline and not all(
+            (tmp / f"{n}.ready").exists() or p.poll() is not None for n, (p, _) in procs.items()):
+        time.sleep(0.5)
+    log(f"baselines compiled (or stopped) after {time.perf_counter() - t0:.0f} s")
+    for name, (p, logf) in procs.items():
+        t1 = time.perf_counter()
+        (tmp / f"{name}.go").touch()
+        try:
+            rc = p.wait(timeout=a.baseline_timeout_s if (tmp / f"{name}.ready").exists() else 1)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = p.wait()
+            rc = 124 if rc != 0 else rc
+        logf.close()
+        text = (tmp / f"{name}.log").read_text()
+        sys.stdout.write(text)
+        f = tmp / f"{name}.json"
+        if f.exists():
+            got = json.loads(f.read_text())
+            res["baselines"][name] = {k: got[k] for k in got if k not in ("date", "torch", "triton", "device")}
+        if rc:
+            res["errors"][f"baselines.{name}"] = f"exit {rc}: {text[-1500:]}"
+        res["wall_s"][f"baselines.{name}.measure"] = round(time.perf_counter() - t1, 1)
+        add_floors(res, a)
+        write(out, res)
+
+
+
 def add_floors(res: dict, a) -> None:
     bw = res.get("copy_bandwidth_tbs")
     hf = hf_dict(a.preset, a.layers)
     nbytes = {"float16": 2, "bfloat16": 2, "float32": 4}[a.dtype]
-    tables = [res.get("decode_by_batch") or {}] + [b.get("decode_by_batch") or {} for b in res.get("baselines", {}).values()]
+    tables = [res.get("decode_by_batch") or {}] + [b.get("decode_by_batch") or {}
+                                                   for b in res.get("baselines", {}).values()]
     for table in tables:
         for b, row in table.items():
             w, kv = decode_bytes(hf, int(b), a.context, nbytes)
@@ -394,7 +456,9 @@ def main(argv=None) -> int:
     p.add_argument("--check-lengths", type=int, nargs="*", default=[], help="greedy tokens recorded (dry run)")
     p.add_argument("--check-tokens", type=int, default=8)
     p.add_argument("--engine-timeout-s", type=float, default=330)
-    p.add_argument("--baseline-timeout-s", type=float, default=240)
+    p.add_argument("--baseline-compile-timeout-s", type=float, default=420,
+                   help="most seconds for the baselines' compiles, which run side by side")
+    p.add_argument("--baseline-timeout-s", type=float, default=150, help="most seconds for one baseline's measuring")
     p.add_argument("--baseline-args", default="", help="extra arguments for every baseline (quoted)")
     p.add_argument("--worker", choices=["copy", "engine"], default=None, help=argparse.SUPPRESS)
     pre, _ = p.parse_known_args(argv)
@@ -404,7 +468,8 @@ def main(argv=None) -> int:
                        baseline_batches=[1, 4], context=40, steps=5, requests=2, decode_tokens=4,
                        random_requests=4, random_decode_tokens=2, out_tokens=6, saturate_s=1.0, load_s=1.0,
                        drain_s=20.0, capacity_streams=[2, 4, 8], capacity_s=1.0, copy_mib=16, copy_iters=5,
-                       check_lengths=[5, 17, 40], check_tokens=6, engine_timeout_s=600, baseline_timeout_s=600)
+                       check_lengths=[5, 17, 40], check_tokens=6, engine_timeout_s=600, baseline_timeout_s=600,
+                       baseline_compile_timeout_s=600)
     a = p.parse_args(argv)
     a.engine_parts = [x for x in a.engine_parts.split(",") if x] if isinstance(a.engine_parts, str) else a.engine_parts
     if a.worker == "copy":
@@ -426,7 +491,8 @@ def main(argv=None) -> int:
                                          text=True, check=True).stdout)
     else:
         info = env_info("cpu")
-    gpu = "cpu" if a.device == "cpu" else (info["device"].split()[1].lower() if len(info["device"].split()) > 1 else "gpu")
+    words = info["device"].split()
+    gpu = "cpu" if a.device == "cpu" else (words[1].lower() if len(words) > 1 else "gpu")
     out = Path(a.out) if a.out else RESULTS / f"batched-{info['date'][:10]}-{gpu}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     res: dict = json.loads(out.read_text()) if a.resume and out.exists() else {}
@@ -441,7 +507,6 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     me = [sys.executable, str(Path(__file__).resolve())]
     parts = [x for x in a.parts.split(",") if x]
-    rc_all = 0
     for part in parts:
         t0 = time.perf_counter()
         if part in ("copy", "engine"):
@@ -457,33 +522,7 @@ def main(argv=None) -> int:
             if rc:
                 res["errors"][part] = f"exit {rc}: {tail[-1500:]}"
         elif part == "baselines":
-            for name in [x for x in a.baselines.split(",") if x]:
-                f = tmp / f"{name}.json"
-                f.unlink(missing_ok=True)
-                cmd = [sys.executable, "-m", f"bench.baselines.{name}", "--out", str(f), "--preset", a.preset,
-                       "--device", a.device, "--dtype", a.dtype, "--seed", str(a.seed),
-                       "--max-context", str(a.max_context), "--context", str(a.context),
-                       "--buckets", *map(str, a.baseline_buckets), "--batches", *map(str, a.baseline_batches),
-                       "--lengths", *map(str, a.lengths)]
-                cmd += ["--layers", str(a.layers)] if a.layers else []
-                cmd += ["--check-lengths", *map(str, a.check_lengths), "--check-tokens", str(a.check_tokens)] \
-                    if a.check_lengths else []
-                if a.dry_run:
-                    cmd += ["--requests", str(a.requests), "--decode-tokens", str(a.decode_tokens),
-                            "--random-requests", str(a.random_requests), "--steps", str(a.steps)]
-                    cmd += ["--compile-backend", "eager" if name == "gptfast" else "none"] if name != "hf_eager" else []
-                cmd += a.baseline_args.split()
-                t1 = time.perf_counter()
-                rc, tail = child(cmd, a.baseline_timeout_s, env)
-                if f.exists():
-                    got = json.loads(f.read_text())
-                    res["baselines"][name] = {k: got[k] for k in got if k not in ("date", "torch", "triton", "device")}
-                if rc:
-                    res["errors"][f"baselines.{name}"] = f"exit {rc}: {tail[-1500:]}"
-                    rc_all = rc_all or rc
-                res["wall_s"][f"baselines.{name}"] = round(time.perf_counter() - t1, 1)
-                add_floors(res, a)
-                write(out, res)
+            run_baselines(a, res, tmp, env, out)
         else:
             raise SystemExit(f"unknown part {part!r}: choose from copy, engine, baselines")
         res["wall_s"][part] = round(time.perf_counter() - t0, 1)

@@ -34,8 +34,7 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Rows [:B] of the cache for a step of B streams (one buffer for every batch size, so one decode
-        compile with a symbolic B serves them all)."""
+        """Rows [:B] of the cache for a step of B streams (one buffer serves every batch size)."""
         B = k.shape[0]
         self.k_cache[:B, :, input_pos] = k
         self.v_cache[:B, :, input_pos] = v
@@ -188,13 +187,13 @@ class GptFast:
             dynamo_config.cache_size_limit = 64
             inductor_config.coordinate_descent_tuning = a.coordinate_descent_tuning
             inductor_config.fx_graph_cache = True
-            # prefill: one compile with a symbolic length (gpt-fast's dynamic=True), a CUDA graph per bucket;
-            # decode: static at batch 1, one more compile with a symbolic batch for the larger sizes
-            kw = {"backend": a.compile_backend, "fullgraph": True}
+            # static shapes: one compile per prefill bucket and per decode batch size (symbolic shapes compiled
+            # slower than all of them together: docs/benchmarks.md)
+            kw = {"backend": a.compile_backend, "fullgraph": True, "dynamic": False}
             dm = {"mode": a.decode_mode} if a.compile_backend == "inductor" else {}
             pm = {"mode": a.prefill_mode} if a.compile_backend == "inductor" else {}
-            self.decode = torch.compile(decode_one_token, dynamic=None, **kw, **dm)
-            self.prefill = torch.compile(prefill, dynamic=True, **kw, **pm)
+            self.decode = torch.compile(decode_one_token, **kw, **dm)
+            self.prefill = torch.compile(prefill, **kw, **pm)
         self.cudagraphs = a.compile_backend == "inductor" and self.device.type == "cuda"
 
     def _step_begin(self):
@@ -277,7 +276,8 @@ def main(argv=None) -> None:
     p.add_argument("--decode-mode", default="reduce-overhead",
                    help="torch.compile mode of the decode step (reduce-overhead | max-autotune)")
     p.add_argument("--prefill-mode", default="reduce-overhead",
-                   help="torch.compile mode of each prefill bucket (reduce-overhead | max-autotune-no-cudagraphs | default)")
+                   help="torch.compile mode of each prefill bucket "
+                        "(reduce-overhead | max-autotune-no-cudagraphs | default)")
     p.add_argument("--coordinate-descent-tuning", action="store_true",
                    help="Inductor's coordinate-descent kernel tuning (gpt-fast turns it on; costs compile time)")
     a = p.parse_args(argv)

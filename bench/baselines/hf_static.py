@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.baselines.common import DTYPES, StepTimer, baseline_parser, hf_dict, random_weights, run_baseline  # noqa: E402
+from bench.baselines.common import (DTYPES, StepTimer, baseline_parser, hf_dict, random_weights,  # noqa: E402
+                                    run_baseline)
 
 
 def build_hf_model(a):
@@ -71,13 +72,12 @@ class HFStatic:
         else:
             from torch._dynamo import config as dynamo_config
             dynamo_config.cache_size_limit = 64
-            # prefill: one compile with a symbolic length, a CUDA graph per bucket; decode: static at batch 1,
-            # one more compile with a symbolic batch for the larger sizes (compile time: docs/benchmarks.md)
-            kw = {"backend": a.compile_backend, "fullgraph": True}
+            # static shapes: one compile per prefill bucket and per decode batch size (docs/benchmarks.md)
+            kw = {"backend": a.compile_backend, "fullgraph": True, "dynamic": False}
             dm = {"mode": a.decode_mode} if a.compile_backend == "inductor" else {}
             pm = {"mode": a.prefill_mode} if a.compile_backend == "inductor" else {}
-            self.fwd_decode = torch.compile(self._decode_fwd, dynamic=None, **kw, **dm)
-            self.fwd_prefill = torch.compile(self._prefill_fwd, dynamic=True, **kw, **pm)
+            self.fwd_decode = torch.compile(self._decode_fwd, **kw, **dm)
+            self.fwd_prefill = torch.compile(self._prefill_fwd, **kw, **pm)
         self.cudagraphs = a.compile_backend == "inductor" and self.device.type == "cuda"
 
     def _forward(self, ids: torch.Tensor, keep: torch.Tensor, cache) -> torch.Tensor:
