@@ -106,5 +106,6 @@ def logprob_rows(logits: torch.Tensor, tok: torch.Tensor, k: int) -> tuple[torch
     lp = torch.log_softmax(logits, dim=-1)
     top = lp.topk(k, dim=-1) if k else None
     chosen = lp.gather(1, tok[:, None])
-    vals = torch.cat([chosen, top.values], 1) if k else chosen
-    return vals, (top.indices if k else tok[:, :0].reshape(-1, 0))
+    if not k:
+        return chosen, torch.zeros(chosen.shape[0], 0, dtype=torch.long, device=logits.device)
+    return torch.cat([chosen, top.values], 1), top.indices

@@ -159,6 +159,19 @@ def test_full_engine_refuses_with_busy_and_tpot_objective_caps_the_batch():
     capped.shutdown()
 
 
+def test_logprobs_without_alternatives_alone_and_in_a_batch():
+    """logprobs=0 (OpenAI chat's logprobs without top_logprobs): each token's own logprob, no alternatives, the
+    same alone and beside streams that ask for 5."""
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=BUCKETS, max_context=128, max_batch=4))
+    p0 = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    alone = eng.generate([1, 5, 6], p0)
+    mixed = gather(eng, [[1, 5, 6], [1, 9, 9, 9]], [p0, SamplingParams(max_tokens=9, logprobs=5, seed=1)])
+    assert [x.top for x in alone.logprobs] == [[]] * 6 and all(x.chosen.logprob < 0 for x in alone.logprobs)
+    assert mixed[0].token_ids == alone.token_ids and all(len(x.top) == 5 for x in mixed[1].logprobs)
+    assert [x.chosen.logprob for x in mixed[0].logprobs] == pytest.approx([x.chosen.logprob for x in alone.logprobs])
+    eng.shutdown()
+
+
 def test_max_batch_one_runs_one_stream_at_a_time():
     eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=BUCKETS, max_context=128, max_batch=1))
     assert eng.batch_sizes == [1] and eng.stats()["slots"] == 1
