@@ -181,7 +181,7 @@ class Scheduler:
         at once (before any decode step includes it)."""
         admitted = []
         cap = self.cap
-        while self.waiting and len(self.running) < cap and self.kv.free_count:
+        while self.waiting and not self.closing and len(self.running) < cap and self.kv.free_count:
             with self._cv:
                 st = self.waiting.popleft()
             if st.cancelled:
