@@ -17,10 +17,11 @@ How it decides (``ratio`` = fleet P99 / objective, the worse of TTFT and, if set
   been running for ``upscale_cooldown_s`` (so the slow samples from before they served have
   left the windows), go to ``ceil(replicas * ratio / target_ratio)`` — proportional to the
   excess and to the fleet that carries today's load; ratio = min(window, recent) so a fading
-  tail doesn't oversize — at least +1, at most ``+max_step_up``.
+  tail doesn't oversize — at least +1, at most ``+max_step_up`` (or ``max_step_up_fraction`` of a
+  larger fleet).
 * **ratio < downscale_headroom** (well under): once that has lasted ``downscale_delay_s``
   and ``downscale_cooldown_s`` has passed since the last scale action, remove up to
-  ``max_step_down`` replicas — but only as many as keep the *predicted* ratio
+  ``max_step_down`` replicas (or ``max_step_down_fraction`` of a larger fleet) — but only as many as keep the *predicted* ratio
   (load per remaining replica, see below) at or under ``target_ratio`` and the predicted
   busy fraction of each remaining replica at or under ``max_utilization`` (below).
 * **in between**: hysteresis band; hold and restart both timers, so steady load that
@@ -126,6 +127,17 @@ class LatencyPolicyConfig(BaseModel):
     )
     max_step_up: int = Field(default=4, ge=1, description="Most replicas added in one decision.")
     max_step_down: int = Field(default=1, ge=1, description="Most replicas removed in one decision.")
+    max_step_up_fraction: Optional[float] = Field(
+        default=1.0, gt=0,
+        description="A large fleet may add up to this fraction of itself in one decision (when more "
+        "than max_step_up); None: max_step_up only. docs/simulation.md: +4 per step took 700 s to "
+        "follow a 5x step at 100 replicas.",
+    )
+    max_step_down_fraction: Optional[float] = Field(
+        default=0.1, gt=0, le=1,
+        description="A large fleet may remove up to this fraction of itself in one decision (when more "
+        "than max_step_down); None: max_step_down only.",
+    )
     fleet_p99: Literal["max", "weighted"] = "max"
     confirm_with_recent: bool = Field(
         default=True,
@@ -358,6 +370,18 @@ def bounds(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> Tuple[int, int]
     return lo, max(lo, hi)
 
 
+def step_up(base: int, cfg: LatencyPolicyConfig) -> int:
+    """Most replicas one scale-up adds: max_step_up, or the fraction of a large fleet."""
+    frac = 0 if cfg.max_step_up_fraction is None else math.ceil(cfg.max_step_up_fraction * base)
+    return max(cfg.max_step_up, frac)
+
+
+def step_down(base: int, cfg: LatencyPolicyConfig) -> int:
+    """Most replicas one scale-down removes: max_step_down, or the fraction of a large fleet."""
+    frac = 0 if cfg.max_step_down_fraction is None else math.floor(cfg.max_step_down_fraction * base)
+    return max(cfg.max_step_down, frac)
+
+
 def _elapsed(now: float, since: Optional[float]) -> float:
     return 0.0 if since is None else max(0.0, now - since)
 
@@ -454,7 +478,7 @@ def decide(
             return out(base, "hold", "at_max", breach_since=breach_since, low_since=None)
         excess = ratio if (fs.recent_ratio is None or queued > 1.0) else min(ratio, fs.recent_ratio)
         want = math.ceil(max(base, 1) * excess / cfg.target_ratio)
-        target = max(base + 1, min(want, base + cfg.max_step_up, hi))
+        target = max(base + 1, min(want, base + step_up(base, cfg), hi))
         target = min(target, hi)
         inputs["proportional_target"] = want
         return out(target, "up", "queue_predicts_breach" if queue_breach else "p99_above_objective",
@@ -480,7 +504,7 @@ def decide(
         target = base
         predicted = ratio
         saturates = False
-        for n in range(max(lo, base - cfg.max_step_down), base):
+        for n in range(max(lo, base - step_down(base, cfg)), base):
             p = ratio * serving / n if n > 0 else (0.0 if idle else math.inf)
             util = None if (fs.busy is None or n == 0) else fs.busy / n
             if util is not None and cfg.max_utilization is not None and util > cfg.max_utilization:
