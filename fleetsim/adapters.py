@@ -8,9 +8,11 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from autoscale.policy import FleetSnapshot, LatencyPolicyConfig, PolicyState, ReplicaStats, decide
+import autoscale.policy as _policy
+import deployments.router as _router
+from autoscale.policy import FleetSnapshot, LatencyPolicyConfig, PolicyState, ReplicaStats
 from autoscale.window import LatencyWindow
-from deployments.router import ReplicaView, bucket_for, choose_replicas, view_from_stats
+from deployments.router import ReplicaView, bucket_for
 
 __all__ = ["route", "view", "bucket_for", "LatencyWindow", "P99Policy", "QueueLengthPolicy",
            "ReplicaView", "ReplicaStats"]
@@ -19,12 +21,12 @@ __all__ = ["route", "view", "bucket_for", "LatencyWindow", "P99Policy", "QueueLe
 def view(rid: str, stats: dict, max_load: Optional[int], load: int, hints: Dict[int, float],
          now: float, hint_ttl_s: float) -> ReplicaView:
     """A replica as the warm-bucket router sees it (``deployments.router.view_from_stats``)."""
-    return view_from_stats(rid, stats, max_load, load=load, hints=hints, now=now, hint_ttl_s=hint_ttl_s)
+    return _router.view_from_stats(rid, stats, max_load, load=load, hints=hints, now=now, hint_ttl_s=hint_ttl_s)
 
 
 def route(bucket: int, views: Sequence[ReplicaView], rng, imbalance_threshold: int = 2) -> list:
     """The router's preference order (``deployments.router.choose_replicas``)."""
-    return choose_replicas(bucket, views, rng, imbalance_threshold=imbalance_threshold)
+    return _router.choose_replicas(bucket, views, rng, imbalance_threshold=imbalance_threshold)
 
 
 class P99Policy:
@@ -33,7 +35,7 @@ class P99Policy:
 
     name = "p99"
 
-    def __init__(self, decide_fn=decide, **kwargs: Any):
+    def __init__(self, decide_fn=None, **kwargs: Any):
         self.cfg = LatencyPolicyConfig(**kwargs)
         self.state = PolicyState()
         self._decide = decide_fn
@@ -50,7 +52,7 @@ class P99Policy:
         reps = self._reps
         fs = FleetSnapshot(replicas=reps, current_replicas=current, target_replicas=target,
                            min_replicas=lo, max_replicas=hi, ongoing_requests=ongoing)
-        d, self.state = self._decide(fs, self.state, self.cfg, now)
+        d, self.state = (self._decide or _policy.decide)(fs, self.state, self.cfg, now)
         self.last = d
         return max(lo, min(hi, d.target_replicas))
 
