@@ -41,14 +41,13 @@ BEFORE_FIX: Dict[str, object] = {"max_step_up_fraction": None, "max_step_down_fr
 
 def run_one(n: int, policy_name: str, lengths: str, model: ReplicaModel, seed: int = 0,
             fixed: bool = True, candidates: int = 16, tick_s: Optional[float] = None,
-            scale: float = 1.0) -> dict:
+            trace_kw: Optional[dict] = None) -> dict:
     rng = np.random.default_rng(seed)
     probs_mix = _length_probs(lengths, model)
     svc_ms = sum(p * model.service_ms(b, MAX_TOKENS) for b, p in probs_mix.items())
     cap = 1000.0 / svc_ms
     objective = round(4.0 * svc_ms, 1)
-    rate, dur, phases, t_step = traces.diurnal_step_rate(n, cap)
-    dur *= scale
+    rate, dur, phases, t_step = traces.diurnal_step_rate(n, cap, **(trace_kw or {}))
     t = traces.arrivals(rate, dur, float(np.max(rate(np.linspace(0, dur, 20001)))) * 1.0001, rng)
     ln = (traces.lengths_uniform if lengths == "uniform" else traces.lengths_long_tail)(len(t), rng)
     lo_rep = max(1, math.ceil(n / 5))
@@ -61,7 +60,7 @@ def run_one(n: int, policy_name: str, lengths: str, model: ReplicaModel, seed: i
     sim = Simulation(SimConfig(model=model, platform=PlatformModel(), policy=pol, min_replicas=1,
                                max_replicas=2 * n, initial_replicas=lo_rep, max_tokens=MAX_TOKENS,
                                store_buckets=STORE_BUCKETS, router=router, candidates=candidates,
-                               tick_s=tick_s or (0.1 if n <= 100 else 0.5), seed=seed,
+                               tick_s=tick_s or (0.1 if n <= 100 else 1.0), seed=seed,
                                http_overhead_ms=3.0))
     w0 = time.time()
     sim.run(dur, arrivals=(t, ln))
@@ -79,6 +78,11 @@ def _length_probs(lengths: str, model: ReplicaModel) -> Dict[int, float]:
 
 
 ORACLE_UTIL = 0.85
+
+#: coarsening at 1,000 replicas (2 cores, minutes): a shorter trace (2 min low, 6 min at the step,
+#: 2 min of the diurnal swing), 4 replicas ranked per request, the control loop at 1 s (metrics
+#: arrive every 1 s anyway)
+LARGE = {"candidates": 4, "trace_kw": {"low_s": 120.0, "step_s": 360.0, "diurnal_s": 120.0}}
 
 
 def summarise(sim: Simulation, rate, dur, phases, t_step, objective, svc_s, n, policy, wall) -> dict:
@@ -153,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plots", default="docs/img")
     ap.add_argument("--sizes", default="10,100,1000")
     ap.add_argument("--lengths", default="uniform,long_tail")
+    ap.add_argument("--lengths-large", default="uniform", help="prompt lengths at 1,000 replicas")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--validation-seeds", type=int, default=5)
     ap.add_argument("--before", action="store_true", help="also run the P99 policy without the at-scale fix")
@@ -170,11 +175,12 @@ def main(argv=None) -> int:
     plots: dict = {}
     for n in [int(x) for x in args.sizes.split(",")]:
         entry: dict = {}
-        for lengths in args.lengths.split(","):
-            runs = {"p99": run_one(n, "p99", lengths, model, args.seed),
-                    "baseline": run_one(n, "queue_length", lengths, model, args.seed)}
+        kw = LARGE if n >= 1000 else {}
+        for lengths in (args.lengths_large if n >= 1000 else args.lengths).split(","):
+            runs = {"p99": run_one(n, "p99", lengths, model, args.seed, **kw),
+                    "baseline": run_one(n, "queue_length", lengths, model, args.seed, **kw)}
             if args.before:
-                runs["p99_before_fix"] = run_one(n, "p99", lengths, model, args.seed, fixed=False)
+                runs["p99_before_fix"] = run_one(n, "p99", lengths, model, args.seed, fixed=False, **kw)
             for k, r in runs.items():
                 print(f"n={n} {lengths} {k}: " + json.dumps({x: v for x, v in r.items() if x != "series"}),
                       flush=True)
