@@ -161,6 +161,17 @@ class LatencyPolicyConfig(BaseModel):
     scale_down_when_idle: bool = Field(
         default=True, description="A fleet with no traffic at all counts as well under the objective."
     )
+    demand_utilization: Optional[float] = Field(
+        default=0.75, gt=0, le=1,
+        description="Size a scale-up by the measured demand: arrivals (completions now + the growth of "
+        "the ongoing requests) x mean service time / this utilisation; a breach while the running "
+        "replicas already carry that demand is their backlog draining (hold). None: off.",
+    )
+    recent_window_s: float = Field(
+        default=5.0, gt=0, description="The replicas' LatencyWindow recent_s: its sample count over "
+        "this is the completion rate now (demand sizing).")
+    demand_window_s: float = Field(
+        default=5.0, gt=0, description="The ongoing requests' growth is measured over this long.")
     stats_max_age_s: float = Field(
         default=60.0, gt=0,
         description="(adapter) replica stats older than this are ignored as stale.",
@@ -256,6 +267,10 @@ class PolicyState(BaseModel):
     last_scale_down_at: Optional[float] = None
     up_ready_at: Optional[float] = None  # when the last scale-up's replicas were all running
     last_reason: str = ""
+    # demand sizing: the ongoing requests at a reference time, and their growth rate since
+    ongoing_ref: Optional[float] = None
+    ongoing_ref_at: Optional[float] = None
+    ongoing_growth: Optional[float] = None  # requests/s
 
     def to_dict(self) -> Dict[str, Any]:
         return self.model_dump()
@@ -370,6 +385,32 @@ def bounds(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> Tuple[int, int]
     return lo, max(lo, hi)
 
 
+def track_ongoing(snapshot: FleetSnapshot, state: PolicyState, cfg: LatencyPolicyConfig,
+                  now: float) -> PolicyState:
+    """Every demand_window_s: the growth rate of the ongoing requests since the last reference
+    (the larger of Ray's look-back mean and the replicas' own newer in-flight counts)."""
+    if cfg.demand_utilization is None or snapshot.ongoing_requests is None:
+        return state
+    ongoing = max(snapshot.ongoing_requests, sum(r.in_flight for r in snapshot.replicas))
+    if state.ongoing_ref is None or state.ongoing_ref_at is None:
+        return state.model_copy(update={"ongoing_ref": ongoing, "ongoing_ref_at": now})
+    dt = now - state.ongoing_ref_at
+    if dt < cfg.demand_window_s:
+        return state
+    return state.model_copy(update={"ongoing_ref": ongoing, "ongoing_ref_at": now,
+                                    "ongoing_growth": (ongoing - state.ongoing_ref) / dt})
+
+
+def demand_replicas(fs: FleetStats, state: PolicyState, cfg: LatencyPolicyConfig) -> Optional[int]:
+    """Replicas the measured demand needs at demand_utilization; None without the inputs."""
+    if (cfg.demand_utilization is None or fs.busy is None or state.ongoing_growth is None
+            or fs.request_rate <= 0):
+        return None
+    service_s = fs.busy / fs.request_rate
+    done = fs.recent_samples / cfg.recent_window_s if fs.recent_samples else fs.request_rate
+    return math.ceil((done + max(0.0, state.ongoing_growth)) * service_s / cfg.demand_utilization)
+
+
 def step_up(base: int, cfg: LatencyPolicyConfig) -> int:
     """Most replicas one scale-up adds: max_step_up, or the fraction of a large fleet."""
     frac = 0 if cfg.max_step_up_fraction is None else math.ceil(cfg.max_step_up_fraction * base)
@@ -432,6 +473,8 @@ def decide(
     if state.last_scale_up_at is not None and state.up_ready_at is None and current >= base:
         state = state.model_copy(update={"up_ready_at": now})
 
+    state = track_ongoing(snapshot, state, cfg, now)
+
     def out(target: int, direction: Direction, reason: str, **st: Any):
         new_state = state.model_copy(update={**st, "last_reason": reason})
         return Decision(target, direction, reason, inputs), new_state
@@ -479,6 +522,12 @@ def decide(
         excess = ratio if (fs.recent_ratio is None or queued > 1.0) else min(ratio, fs.recent_ratio)
         want = math.ceil(max(base, 1) * excess / cfg.target_ratio)
         target = max(base + 1, min(want, base + step_up(base, cfg), hi))
+        need = demand_replicas(fs, state, cfg)
+        if need is not None:
+            inputs["demand_replicas"] = need
+            if need <= current:
+                return out(base, "hold", "breach_backlog_draining", breach_since=breach_since, low_since=None)
+            target = max(base + 1, need)
         target = min(target, hi)
         inputs["proportional_target"] = want
         return out(target, "up", "queue_predicts_breach" if queue_breach else "p99_above_objective",

@@ -29,14 +29,16 @@ MAX_TOKENS = 32
 def p99_kwargs(objective_ms: float, n: int, fixed: bool) -> dict:
     """The policy's kwargs as the 2-GPU fleet runs set them (bench/fleet.py), objective 4 x service."""
     kw = dict(p99_ttft_ms=objective_ms, upscale_delay_s=5.0, downscale_delay_s=60.0, min_samples=10,
-              queue_signal=True, max_utilization=0.6)
+              queue_signal=True, max_utilization=0.6, max_step_up_fraction=1.0, max_step_down_fraction=0.1,
+              demand_utilization=0.75)
     if not fixed:
         kw.update(BEFORE_FIX)
     return kw
 
 
 #: the policy as it was before the at-scale fix (docs/simulation.md): fixed step caps only
-BEFORE_FIX: Dict[str, object] = {"max_step_up_fraction": None, "max_step_down_fraction": None}
+BEFORE_FIX: Dict[str, object] = {"max_step_up_fraction": None, "max_step_down_fraction": None,
+                                  "demand_utilization": None}
 
 
 def run_one(n: int, policy_name: str, lengths: str, model: ReplicaModel, seed: int = 0,
@@ -82,7 +84,7 @@ ORACLE_UTIL = 0.85
 #: coarsening at 1,000 replicas (2 cores, minutes): a shorter trace (2 min low, 6 min at the step,
 #: 2 min of the diurnal swing), 4 replicas ranked per request, the control loop at 1 s (metrics
 #: arrive every 1 s anyway)
-LARGE = {"candidates": 4, "trace_kw": {"low_s": 120.0, "step_s": 360.0, "diurnal_s": 120.0}}
+LARGE = {"candidates": 4, "trace_kw": {"low_s": 120.0, "step_s": 300.0, "diurnal_s": 120.0}}
 
 
 def summarise(sim: Simulation, rate, dur, phases, t_step, objective, svc_s, n, policy, wall) -> dict:
@@ -161,7 +163,21 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--validation-seeds", type=int, default=5)
     ap.add_argument("--before", action="store_true", help="also run the P99 policy without the at-scale fix")
+    ap.add_argument("--merge", nargs="*", help="merge these JSONs' sizes (and validation) into --out")
     args = ap.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        out = parts[0]
+        for p in parts[1:]:
+            out["sizes"].update(p["sizes"])
+            out["plots"] = out.get("plots", []) + p.get("plots", [])
+            out["validation"] = out.get("validation") or p.get("validation")
+        out["sizes"] = dict(sorted(out["sizes"].items(), key=lambda kv: int(kv[0])))
+        for n in out["sizes"]:
+            out["sizes"][n]["validation"] = out.get("validation")
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        print("wrote", args.out)
+        return 0
     model = ReplicaModel.fitted(buckets=BUCKETS)
     out: dict = {"benchmark": "fleetsim", "issue": 29, "date": dt.date.today().isoformat(),
                  "host": {"python": sys.version.split()[0], "cpus": __import__("os").cpu_count(),
@@ -179,7 +195,7 @@ def main(argv=None) -> int:
         for lengths in (args.lengths_large if n >= 1000 else args.lengths).split(","):
             runs = {"p99": run_one(n, "p99", lengths, model, args.seed, **kw),
                     "baseline": run_one(n, "queue_length", lengths, model, args.seed, **kw)}
-            if args.before:
+            if args.before and lengths == args.lengths.split(",")[0]:
                 runs["p99_before_fix"] = run_one(n, "p99", lengths, model, args.seed, fixed=False, **kw)
             for k, r in runs.items():
                 print(f"n={n} {lengths} {k}: " + json.dumps({x: v for x, v in r.items() if x != "series"}),
