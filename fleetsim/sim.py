@@ -186,14 +186,14 @@ class Simulation:
             cands = list(reps.values())
         else:
             ids = self._ids()                              # sample without building views for all
-            pick = set(self.rng.sample(ids, k // 2))
+            pick = dict.fromkeys(self.rng.sample(ids, k // 2))   # ordered: no hash-seed dependence
             warm = self.warm_lists.get(bucket) or []
             if warm:
                 for rid in self.rng.sample(warm, min(len(warm), k - len(pick))):
                     if rid in reps:
-                        pick.add(rid)
+                        pick[rid] = None
             while len(pick) < k:
-                pick.add(ids[self.rng.randrange(len(ids))])
+                pick[ids[self.rng.randrange(len(ids))]] = None
             cands = [reps[r] for r in pick]
         if self.cfg.router == "po2":
             pair = self.route_rng.sample(cands, min(2, len(cands)))

@@ -136,3 +136,30 @@ def test_queue_length_baseline_scales_on_ongoing_requests():
     sim = _small_run(1, policy=pol, router="po2")
     first = sim.events[0]
     assert first["to"] > first["from"] and 5.0 <= first["t"] <= 12.0
+
+
+def test_deterministic_across_processes_and_hash_seeds():
+    """The sampled-candidates path (more replicas than ``candidates``) must not depend on Python's
+    string hash seed, or the documented command would not reproduce the JSON."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import numpy as np, hashlib\n"
+        "from fleetsim import adapters\n"
+        "from fleetsim.model import ReplicaModel\n"
+        "from fleetsim.sim import SimConfig, Simulation\n"
+        "rng = np.random.default_rng(3); t = np.sort(rng.uniform(0, 20.0, 600)); n = rng.integers(10, 2000, 600)\n"
+        "sim = Simulation(SimConfig(model=ReplicaModel.fitted(batched=False), policy=lambda *a: 6, max_replicas=6,\n"
+        "                 initial_replicas=6, candidates=2, store_buckets=(16, 32), seed=5))\n"
+        "sim.run(20.0, arrivals=(t, n))\n"
+        "print(hashlib.sha256(bytes(sim.r_replica) + bytes(sim.r_warm)).hexdigest())\n")
+    root = Path(__file__).resolve().parents[1]
+    outs = set()
+    for hs in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hs, "PYTHONPATH": str(root)}
+        outs.add(subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                                text=True, timeout=120, check=True).stdout.strip())
+    assert len(outs) == 1
