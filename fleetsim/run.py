@@ -153,6 +153,12 @@ def plot(results: dict, out_dir: Path) -> list:
     return files
 
 
+def stragglers() -> dict:
+    """One replica 4x slower among 10 at half load: the policy before and after the fix."""
+    from fleetsim import straggler
+    return {"before_fix": straggler.run(fixed=False), "after_fix": straggler.run(fixed=True)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/sim-2026-12-01.json")
@@ -175,6 +181,7 @@ def main(argv=None) -> int:
         out["sizes"] = dict(sorted(out["sizes"].items(), key=lambda kv: int(kv[0])))
         for n in out["sizes"]:
             out["sizes"][n]["validation"] = out.get("validation")
+        out["straggler"] = stragglers()
         Path(args.out).write_text(json.dumps(out, indent=1))
         print("wrote", args.out)
         return 0
@@ -216,6 +223,7 @@ def main(argv=None) -> int:
         out["validation"] = validate(seeds=args.validation_seeds)
     for n in out["sizes"]:
         out["sizes"][n]["validation"] = out.get("validation")
+    out["straggler"] = stragglers()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print("wrote", args.out)

@@ -48,6 +48,7 @@ class SimConfig:
     imbalance_threshold: int = 2
     decode_jitter: float = 0.0              # per-request sigma of the decode step, relative
     overhead_jitter_ms: float = 0.0         # per-request sigma of the HTTP overhead (ms, >= 0 kept)
+    slow: Dict[str, float] = field(default_factory=dict)   # replica id -> service-time factor (stragglers)
 
 
 class Replica:
@@ -222,6 +223,9 @@ class Simulation:
             step = self.m.decode_ms[1]
         if self.cfg.decode_jitter:
             step *= max(0.5, self.rng.gauss(1.0, self.cfg.decode_jitter))
+        if self.cfg.slow:
+            f = self.cfg.slow.get(rep.id, 1.0)
+            pre_ms, step = pre_ms * f, step * f
         service = (pre_ms + (self.cfg.max_tokens - 1) * step) / 1000.0
         finish = start + service
         heapq.heappush(rep.slots, finish)

@@ -163,3 +163,14 @@ def test_deterministic_across_processes_and_hash_seeds():
         outs.add(subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
                                 text=True, timeout=120, check=True).stdout.strip())
     assert len(outs) == 1
+
+
+def test_one_slow_replica_no_longer_scales_the_fleet_to_max():
+    """The fleet P99 is the max of the replica P99s: one replica 4x slower breaches it on a fleet at
+    half load. The policy before the at-scale fix doubles the fleet to max_replicas; with demand
+    sizing it adds at most one (the slow replica's longer service counts in the demand), then holds."""
+    from fleetsim import straggler
+    before = straggler.run(n=4, dur=200.0, fixed=False)
+    after = straggler.run(n=4, dur=200.0, fixed=True)
+    assert before["final_replicas"] == 8
+    assert after["peak_replicas"] <= 5 and len(after["scaling_actions"]) <= 1
