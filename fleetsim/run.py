@@ -153,6 +153,26 @@ def plot(results: dict, out_dir: Path) -> list:
     return files
 
 
+def sizes_from_log(path: Path) -> dict:
+    """The 'n=N LENGTHS CONFIG: {...}' lines this module prints, as the JSON's sizes entries."""
+    sizes: dict = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("n=") or ": {" not in line:
+            continue
+        head, _, body = line.partition(": ")
+        n, lengths, cfg = head[2:].split(" ")
+        r = json.loads(body)
+        e = sizes.setdefault(n, {}).setdefault("by_lengths", {}).setdefault(lengths, {})
+        if cfg == "p99":
+            e.update(r)
+        else:
+            e["baseline" if cfg == "baseline" else "before_fix"] = r
+    for n, e in sizes.items():
+        first = next(iter(e["by_lengths"].values()))
+        e.update(first)
+    return sizes
+
+
 def stragglers() -> dict:
     """One replica 4x slower among 10 at half load: the policy before and after the fix."""
     from fleetsim import straggler
@@ -169,10 +189,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--validation-seeds", type=int, default=5)
     ap.add_argument("--before", action="store_true", help="also run the P99 policy without the at-scale fix")
+    ap.add_argument("--before-large", action="store_true",
+                    help="the before-fix run at 1,000 replicas too (its backlog makes it very slow)")
+    ap.add_argument("--from-log", help="build sizes from this run log's summary lines (no series, no plots)")
     ap.add_argument("--merge", nargs="*", help="merge these JSONs' sizes (and validation) into --out")
     args = ap.parse_args(argv)
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        if args.from_log:
+            parts.append({"sizes": sizes_from_log(Path(args.from_log))})
         out = parts[0]
         for p in parts[1:]:
             out["sizes"].update(p["sizes"])
@@ -202,7 +227,7 @@ def main(argv=None) -> int:
         for lengths in (args.lengths_large if n >= 1000 else args.lengths).split(","):
             runs = {"p99": run_one(n, "p99", lengths, model, args.seed, **kw),
                     "baseline": run_one(n, "queue_length", lengths, model, args.seed, **kw)}
-            if args.before and lengths == args.lengths.split(",")[0]:
+            if args.before and lengths == args.lengths.split(",")[0] and (n < 1000 or args.before_large):
                 runs["p99_before_fix"] = run_one(n, "p99", lengths, model, args.seed, fixed=False, **kw)
             for k, r in runs.items():
                 print(f"n={n} {lengths} {k}: " + json.dumps({x: v for x, v in r.items() if x != "series"}),
