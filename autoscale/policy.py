@@ -33,6 +33,11 @@ How it decides (``ratio`` = fleet P99 / objective, the worse of TTFT and, if set
   ``queue_ratio`` (the max over replicas, / objective) counts as a breach when > 1: such a
   breach is not "subsiding" (the recent window cannot see it yet), it still waits
   ``upscale_delay_s``, and it blocks a scale-down while above ``downscale_headroom``.
+* demand sizing (``demand_utilization``, default 0.75): at a breach the arrival rate is estimated as
+  the completions now (recent sub-window) plus the growth of the ongoing requests; the scale-up
+  targets that demand at ``demand_utilization`` (past the step caps), and a breach the running
+  replicas already carry is held as their backlog draining (or one slow replica's queue, which more
+  replicas don't fix). Found in the fleet simulation (docs/simulation.md).
 * bounds always win: a target outside [min, max] is clamped at once.
 
 Fleet P99 (``fleet_p99="max"``, the default) is the maximum of the replica P99s, taken
