@@ -17,10 +17,11 @@ How it decides (``ratio`` = fleet P99 / objective, the worse of TTFT and, if set
   been running for ``upscale_cooldown_s`` (so the slow samples from before they served have
   left the windows), go to ``ceil(replicas * ratio / target_ratio)`` — proportional to the
   excess and to the fleet that carries today's load; ratio = min(window, recent) so a fading
-  tail doesn't oversize — at least +1, at most ``+max_step_up``.
+  tail doesn't oversize — at least +1, at most ``+max_step_up`` (or ``max_step_up_fraction`` of a
+  larger fleet).
 * **ratio < downscale_headroom** (well under): once that has lasted ``downscale_delay_s``
   and ``downscale_cooldown_s`` has passed since the last scale action, remove up to
-  ``max_step_down`` replicas — but only as many as keep the *predicted* ratio
+  ``max_step_down`` replicas (or ``max_step_down_fraction`` of a larger fleet) — but only as many as keep the *predicted* ratio
   (load per remaining replica, see below) at or under ``target_ratio`` and the predicted
   busy fraction of each remaining replica at or under ``max_utilization`` (below).
 * **in between**: hysteresis band; hold and restart both timers, so steady load that
@@ -32,6 +33,11 @@ How it decides (``ratio`` = fleet P99 / objective, the worse of TTFT and, if set
   ``queue_ratio`` (the max over replicas, / objective) counts as a breach when > 1: such a
   breach is not "subsiding" (the recent window cannot see it yet), it still waits
   ``upscale_delay_s``, and it blocks a scale-down while above ``downscale_headroom``.
+* demand sizing (``demand_utilization``, default 0.75): at a breach the arrival rate is estimated as
+  the completions now (recent sub-window) plus the growth of the ongoing requests; the scale-up
+  targets that demand at ``demand_utilization`` (past the step caps), and a breach the running
+  replicas already carry is held as their backlog draining (or one slow replica's queue, which more
+  replicas don't fix). Found in the fleet simulation (docs/simulation.md).
 * bounds always win: a target outside [min, max] is clamped at once.
 
 Fleet P99 (``fleet_p99="max"``, the default) is the maximum of the replica P99s, taken
@@ -126,6 +132,17 @@ class LatencyPolicyConfig(BaseModel):
     )
     max_step_up: int = Field(default=4, ge=1, description="Most replicas added in one decision.")
     max_step_down: int = Field(default=1, ge=1, description="Most replicas removed in one decision.")
+    max_step_up_fraction: Optional[float] = Field(
+        default=1.0, gt=0,
+        description="A large fleet may add up to this fraction of itself in one decision (when more "
+        "than max_step_up); None: max_step_up only. docs/simulation.md: +4 per step took 700 s to "
+        "follow a 5x step at 100 replicas.",
+    )
+    max_step_down_fraction: Optional[float] = Field(
+        default=0.1, gt=0, le=1,
+        description="A large fleet may remove up to this fraction of itself in one decision (when more "
+        "than max_step_down); None: max_step_down only.",
+    )
     fleet_p99: Literal["max", "weighted"] = "max"
     confirm_with_recent: bool = Field(
         default=True,
@@ -149,6 +166,17 @@ class LatencyPolicyConfig(BaseModel):
     scale_down_when_idle: bool = Field(
         default=True, description="A fleet with no traffic at all counts as well under the objective."
     )
+    demand_utilization: Optional[float] = Field(
+        default=0.75, gt=0, le=1,
+        description="Size a scale-up by the measured demand: arrivals (completions now + the growth of "
+        "the ongoing requests) x mean service time / this utilisation; a breach while the running "
+        "replicas already carry that demand is their backlog draining (hold). None: off.",
+    )
+    recent_window_s: float = Field(
+        default=5.0, gt=0, description="The replicas' LatencyWindow recent_s: its sample count over "
+        "this is the completion rate now (demand sizing).")
+    demand_window_s: float = Field(
+        default=5.0, gt=0, description="The ongoing requests' growth is measured over this long.")
     stats_max_age_s: float = Field(
         default=60.0, gt=0,
         description="(adapter) replica stats older than this are ignored as stale.",
@@ -244,6 +272,10 @@ class PolicyState(BaseModel):
     last_scale_down_at: Optional[float] = None
     up_ready_at: Optional[float] = None  # when the last scale-up's replicas were all running
     last_reason: str = ""
+    # demand sizing: the ongoing requests at a reference time, and their growth rate since
+    ongoing_ref: Optional[float] = None
+    ongoing_ref_at: Optional[float] = None
+    ongoing_growth: Optional[float] = None  # requests/s
 
     def to_dict(self) -> Dict[str, Any]:
         return self.model_dump()
@@ -358,6 +390,44 @@ def bounds(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> Tuple[int, int]
     return lo, max(lo, hi)
 
 
+def track_ongoing(snapshot: FleetSnapshot, state: PolicyState, cfg: LatencyPolicyConfig,
+                  now: float) -> PolicyState:
+    """Every demand_window_s: the growth rate of the ongoing requests since the last reference
+    (the larger of Ray's look-back mean and the replicas' own newer in-flight counts)."""
+    if cfg.demand_utilization is None or snapshot.ongoing_requests is None:
+        return state
+    ongoing = max(snapshot.ongoing_requests, sum(r.in_flight for r in snapshot.replicas))
+    if state.ongoing_ref is None or state.ongoing_ref_at is None:
+        return state.model_copy(update={"ongoing_ref": ongoing, "ongoing_ref_at": now})
+    dt = now - state.ongoing_ref_at
+    if dt < cfg.demand_window_s:
+        return state
+    return state.model_copy(update={"ongoing_ref": ongoing, "ongoing_ref_at": now,
+                                    "ongoing_growth": (ongoing - state.ongoing_ref) / dt})
+
+
+def demand_replicas(fs: FleetStats, state: PolicyState, cfg: LatencyPolicyConfig) -> Optional[int]:
+    """Replicas the measured demand needs at demand_utilization; None without the inputs."""
+    if (cfg.demand_utilization is None or fs.busy is None or state.ongoing_growth is None
+            or fs.request_rate <= 0):
+        return None
+    service_s = fs.busy / fs.request_rate
+    done = fs.recent_samples / cfg.recent_window_s if fs.recent_samples else fs.request_rate
+    return math.ceil((done + max(0.0, state.ongoing_growth)) * service_s / cfg.demand_utilization)
+
+
+def step_up(base: int, cfg: LatencyPolicyConfig) -> int:
+    """Most replicas one scale-up adds: max_step_up, or the fraction of a large fleet."""
+    frac = 0 if cfg.max_step_up_fraction is None else math.ceil(cfg.max_step_up_fraction * base)
+    return max(cfg.max_step_up, frac)
+
+
+def step_down(base: int, cfg: LatencyPolicyConfig) -> int:
+    """Most replicas one scale-down removes: max_step_down, or the fraction of a large fleet."""
+    frac = 0 if cfg.max_step_down_fraction is None else math.floor(cfg.max_step_down_fraction * base)
+    return max(cfg.max_step_down, frac)
+
+
 def _elapsed(now: float, since: Optional[float]) -> float:
     return 0.0 if since is None else max(0.0, now - since)
 
@@ -408,6 +478,8 @@ def decide(
     if state.last_scale_up_at is not None and state.up_ready_at is None and current >= base:
         state = state.model_copy(update={"up_ready_at": now})
 
+    state = track_ongoing(snapshot, state, cfg, now)
+
     def out(target: int, direction: Direction, reason: str, **st: Any):
         new_state = state.model_copy(update={**st, "last_reason": reason})
         return Decision(target, direction, reason, inputs), new_state
@@ -454,7 +526,13 @@ def decide(
             return out(base, "hold", "at_max", breach_since=breach_since, low_since=None)
         excess = ratio if (fs.recent_ratio is None or queued > 1.0) else min(ratio, fs.recent_ratio)
         want = math.ceil(max(base, 1) * excess / cfg.target_ratio)
-        target = max(base + 1, min(want, base + cfg.max_step_up, hi))
+        target = max(base + 1, min(want, base + step_up(base, cfg), hi))
+        need = demand_replicas(fs, state, cfg)
+        if need is not None:
+            inputs["demand_replicas"] = need
+            if need <= current:
+                return out(base, "hold", "breach_backlog_draining", breach_since=breach_since, low_since=None)
+            target = max(base + 1, need)
         target = min(target, hi)
         inputs["proportional_target"] = want
         return out(target, "up", "queue_predicts_breach" if queue_breach else "p99_above_objective",
@@ -480,7 +558,7 @@ def decide(
         target = base
         predicted = ratio
         saturates = False
-        for n in range(max(lo, base - cfg.max_step_down), base):
+        for n in range(max(lo, base - step_down(base, cfg)), base):
             p = ratio * serving / n if n > 0 else (0.0 if idle else math.inf)
             util = None if (fs.busy is None or n == 0) else fs.busy / n
             if util is not None and cfg.max_utilization is not None and util > cfg.max_utilization:
