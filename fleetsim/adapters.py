@@ -12,7 +12,13 @@ import autoscale.policy as _policy
 import deployments.router as _router
 from autoscale.policy import FleetSnapshot, LatencyPolicyConfig, PolicyState, ReplicaStats
 from autoscale.window import LatencyWindow
-from deployments.router import ReplicaView, bucket_for
+from deployments.router import ReplicaView
+from engine import request as _request
+
+def bucket_for(n_tokens: int, buckets) -> int:
+    """The engine's bucket function; a modelled prompt longer than the largest bucket runs in it."""
+    return _request.bucket_for(min(n_tokens, buckets[-1]), buckets)
+
 
 __all__ = ["route", "view", "bucket_for", "LatencyWindow", "P99Policy", "QueueLengthPolicy",
            "ReplicaView", "ReplicaStats"]

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 #: the H100 latency run whose TTFT-by-length curve gives the shape of prefill time vs bucket
-CURVE_FILE = "latency-2026-11-27-h100-s16.json"
+CURVE_FILE = "latency-2026-11-27-h100.json"
 #: the H200 fleet run whose engine-only figures and capture times set the at-scale replica
 HOST_FILE = "fleet-2026-11-27-h200-hybrid300q-guard.json"
 WARMSTART_FILE = "warmstart-2026-11-26-h100.json"
