@@ -178,6 +178,7 @@ class ModelServer:
                                       bucket from these)
         warm_buckets       list[int]  buckets this replica serves by graph replay (CPU: served)
         capturing_buckets  list[int]  buckets queued or being captured in the background
+        warm_batch_sizes   list[int]  decode batch sizes this replica replays by graph
         queue_depth        int        requests running + waiting in the engine
         running, waiting, free_slots, max_batch   int   the engine's scheduler (engine.stats())
         ttft_ms_p50        dict[int, float]  median TTFT of the last 32 requests per bucket (ms)
@@ -196,6 +197,7 @@ class ModelServer:
             "buckets": list(self.eng.config.buckets),
             "warm_buckets": sorted(self.warm_set()),
             "capturing_buckets": sorted(self.eng.capturing_buckets()),
+            "warm_batch_sizes": sorted(self.eng.warm_batch_sizes()),
             "queue_depth": load["running"] + load["waiting"],
             **load,
             "ttft_ms_p50": ttft,

@@ -432,7 +432,8 @@ def test_routing_stats_contract(app):
     post("/v1/completions", {"prompt": "z" * 40, "max_tokens": 2})
     model = serve.get_deployment_handle("ModelServer", APP)
     stats = model.stats.remote().result()
-    for key, typ in [("buckets", list), ("warm_buckets", list), ("capturing_buckets", list),
+    for key, typ in [("buckets", list), ("warm_buckets", list), ("capturing_buckets", list), ("warm_batch_sizes", list),
+                     ("running", int), ("waiting", int), ("free_slots", int), ("max_batch", int),
                      ("queue_depth", int), ("ttft_ms_p50", dict), ("warm_source", str), ("replica", str)]:
         assert isinstance(stats[key], typ), key
     assert stats["buckets"] == BUCKETS
