@@ -199,8 +199,17 @@ def env_info(device: str) -> dict:
 
 
 # ------------------------------------------------------------------ baseline CLI
-def baseline_parser(doc: str) -> argparse.ArgumentParser:
+def baseline_parser(doc: str, compiled: bool = False) -> argparse.ArgumentParser:
+    """The options every baseline takes; compiled: also its torch.compile backend and modes."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if compiled:
+        p.add_argument("--compile-backend", default="inductor", choices=["inductor", "eager", "none"],
+                       help="eager: dynamo traces fullgraph without codegen (CPU dry run); none: no torch.compile")
+        p.add_argument("--decode-mode", default="reduce-overhead",
+                       help="torch.compile mode of the decode step (reduce-overhead | max-autotune)")
+        p.add_argument("--prefill-mode", default="reduce-overhead",
+                       help="torch.compile mode of each prefill bucket "
+                            "(reduce-overhead | max-autotune-no-cudagraphs | default)")
     p.add_argument("--preset", default="llama-2-7b")
     p.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
     p.add_argument("--device", default="cuda")

@@ -270,16 +270,7 @@ class GptFast:
 
 
 def main(argv=None) -> None:
-    p = baseline_parser(__doc__)
-    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "eager", "none"],
-                   help="eager: dynamo traces fullgraph without codegen (CPU dry run); none: no torch.compile")
-    p.add_argument("--decode-mode", default="reduce-overhead",
-                   help="torch.compile mode of the decode step (reduce-overhead | max-autotune)")
-    p.add_argument("--prefill-mode", default="reduce-overhead",
-                   help="torch.compile mode of each prefill bucket "
-                        "(reduce-overhead | max-autotune-no-cudagraphs | default)")
-    p.add_argument("--coordinate-descent-tuning", action="store_true",
-                   help="Inductor's coordinate-descent kernel tuning (gpt-fast turns it on; costs compile time)")
+    p = baseline_parser(__doc__, compiled=True)
     a = p.parse_args(argv)
     run_baseline("gptfast", a, GptFast)
 

@@ -179,11 +179,7 @@ class HFStatic:
 
 
 def main(argv=None) -> None:
-    p = baseline_parser(__doc__)
-    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "eager", "none"],
-                   help="eager: dynamo traces fullgraph without codegen (CPU dry run); none: no torch.compile")
-    p.add_argument("--decode-mode", default="reduce-overhead")
-    p.add_argument("--prefill-mode", default="reduce-overhead")
+    p = baseline_parser(__doc__, compiled=True)
     a = p.parse_args(argv)
     run_baseline("hf_static", a, HFStatic)
 
