@@ -207,11 +207,12 @@ class ModelServer:
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Custom autoscaling metrics (autoscale.window.LatencyWindow snapshot)."""
+        """Custom autoscaling metrics: the LatencyWindow snapshot and the scheduler's load."""
+        load = {k: float(v) for k, v in engine_load(self.eng).items()}   # running, waiting, free_slots, max_batch
         if self._window is None:
-            return {"in_flight": float(self.queue_depth())}
+            return {"in_flight": float(self.queue_depth()), **load}
         self._window.set_in_flight(self.queue_depth())
-        return self._window.snapshot()
+        return {**self._window.snapshot(), **load}
 
     def check_health(self) -> None:
         """Fails (so Ray Serve replaces the replica) when the engine is shut down or stuck."""
