@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     for module in dict.fromkeys(SUBCOMMANDS.values()):
         importlib.import_module(module).add_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "warm" and not _has_gpu():
+    if args.command == "warm" and args.device != "cpu" and not _has_gpu():
         print(NEEDS_GPU)
         return 2
     return int(args.func(args) or 0)

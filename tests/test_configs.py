@@ -47,7 +47,7 @@ def test_the_latency_policy_reaches_ray_as_its_autoscaling_config():
     opts = model_deployment_options(cfg)
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 2, "policy": {
         "policy_function": "autoscale.ray_policy:LatencyAutoscalingPolicy", "policy_kwargs": {"p99_ttft_ms": 80}}}
-    assert "num_replicas" not in opts and opts["max_ongoing_requests"] == 8   # max batch 1 + replica_queue 7
+    assert "num_replicas" not in opts and opts["max_ongoing_requests"] == 8 + 7   # 8 KV slots (CPU) + replica_queue 7
 
 
 def test_engine_spin_must_not_be_negative():

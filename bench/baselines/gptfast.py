@@ -271,6 +271,8 @@ class GptFast:
 
 def main(argv=None) -> None:
     p = baseline_parser(__doc__, compiled=True)
+    p.add_argument("--coordinate-descent-tuning", action="store_true",
+                   help="Inductor's coordinate-descent kernel tuning (gpt-fast turns it on; costs compile time)")
     a = p.parse_args(argv)
     run_baseline("gptfast", a, GptFast)
 
