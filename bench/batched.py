@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
-import math
 import os
 import random
 import statistics

@@ -6,7 +6,7 @@ line here. Nothing else in fleetsim imports deployments/, autoscale/ or ray.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import autoscale.policy as _policy
 import deployments.router as _router

@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from fleetsim import adapters, traces
-from fleetsim.model import PlatformModel, ReplicaModel, bucket_probs
+from fleetsim.model import PlatformModel, ReplicaModel
 from fleetsim.sim import SimConfig, Simulation
 
 BUCKETS = (16, 32, 64, 128, 256, 384, 512, 1024, 2048)    # EngineConfig's default buckets

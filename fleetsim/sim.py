@@ -16,7 +16,6 @@ pushed by all replicas at once every ``metrics_interval_s``.
 from __future__ import annotations
 
 import heapq
-import math
 import random
 from array import array
 from dataclasses import dataclass, field

