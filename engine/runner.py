@@ -26,7 +26,6 @@ class Step:
     buf: int
     k: int | None                # logprobs: alternatives read back (None: none asked)
     size: int                    # the graph / JIT batch size that ran
-    path: str
     cpu_s: float                 # CPU: the step ran at its launch, in this many seconds
 
 
@@ -170,8 +169,7 @@ class Runner:
         self._tok_host[buf, :n].copy_(self.out[:n], non_blocking=True)
         if self.cuda:
             self._events[buf].record()
-        return Step(streams, buf, k, B, "graph" if graph is not None else ("jit" if self.cuda else "eager"),
-                    time.perf_counter() - t0)
+        return Step(streams, buf, k, B, time.perf_counter() - t0)
 
     def read_decode(self, step: Step) -> tuple[list[int], list | None, list | None, float]:
         """The step's tokens (one host wait: this step's, not the next one's), logprob rows if asked, and the

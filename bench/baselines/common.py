@@ -199,6 +199,17 @@ def env_info(device: str) -> dict:
 
 
 # ------------------------------------------------------------------ baseline CLI
+def pad_to_bucket(ids: list[int], buckets: list[int], device) -> torch.Tensor:
+    """ids right-padded with zeros to the smallest bucket that holds them, as a (1, bucket) tensor."""
+    n = len(ids)
+    b = next((b for b in buckets if b >= n), None)
+    if b is None:
+        raise ValueError(f"prompt of {n} tokens exceeds the largest bucket {buckets[-1]}: add --buckets")
+    x = torch.zeros((1, b), dtype=torch.long, device=device)
+    x[0, :n] = torch.tensor(ids, device=device)
+    return x
+
+
 def baseline_parser(doc: str, compiled: bool = False) -> argparse.ArgumentParser:
     """The options every baseline takes; compiled: also its torch.compile backend and modes."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.baselines.common import DTYPES, baseline_parser, hf_dict, random_weights, run_baseline  # noqa: E402
+from bench.baselines.common import (DTYPES, baseline_parser, hf_dict, pad_to_bucket, random_weights,  # noqa: E402
+                                    run_baseline)
 
 
 class KVCache(nn.Module):
@@ -202,14 +203,9 @@ class GptFast:
 
     @torch.no_grad()
     def _prefill(self, ids: list[int]) -> Tensor:
-        n = len(ids)
-        b = next((b for b in self.buckets if b >= n), None)
-        if b is None:
-            raise ValueError(f"prompt of {n} tokens exceeds the largest bucket {self.buckets[-1]}: add --buckets")
-        idx = torch.zeros((1, b), dtype=torch.long, device=self.device)
-        idx[0, :n] = torch.tensor(ids, device=self.device)
-        pos = torch.arange(b, device=self.device)
-        last = torch.tensor([n - 1], device=self.device)
+        idx = pad_to_bucket(ids, self.buckets, self.device)
+        pos = torch.arange(idx.shape[1], device=self.device)
+        last = torch.tensor([len(ids) - 1], device=self.device)
         self._step_begin()
         return self.prefill(self.model, idx, pos, last)
 

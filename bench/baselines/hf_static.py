@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.baselines.common import (DTYPES, StepTimer, baseline_parser, hf_dict, random_weights,  # noqa: E402
+from bench.baselines.common import (DTYPES, StepTimer, baseline_parser, hf_dict, pad_to_bucket, random_weights,  # noqa: E402
                                     run_baseline)
 
 
@@ -110,11 +110,7 @@ class HFStatic:
 
     def _prefill(self, ids: list[int], cache) -> torch.Tensor:
         n = len(ids)
-        b = next((b for b in self.buckets if b >= n), None)
-        if b is None:
-            raise ValueError(f"prompt of {n} tokens exceeds the largest bucket {self.buckets[-1]}: add --buckets")
-        x = torch.zeros((1, b), dtype=torch.long, device=self.device)
-        x[0, :n] = torch.tensor(ids, device=self.device)
+        x = pad_to_bucket(ids, self.buckets, self.device)
         keep = torch.tensor([n - 1], device=self.device)
         self.set_length(cache, 0)
         self._step_begin()
