@@ -88,3 +88,36 @@ def test_a_stream_that_ends_sends_the_final_empty_body():
     assert msgs[0]["type"] == "http.response.start" and msgs[0]["status"] == 200
     assert [m.get("body") for m in msgs[1:]] == [b"data: a\n\n", b"data: [DONE]\n\n", b""]
     assert msgs[-1]["more_body"] is False
+
+
+@pytest.mark.parametrize("who", ["client", "outside"])
+def test_a_cancel_that_lands_in_send_closes_the_body_at_once(who):
+    """The cancel arrives while the response awaits ``send`` (the body generator is parked at its
+    yield, not running): the body must be closed then and there, not when the garbage collector
+    gets to it, or the engine request behind it runs to max_tokens."""
+    state = {"sent": 0, "closed": False}
+    left = asyncio.Event()
+    in_send = asyncio.Event()
+
+    async def receive():
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(m):
+        if m["type"] == "http.response.body" and state["sent"] >= 3:
+            in_send.set()
+            await asyncio.Event().wait()        # a slow client: the socket buffer is full
+
+    async def main():
+        t = asyncio.ensure_future(SSEResponse(_endless(state))(SCOPE, receive, send))
+        await in_send.wait()
+        if who == "client":
+            left.set()
+            await asyncio.wait_for(t, 5)
+        else:
+            t.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await t
+        return state["closed"]                  # before asyncio.run's own clean-up closes generators
+
+    assert asyncio.run(main()), state

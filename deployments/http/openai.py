@@ -194,6 +194,14 @@ async def sse_stream(streams: list[tuple[dict, Any]], prompt_of: list[int], base
             gen.cancel()
 
 
+async def _close(body: Any) -> None:
+    """Close a body generator now: one parked at its yield (the cancel landed in ``send``) would else run
+    its ``finally`` (which cancels the replica streams) only when the garbage collector finds it."""
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        await asyncio.shield(aclose())
+
+
 class SSEResponse(StreamingResponse):
     """Starlette's StreamingResponse without its anyio task group per response: the body is sent from
     the request's own task, and a plain asyncio task waits for http.disconnect and cancels it, so a
@@ -223,5 +231,6 @@ class SSEResponse(StreamingResponse):
             task.uncancel()         # only our own cancel: the client left, the response ends here
         finally:
             watcher.cancel()
+            await _close(self.body_iterator)
         if self.background is not None:
             await self.background()

@@ -23,12 +23,12 @@ _ROWS16_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "WX": wx}, num_w
                    for bn, bk, wx, w, s in [(64, 128, True, 4, 6), (64, 128, True, 4, 4), (32, 128, False, 4, 4),
                                             (32, 256, True, 4, 4), (32, 256, False, 4, 4), (16, 256, False, 4, 4),
                                             (32, 256, False, 8, 3)]]
-# 17-64 rows (prefill bucket 32, decode rows at every batch size >= 2): one pinned WX tile, no autotuning (the
-# autotuner's Python-launched timings picked tiles that lost inside graphs: docs/decisions/kernels.md). One tile
-# also makes a row's arithmetic the same whatever the batch size.
-_ROWS64_CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "WX": True}, num_warps=4, num_stages=6)]
-# the same tile streaming gate and up rows (SwiGLU): two weight tiles per stage, so fewer stages fit in shared memory
-_ROWS64_SWIGLU_CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "WX": True}, num_warps=4, num_stages=4)]
+# 17-64 rows (prefill bucket 32, decode rows at every batch size >= 2): one pinned tile per kind of weight, no
+# autotuning (the autotuner's Python-launched timings picked tiles that lost inside graphs), chosen by a CUDA-graph
+# sweep (docs/decisions/kernels.md). One tile also makes a row's arithmetic the same whatever the batch size.
+_ROWS64_CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "WX": True}, num_warps=4, num_stages=4)]
+# [gate | up] (SwiGLU): two weight tiles per stage; x as the MMA's A operand with 32 weight rows per program
+_ROWS64_SWIGLU_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "WX": False}, num_warps=4, num_stages=4)]
 
 
 def _prune_configs(configs, named_args, **kwargs):
