@@ -13,12 +13,21 @@ from engine import HybridEngine
 
 class SlowEngine:
     """HybridEngine whose requests wait ``ms`` milliseconds first (or the number in ``ms_file``,
-    re-read at most every 0.5 s; missing file: 0); the metrics its listeners get include the wait."""
+    re-read at most every 0.5 s; missing file: 0); the metrics its listeners get include the wait.
+    ``step_ms``: every decode step takes that much longer (a bigger model), so a request of many tokens
+    outlasts a stall of the serving loop (a disconnect test must see the request still running)."""
 
-    def __init__(self, cfg: Any, ms: float = 0.0, ms_file: str | None = None):
+    def __init__(self, cfg: Any, ms: float = 0.0, ms_file: str | None = None, step_ms: float = 0.0):
         self._eng = HybridEngine(cfg)
         self._ms, self._file = float(ms), ms_file
         self._cached, self._read_at = 0.0, -math.inf
+        if step_ms > 0:
+            read = self._eng.runner.read_decode
+
+            def slower(step):
+                time.sleep(step_ms / 1e3)
+                return read(step)
+            self._eng.runner.read_decode = slower
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._eng, name)

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.ray
 APP = "hybridserve"
 APP_ARGS = {"engine": {"model": "tiny", "device": "cpu", "buckets": [16, 32, 64], "max_context": 1024},
             "topology": "colocated", "user_code_thread": False, "num_replicas": 1, "num_cpus": 1, "router": {"stats_period_s": 0.5},
-            "max_ongoing_requests": 2, "max_queued_requests": 2, "retry_after_s": 3}   # 4 engine calls at once
+            "max_ongoing_requests": 2, "max_queued_requests": 2, "retry_after_s": 3,   # 4 engine calls at once
+            # 900 tokens take >= 4.5 s, so the disconnect test's request outlasts a stall of the replica's loop
+            "engine_factory": "tests.slow_engine:SlowEngine", "engine_factory_args": {"step_ms": 5}}
 GREEDY = {"temperature": 0, "ignore_eos": True}
 ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 

@@ -23,19 +23,24 @@ _ROWS16_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "WX": wx}, num_w
                    for bn, bk, wx, w, s in [(64, 128, True, 4, 6), (64, 128, True, 4, 4), (32, 128, False, 4, 4),
                                             (32, 256, True, 4, 4), (32, 256, False, 4, 4), (16, 256, False, 4, 4),
                                             (32, 256, False, 8, 3)]]
-# 17-64 rows (prefill bucket 32, decode rows at every batch size >= 2): one pinned tile per kind of weight, no
+# 17-64 rows (prefill bucket 32, decode rows at every batch size >= 2): one pinned tile per weight shape, no
 # autotuning (the autotuner's Python-launched timings picked tiles that lost inside graphs), chosen by a CUDA-graph
-# sweep (docs/decisions/kernels.md). One tile also makes a row's arithmetic the same whatever the batch size.
-_ROWS64_CONFIGS = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "WX": True}, num_warps=4, num_stages=4)]
-# [gate | up] (SwiGLU): two weight tiles per stage; x as the MMA's A operand with 32 weight rows per program
-_ROWS64_SWIGLU_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "WX": False}, num_warps=4, num_stages=4)]
+# sweep (bench/skinny_tiles.py, docs/decisions/kernels.md). A tile per shape, not per batch size, keeps a row's
+# arithmetic the same whatever the batch size. Wide weights: 64 rows per program; narrow ones (N < 8192): 32 rows
+# with longer K chunks, so the grid still fills the GPU.
+_ROWS64_WIDE = triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "WX": True}, num_warps=4, num_stages=4)
+_ROWS64_NARROW = triton.Config({"BLOCK_N": 32, "BLOCK_K": 256, "WX": True}, num_warps=4, num_stages=4)
+_ROWS64_CONFIGS = [_ROWS64_WIDE, _ROWS64_NARROW]
+# [gate | up] (SwiGLU): two weight tiles per stage
+_ROWS64_SWIGLU_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "WX": True}, num_warps=4, num_stages=4)]
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """The autotuner tries only the configs of its row count (configs set from outside, as the interpreter
     tests do, are all tried)."""
     bm = kwargs.get("BLOCK_M")
-    wide = _ROWS64_SWIGLU_CONFIGS if kwargs.get("SWIGLU") else _ROWS64_CONFIGS
+    wide = _ROWS64_SWIGLU_CONFIGS if kwargs.get("SWIGLU") else \
+        [_ROWS64_WIDE if named_args.get("N", 0) >= 8192 else _ROWS64_NARROW]
     want = _ROW_CONFIGS if bm == 1 else _ROWS16_CONFIGS if bm == 16 else wide
     return [c for c in configs if any(c is w for w in want)] or configs
 
