@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,31 @@ def make_sentencepiece_checkpoint(out: Path, seed: int = 0) -> Path:
         (out / f).unlink(missing_ok=True)
     (out / "tokenizer.model").write_bytes(make_sentencepiece_model())
     return out
+
+
+# The test command runs the modules on two workers (pytest-xdist, `-n 2 --dist loadfile
+# --no-loadscope-reorder` in pyproject's addopts): a module runs whole on one worker (its module-scoped
+# Ray cluster included), and each worker takes the next module in collection order when it is almost
+# done. So the slowest modules go first (seconds on the 2-core CI machine), the rest keep their order:
+# neither worker is left running a long module alone at the end.
+SLOWEST_FIRST = [
+    "test_reliability", "test_autoscale_ray", "test_app", "test_bench_batched_cpu", "test_store",
+    "test_locust", "test_fleet_dryrun", "test_kernels_interpret", "test_local_first", "test_prometheus",
+    "test_store_attacks", "test_autoscale_policy", "test_colocated",
+]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The GPU tests (`pytest -m gpu`, on the device) run in one process: two workers would share the GPU
+    and its timings."""
+    if getattr(config.option, "numprocesses", None) and re.search(r"(?<!not )\bgpu\b", config.option.markexpr or ""):
+        config.option.numprocesses = 0
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))   # stable: each module's own order
 
 
 @pytest.fixture(scope="session")

@@ -45,10 +45,12 @@ def _env() -> dict:
 
 # --------------------------------------------------------------------------- serve run (first)
 def test_serve_run_serve_config_yaml_answers(tmp_path):
-    """`serve run serve_config.yaml` comes up unedited (only the port moved to 18100) and answers."""
+    """`serve run serve_config.yaml` comes up unedited (only the port moved to a free one) and answers."""
+    from hs_serve import free_port
+
     cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     assert cfg["http_options"]["port"] == 8000
-    cfg["http_options"]["port"] = 18100
+    port = cfg["http_options"]["port"] = free_port()
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     serve_bin = Path(sys.executable).with_name("serve")
@@ -61,14 +63,14 @@ def test_serve_run_serve_config_yaml_answers(tmp_path):
         while time.time() < deadline:
             assert proc.poll() is None, (tmp_path / "serve_run.log").read_text()[-3000:]
             try:
-                r = requests.post("http://127.0.0.1:18100/v1/completions", timeout=10,
+                r = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=10,
                                   json={"prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
                 if r.status_code == 200:
                     body = r.json()
                     break
             except (requests.ConnectionError, requests.Timeout):   # not up yet (the proxy may hold it)
                 pass
-            time.sleep(2)
+            time.sleep(0.5)
         assert body is not None, "serve run did not answer in 240 s:\n" + (tmp_path / "serve_run.log").read_text()[-3000:]
         assert body["object"] == "text_completion" and body["model"] == "tiny"
         assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}

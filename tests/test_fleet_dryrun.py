@@ -16,6 +16,8 @@ pytest.importorskip("ray")
 if importlib.util.find_spec("locust") is None:   # not imported here: gevent patches the process
     pytest.skip("locust is not installed", allow_module_level=True)
 
+from hs_serve import free_port  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.ray
 def test_fleet_benchmark_runs_end_to_end_on_cpu(tmp_path):
     cmd = [sys.executable, str(REPO / "bench" / "fleet.py"), "--device", "cpu", "--preset", "tiny",
            "--warmup-s", "4", "--steady-s", "8", "--steady-after-s", "12", "--seed-requests", "6",
-           "--configs", "hybrid", "--queue-signal", "--out", str(tmp_path),
+           "--configs", "hybrid", "--queue-signal", "--out", str(tmp_path), "--port", str(free_port()),
            "--rps", "2"]   # a fixed rate: --util scales by the seed's service time, which a busy 2-core host can
                            # stretch 50x, leaving the 8 s steady window without a request
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)

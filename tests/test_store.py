@@ -200,9 +200,11 @@ _WORKER = textwrap.dedent("""\
     import json, os, sys, time
     sys.path.insert(0, sys.argv[1])
     from artifacts import ArtifactManager, StoreConfig
-    url, opts, fields, src, start = sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5], float(sys.argv[6])
+    url, opts, fields, src = sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
     cfg = StoreConfig(store=url, store_options=opts or {}, store_signing_key_env="HS_WORKER_KEY")
     m = ArtifactManager(cfg, fields, src)
+    print("ready", flush=True)
+    start = float(sys.stdin.readline())    # one start time for all publishers, sent once all are ready
     while time.time() < start:
         time.sleep(0.001)
     ok = m.publish({16: 1.0, 64: 4.0})
@@ -221,12 +223,17 @@ def test_concurrent_publishers_processes(backend, fields, tmp_path, keypair, sam
     srcs = [make_cache(tmp_path / f"src{i}", salt="" if same_content else str(i)) for i in range(n)]
     for i, s in enumerate(srcs):          # a bigger payload so the uploads overlap in time
         (s / "triton" / KEY / "blob.cubin").write_bytes((b"%d" % (0 if same_content else i)) * 2**20)
-    start = time.time() + 8.0
     env = dict(os.environ, HS_WORKER_KEY=priv)
     procs = [subprocess.Popen([sys.executable, str(script), str(REPO), backend[0], json.dumps(backend[1]),
-                               json.dumps(fields), str(s), str(start)],
+                               json.dumps(fields), str(s)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for s in srcs]
+    for p in procs:                       # every publisher has imported and set up its manager
+        assert p.stdout.readline().strip() == "ready", p.communicate(timeout=60)[1][-3000:]
+    start = time.time() + 0.2
+    for p in procs:
+        p.stdin.write(f"{start}\n")
+        p.stdin.flush()
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=120)
