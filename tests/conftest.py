@@ -124,11 +124,10 @@ def make_sentencepiece_checkpoint(out: Path, seed: int = 0) -> Path:
     return out
 
 
-# The test command runs the modules on two workers (pytest-xdist, `-n 2 --dist loadfile
-# --no-loadscope-reorder` in pyproject's addopts): a module runs whole on one worker (its module-scoped
-# Ray cluster included), and each worker takes the next module in collection order when it is almost
-# done. So the slowest modules go first (seconds on the 2-core CI machine), the rest keep their order:
-# neither worker is left running a long module alone at the end.
+# With two workers (`python -m pytest -n 2 --dist loadfile --no-loadscope-reorder`) a module runs whole on one
+# worker (its module-scoped Ray cluster included), and each worker takes the next module in collection order.
+# So the slowest modules go first, the rest keep their order: neither worker is left running a long module
+# alone at the end. (On one worker the order changes nothing.)
 SLOWEST_FIRST = [
     "test_reliability", "test_autoscale_ray", "test_app", "test_bench_batched_cpu", "test_store",
     "test_locust", "test_fleet_dryrun", "test_kernels_interpret", "test_local_first", "test_prometheus",
