@@ -124,30 +124,6 @@ def make_sentencepiece_checkpoint(out: Path, seed: int = 0) -> Path:
     return out
 
 
-# With two workers (`python -m pytest -n 2 --dist loadfile --no-loadscope-reorder`) a module runs whole on one
-# worker (its module-scoped Ray cluster included), and each worker takes the next module in collection order.
-# So the slowest modules go first, the rest keep their order: neither worker is left running a long module
-# alone at the end. (On one worker the order changes nothing.)
-SLOWEST_FIRST = [
-    "test_reliability", "test_autoscale_ray", "test_app", "test_bench_batched_cpu", "test_store",
-    "test_locust", "test_fleet_dryrun", "test_kernels_interpret", "test_local_first", "test_prometheus",
-    "test_store_attacks", "test_autoscale_policy", "test_colocated",
-]
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_cmdline_main(config):
-    """The GPU tests (`pytest -m gpu`, on the device) run in one process: two workers would share the GPU
-    and its timings."""
-    if getattr(config.option, "numprocesses", None) and re.search(r"(?<!not )\bgpu\b", config.option.markexpr or ""):
-        config.option.numprocesses = 0
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))   # stable: each module's own order
-
-
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")
