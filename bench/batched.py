@@ -368,6 +368,7 @@ def run_baselines(a, res: dict, tmp: Path, env: dict, out: Path) -> None:
     procs = {}
     t0 = time.perf_counter()
     for name in names:
+        res["errors"].pop(f"baselines.{name}", None)
         f, ready, go = tmp / f"{name}.json", tmp / f"{name}.ready", tmp / f"{name}.go"
         for x in (f, ready, go):
             x.unlink(missing_ok=True)
@@ -516,6 +517,8 @@ def main(argv=None) -> int:
     for part in parts:
         t0 = time.perf_counter()
         if part in ("copy", "engine"):
+            for k in [k for k in res["errors"] if k == part or k.startswith(f"{part}.")]:
+                del res["errors"][k]      # --resume: an earlier run's error of a part run again now
             f = tmp / f"{part}.json"
             f.unlink(missing_ok=True)
             rc, tail = child(me + ["--worker", part, "--out", str(f)] + worker_args(a),

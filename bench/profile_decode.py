@@ -9,7 +9,8 @@ Writes bench/results/profile-decode-<date>-<gpu|cpu>.json with:
      back to back (CUDA events, per step) vs the sum of the GPU time of the kernels in one step
      (torch.profiler over eager runner.decode_fn(1) steps and over graph replays), per kernel family:
      launches and µs per step. step - kernels = the gaps between kernels inside the graph.
-     batch_steps: the step time at batch 1, 8 and 32 (--batches) from eng.time_decode_steps (continuous batching).
+     batch_steps: the step time at batch 1, 8 and 32 (--batches) from eng.time_decode_steps (continuous batching);
+     batch_kernels: each of those batch sizes' decode graph replayed, its kernels per family.
   2. streaming: per-token times (engine side, token on the host) of engine.stream() (text + a chunk per
      token on the host, overlapped with the next step) vs generate() (no text work), and how the
      streamed per-token time changes from the first to the last 100 tokens of a 1,024-token reply.
@@ -187,6 +188,33 @@ def batch_steps(eng: HybridEngine, batches: list[int], steps: int, context: int)
     return out
 
 
+def batch_kernels(eng: HybridEngine, batches: list[int], steps: int, context: int) -> dict:
+    """The ("decode", B) graph of each batch size, every row at `context` positions: µs per replay and its kernels
+    per family (time_graph), so the step's growth with B shows by kernel family."""
+    r = eng.runner
+    out: dict = {"context": context}
+
+    def run(B: int) -> dict:
+        g = eng.graphs.get(("decode", B))
+        if g is None:
+            return {"skipped": f"no ('decode', {B}) graph is warm"}
+        with r.ctx():
+            r.set_rows(list(range(B)), B)
+
+        def reset() -> None:
+            r.pos_s[:B].fill_(context)
+        step, kernels = time_graph(eng, g, steps, reset)
+        with r.ctx():
+            r.pos_s[:B].zero_()
+        return {"graph_step_us": step, "kernels": kernels,
+                "gap_us_per_step": round(step["p50"] - kernels["kernel_us_per_step"], 1)}
+
+    for B in batches:
+        out[str(B)] = eng.scheduler.call(lambda B=B: run(B)).result() if eng.cuda and B <= eng.max_batch \
+            else {"skipped": "CUDA graphs only, up to the KV slots"}
+    return out
+
+
 def profile_prefill(eng: HybridEngine, bucket: int, n_tokens: int, steps: int) -> dict:
     """The prefill of one bucket, like profile_step: its ("prefill", bucket) CUDA graph replayed back to back
     (CUDA events) and the kernels inside it per family (CUPTI); on CPU runner.prefill_fn(bucket) eagerly under
@@ -272,9 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--long-tokens", type=int, default=1024)
     ap.add_argument("--long-requests", type=int, default=3)
     ap.add_argument("--skip", default="",
-                    help="comma list of parts to skip: step,batch_steps,prefill_<bucket>,streaming")
+                    help="comma list of parts to skip: step,batch_steps,batch_kernels,prefill_<bucket>,streaming")
     ap.add_argument("--prefill", default="16:10,64:50,128:100",
                     help="bucket:tokens of the prefill graphs profiled (buckets prewarmed)")
+    ap.add_argument("--no-pdl", action="store_true", help="EngineConfig(pdl=False): kernels launched without PDL")
     ap.add_argument("--tag", default="", help="suffix of the result file names (a leading '-' is added: --tag run1)")
     ap.add_argument("--out", default=str(RESULTS), help="directory of the JSON")
     ap.add_argument("--contexts", type=int, nargs="+", default=[100], help="KV positions of the profiled steps")
@@ -302,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     prefill = [tuple(int(v) for v in bt.split(":")) for bt in a.prefill.split(",") if bt]
     buckets = sorted({16} | {b for b, _ in prefill})
     eng = HybridEngine(EngineConfig(model=a.preset, device=a.device, num_layers=a.layers, max_context=1280,
-                                    buckets=buckets, prewarm_buckets=buckets if cuda else []))
+                                    pdl=not a.no_pdl, buckets=buckets, prewarm_buckets=buckets if cuda else []))
     out["engine_start_s"] = round(time.perf_counter() - t0, 1)
     log(f"engine up in {out['engine_start_s']} s")
     def part(name: str, fn) -> None:
@@ -319,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
 
     part("step", lambda: profile_step(eng, a.steps, a.contexts[0]))
     part("batch_steps", lambda: batch_steps(eng, a.batches, a.steps, a.contexts[0]))
+    part("batch_kernels", lambda: batch_kernels(eng, a.batches, a.steps, a.contexts[0]))
     if cuda:   # which config the autotuner chose for each GEMV key (N, K, BLOCK_M, NORM, RES, GATED, dtypes)
         from engine import kernels
         out["gemv_autotune_picks"] = {str(k): str(v) for k, v in kernels._skinny_kernel.cache.items()}

@@ -326,7 +326,7 @@ def test_decode_graphs_for_prewarm_sizes_and_an_unwarmed_size_runs_jit_then_is_c
     replay graph 4 and give the same tokens."""
     eng = warm_engine(gpu_ckpt, max_batch=8, decode_batch_sizes=[1, 2, 4, 8], prewarm_batch_sizes=[1, 2])
     assert eng.warm_batch_sizes() == {1, 2} and eng.stats()["warm_batch_sizes"] == [1, 2]
-    assert eng.warm_buckets() == {16, 64, 128}
+    assert eng.warm_buckets() == set(eng.buckets) == {16, 64, 128, 256}   # max_context is always a bucket
     jit, on_jit = [], eng.scheduler._on_jit
     eng.scheduler._on_jit = lambda key: (jit.append(key), on_jit(key))
     steps = record_steps(eng)

@@ -174,7 +174,7 @@ def layer_inputs(seed: int, B: int, S: int = 8, T: int = 512):
     return rnd(g, B, LAYER["D"]), pos, slots, cos, sin, kc, vc
 
 
-@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("B", [1])    # PDL_ROWS: PDL launches at one row only
 def test_pdl_chain_in_a_graph_matches_plain_launches(B):
     """A decoder layer's decode kernels captured in one CUDA graph with programmatic dependent launch (the
     plan's pdl=True: each kernel starts under its predecessor's tail and loads weights before waiting for it)

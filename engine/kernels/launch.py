@@ -23,9 +23,10 @@ def _pdl_supported() -> bool:
 # Programmatic dependent launch (sm_90+): each kernel lets the next one launch early (gdc_launch_dependents)
 # and waits for the previous one's writes (gdc_wait) before reading them; inside a graph these become
 # programmatic edges. The engine's KernelPlan decides whether to use it (engine/plan.py); a launch uses it
-# for at most PDL_ROWS rows (the decode step and the short prefill buckets).
+# for one row only (batch-1 decode): at 2-16 rows, where the tensor-core tiles run, it made the steps slower
+# (docs/decisions/kernels.md).
 PDL_SUPPORTED = _pdl_supported()
-PDL_ROWS = 16
+PDL_ROWS = 1
 
 
 def _pdl(pdl: bool, rows: int) -> bool:

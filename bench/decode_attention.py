@@ -1,0 +1,124 @@
+"""The batched decode attention (rope + KV write + split attention + reduce) by launch shape, timed in CUDA graphs.
+
+    python bench/decode_attention.py                      # LLaMA-2-7B's heads, B = 1..32 at context 300
+    python bench/decode_attention.py --contexts 300 1000 --batches 8 32
+
+For each batch size and context, every candidate (splits per row and kv head, BLOCK_N positions per tile, warps,
+stages) runs engine.kernels.attention's two kernels on one layer's cache (every row in its own slot, at the same
+length); its output is checked against the engine's own launch shape and timed with
+triton.testing.do_bench_cudagraph (median of replays). Beside each time: the KV bytes the rows read and the TB/s
+that gives. Writes bench/results/decode-attention-<date>-<gpu>.json (docs/decisions/kernels.md reads it).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.presets import PRESETS  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def name(splits: int, block_n: int, warps: int, stages: int) -> str:
+    return f"s{splits}-n{block_n}-w{warps}s{stages}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import triton
+    from triton.testing import do_bench_cudagraph
+
+    from engine.kernels import attention as A
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama-2-7b")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[300])
+    ap.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--warps-stages", default="4:2,4:3,8:3", help="comma list of warps:stages")
+    ap.add_argument("--max-context", type=int, default=1024)
+    ap.add_argument("--rep-ms", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)   # cpu: TRITON_INTERPRET=1 plumbing tests
+    a = ap.parse_args(argv)
+    p = PRESETS[a.preset]
+    H = p["num_attention_heads"]
+    KV = p.get("num_key_value_heads", H)
+    hd = p.get("head_dim") or p["hidden_size"] // H
+    group = H // KV
+    dev, dt16 = a.device, torch.float16
+    ws = [tuple(int(v) for v in x.split(":")) for x in a.warps_stages.split(",")]
+    cands = [(s, n, w, st) for s, n, (w, st) in itertools.product(a.splits, a.block_n, ws) if s <= A.ATTN_SPLITS]
+    engine_shape = (A.ATTN_SPLITS, A.ATTN_BLOCK_N, 4, None)
+    gpu = torch.cuda.get_device_name()
+    out = {"benchmark": "decode-attention", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "device": gpu, "torch": torch.__version__, "triton": triton.__version__, "preset": a.preset,
+           "heads": H, "kv_heads": KV, "head_dim": hd, "engine_shape": f"s{A.ATTN_SPLITS}-n{A.ATTN_BLOCK_N}-w4, default stages",
+           "by_context": {}}
+    path = Path(a.out) if a.out else RESULTS / f"decode-attention-{out['date'][:10]}-{gpu.split()[-1].lower()}.json"
+    g = torch.Generator(device=dev).manual_seed(0)
+    T, S = a.max_context, max(a.batches)
+    ang = torch.rand(T, hd // 2, device=dev, generator=g) * 6.3
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt16), torch.cat([ang.sin()] * 2, -1).to(dt16)
+    t0 = time.time()
+    for ctx in a.contexts:
+        per_b = {}
+        for B in a.batches:
+            kc = torch.randn(S + 1, KV, T, hd, device=dev, dtype=dt16, generator=g)
+            vc = torch.randn(S + 1, KV, T, hd, device=dev, dtype=dt16, generator=g)
+            qkv = torch.randn(B, (H + 2 * KV) * hd, device=dev, dtype=dt16, generator=g)
+            slots = torch.randperm(S, device=dev, generator=g)[:B]
+            kv_len = torch.full((B,), ctx, device=dev, dtype=torch.int32)
+            o_part, lse_part = A.attention_scratch(B, H, hd, dev)
+            _, stride_kh, stride_slot = A._slot_view(kc, slots)
+            y = torch.empty((B, H, hd), device=dev, dtype=dt16)
+
+            def launch(splits: int, block_n: int, warps: int, stages: int | None) -> None:
+                st = {} if stages is None else {"num_stages": stages}
+                A._decode_attn_split_kernel[(KV, splits, B)](
+                    qkv, kc, vc, kv_len, slots, o_part, lse_part, qkv.stride(0), stride_kh, stride_slot, hd ** -0.5,
+                    cos, sin, H, KV, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd,
+                    BLOCK_N=block_n, N_SPLITS=splits, ROPE=True, USE_PDL=False, num_warps=warps, **st)
+                A._decode_attn_reduce_kernel[(H, B)](o_part, lse_part, y, H, HD=hd, N_SPLITS=splits, USE_PDL=False,
+                                                     num_warps=4)
+
+            launch(*engine_shape)
+            torch.cuda.synchronize()
+            ref = y.float().clone()
+            kv_bytes = B * ctx * KV * hd * 2 * 2
+            res = {"kv_bytes": kv_bytes,
+                   "engine_us": round(do_bench_cudagraph(lambda: launch(*engine_shape), rep=a.rep_ms) * 1e3, 2)}
+            for c in cands:
+                try:
+                    launch(*c)
+                    torch.cuda.synchronize()
+                    err = (y.float() - ref).abs().max().item()
+                    res[name(*c)] = (round(do_bench_cudagraph(lambda c=c: launch(*c), rep=a.rep_ms) * 1e3, 2)
+                                     if err < 2e-2 else f"err {err:.3g}")
+                except Exception as e:   # e.g. more shared memory than the GPU has
+                    res[name(*c)] = "fail: " + str(e)[:90]
+            nums = {k: v for k, v in res.items() if k not in ("kv_bytes", "engine_us") and isinstance(v, float)}
+            best = min(nums, key=nums.get)
+            res.update(best=best, best_us=nums[best], best_tbs=round(kv_bytes / (nums[best] * 1e-6) / 1e12, 3),
+                       engine_tbs=round(kv_bytes / (res["engine_us"] * 1e-6) / 1e12, 3))
+            per_b[str(B)] = res
+            print(f"ctx {ctx} B {B}: engine {res['engine_us']} us ({res['engine_tbs']} TB/s), best {best} "
+                  f"{nums[best]} us ({res['best_tbs']} TB/s)", flush=True)
+            out["by_context"][str(ctx)] = per_b      # written after every batch size: a lease is short
+            out["wall_s"] = round(time.time() - t0, 1)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(out, indent=1))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
