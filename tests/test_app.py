@@ -40,6 +40,7 @@ def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("RAY_ADDRESS", None)
+    env["PYTHONUNBUFFERED"] = "1"    # serve run's log whole, also when it has to be killed
     return env
 
 
@@ -76,8 +77,8 @@ def test_serve_run_serve_config_yaml_answers(tmp_path):
         assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # our own process group only
-        try:
-            proc.wait(60)
+        try:     # serve run stops Serve and Ray in seconds, on a busy host in up to a minute: not checked here
+            proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
@@ -96,7 +97,7 @@ def app():
     global PORT, BASE
     PORT = free_port()
     BASE = f"http://127.0.0.1:{PORT}"
-    ray.init(num_cpus=4, include_dashboard=False,
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": _env()["PYTHONPATH"]}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
