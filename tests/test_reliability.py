@@ -121,7 +121,7 @@ def cluster():
     import ray
     from ray import serve
 
-    from hs_serve import free_port
+    from hs_serve import free_port, ray_start_lock
 
     global PORT, BASE
     PORT = free_port()
@@ -131,7 +131,8 @@ def cluster():
     old = os.getcwd()
     os.chdir(REPO)                     # the workers import engine/ and deployments/ from here
     try:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        with ray_start_lock():
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     finally:
         os.chdir(old)
     try:
