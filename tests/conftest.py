@@ -124,7 +124,7 @@ def make_sentencepiece_checkpoint(out: Path, seed: int = 0) -> Path:
     return out
 
 
-# With two workers (pytest-xdist: `-n 2 --dist loadfile --no-loadscope-reorder`) a module runs whole on one
+# On two workers (pytest-xdist: `-n 2 --dist loadfile --no-loadscope-reorder`, addopts) a module runs whole on one
 # worker (its module-scoped Ray cluster included), in this order. The two workers take the first two modules,
 # then one more each (xdist queues a module behind a worker's last two tests), then the next whenever one is
 # almost done: worker A runs test_autoscale_ray then test_reliability, worker B the Triton interpreter, the
