@@ -65,18 +65,35 @@ def fleet_stats(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> FleetStats
                       recent_ratio, recent_n, queue_ratio(snapshot, counted, cfg), busy_replicas(reps))
 
 
+def slots(r: ReplicaStats) -> float:
+    """The replica's KV slots: requests it runs at once (1: the batch-1 engine)."""
+    return max(1.0, r.max_batch or 1.0)
+
+
 def busy_replicas(reps: Sequence[ReplicaStats]) -> Optional[float]:
     """How many replicas' worth of work the fleet carries: the sum over replicas of the fraction
-    of time each is busy (requests finished per second x mean time one held the engine).
-    None unless every replica reports its service time (the guard then stays out of the way)."""
+    of time each is busy (requests finished per second x mean time one held the engine), per KV
+    slot for a batched engine (its requests in flight / its slots). None unless every replica
+    reports its service time (the guard then stays out of the way)."""
     if not reps or any(r.mean_service_ms is None for r in reps):
         return None
-    return sum(r.request_rate * r.mean_service_ms / 1000.0 for r in reps)
+    return sum(r.request_rate * r.mean_service_ms / 1000.0 / slots(r) for r in reps)
+
+
+def utilization_cap(n: int, cfg: LatencyPolicyConfig) -> Optional[float]:
+    """The capacity guard's limit for n remaining replicas: max_utilization up to 2 (where it was
+    measured), growing as 1 - (1 - max_utilization) x sqrt(2 / n) up to max_utilization_pooled
+    (square-root staffing: spare capacity grows with sqrt(n))."""
+    u = cfg.max_utilization
+    if u is None or cfg.max_utilization_pooled is None or n <= 2:
+        return u
+    return max(u, min(cfg.max_utilization_pooled, 1.0 - (1.0 - u) * math.sqrt(2.0 / n)))
 
 
 def queue_ratio(snapshot: FleetSnapshot, counted: Sequence[ReplicaStats], cfg: LatencyPolicyConfig) -> float:
     """Max over replicas of the predicted TTFT of the newest queued request, / objective: it waits
-    for the (queued - 1) requests ahead of it, each holding the engine mean_service_ms (batch 1).
+    for the (queued - slots) requests ahead of it to get a slot, a slot freeing every
+    mean_service_ms / slots (batch 1: (queued - 1) x mean_service_ms).
     queued = the replica's in-flight requests + an even share of those Ray holds before replicas
     (ongoing_requests - sum of in-flight). Replicas without enough samples or no service time: 0."""
     reps = list(snapshot.replicas)
@@ -86,7 +103,8 @@ def queue_ratio(snapshot: FleetSnapshot, counted: Sequence[ReplicaStats], cfg: L
     worst = 0.0
     for r in counted:
         if r.mean_service_ms:
-            worst = max(worst, max(0.0, r.in_flight + outside - 1.0) * r.mean_service_ms)
+            k = slots(r)
+            worst = max(worst, max(0.0, r.in_flight + outside - k) * r.mean_service_ms / k)
     return worst / cfg.p99_ttft_ms
 
 
@@ -116,13 +134,24 @@ def track_ongoing(snapshot: FleetSnapshot, state: PolicyState, cfg: LatencyPolic
 
 
 def demand_replicas(fs: FleetStats, state: PolicyState, cfg: LatencyPolicyConfig) -> Optional[int]:
-    """Replicas the measured demand needs at demand_utilization; None without the inputs."""
+    """Replicas the measured demand needs at demand_utilization; None without the inputs.
+    Arrivals = completions now + the growth of the ongoing requests (negative while a backlog
+    drains: the completions then are the replicas' capacity, not the demand)."""
     if (cfg.demand_utilization is None or fs.busy is None or state.ongoing_growth is None
             or fs.request_rate <= 0):
         return None
     service_s = fs.busy / fs.request_rate
     done = fs.recent_samples / cfg.recent_window_s if fs.recent_samples else fs.request_rate
-    return math.ceil((done + max(0.0, state.ongoing_growth)) * service_s / cfg.demand_utilization)
+    return math.ceil(max(0.0, done + state.ongoing_growth) * service_s / cfg.demand_utilization)
+
+
+def busy_now(fs: FleetStats, cfg: LatencyPolicyConfig) -> Optional[float]:
+    """The fleet's busy replicas for the capacity guard: the larger of the window's and the recent
+    sub-window's (the window lags a scale-down: the removed replicas' share of the rate is gone
+    from it until the remaining replicas' windows fill)."""
+    if fs.busy is None or fs.request_rate <= 0 or not fs.recent_samples:
+        return fs.busy
+    return max(fs.busy, fs.recent_samples / cfg.recent_window_s * fs.busy / fs.request_rate)
 
 
 def step_up(base: int, cfg: LatencyPolicyConfig) -> int:
@@ -251,13 +280,18 @@ def decide(
     if ratio < cfg.downscale_headroom:
         low_since = state.low_since if state.low_since is not None else now
         inputs["low_for_s"] = round(_elapsed(now, low_since), 3)
-        if now - low_since < cfg.downscale_delay_s:
+        # a scale-down may repeat sooner within one low period (downscale_repeat_s)
+        repeat = (cfg.downscale_repeat_s is not None and state.last_scale_down_at is not None
+                  and low_since <= state.last_scale_down_at
+                  and (state.last_scale_up_at is None or state.last_scale_up_at < state.last_scale_down_at))
+        if not repeat and now - low_since < cfg.downscale_delay_s:
             return out(base, "hold", "low_waiting_delay", breach_since=None, low_since=low_since)
         last_action = max(
             (t for t in (state.last_scale_up_at, state.last_scale_down_at) if t is not None),
             default=None,
         )
-        if last_action is not None and now - last_action < cfg.downscale_cooldown_s:
+        cooldown = cfg.downscale_repeat_s if repeat else cfg.downscale_cooldown_s
+        if last_action is not None and now - last_action < cooldown:
             return out(base, "hold", "downscale_cooldown", breach_since=None, low_since=low_since)
         if base <= lo:
             return out(base, "hold", "at_min", breach_since=None, low_since=low_since)
@@ -267,18 +301,20 @@ def decide(
         target = base
         predicted = ratio
         saturates = False
+        busy = busy_now(fs, cfg)
         for n in range(max(lo, base - step_down(base, cfg)), base):
             p = ratio * serving / n if n > 0 else (0.0 if idle else math.inf)
-            util = None if (fs.busy is None or n == 0) else fs.busy / n
-            if util is not None and cfg.max_utilization is not None and util > cfg.max_utilization:
+            util = None if (busy is None or n == 0) else busy / n
+            cap = utilization_cap(n, cfg)
+            if util is not None and cap is not None and util > cap:
                 saturates = True
                 continue
             if p <= cfg.target_ratio:
                 target, predicted = n, p
                 break
         inputs["predicted_ratio_after"] = round(predicted, 4) if math.isfinite(predicted) else None
-        if fs.busy is not None and target > 0:
-            inputs["utilization_after"] = round(fs.busy / target, 4)
+        if busy is not None and target > 0:
+            inputs["utilization_after"] = round(busy / target, 4)
         if fs.request_rate > 0 and target > 0:
             inputs["load_per_replica_now"] = round(fs.request_rate / serving, 3)
             inputs["load_per_replica_after"] = round(fs.request_rate / target, 3)
@@ -286,7 +322,8 @@ def decide(
             return out(base, "hold", "downscale_would_saturate" if saturates else "downscale_would_breach",
                        breach_since=None, low_since=low_since)
         return out(target, "down", "idle" if (idle and not enough) else "p99_well_under_objective",
-                   breach_since=None, low_since=None, last_scale_down_at=now)
+                   breach_since=None, low_since=None if cfg.downscale_repeat_s is None else low_since,
+                   last_scale_down_at=now)
 
     # 5. Hysteresis band: nothing sustained, nothing to do.
     return out(base, "hold", "within_band", breach_since=None, low_since=None)
