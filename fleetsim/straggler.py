@@ -15,7 +15,7 @@ from fleetsim.sim import SimConfig, Simulation
 def run(n: int = 10, factor: float = 4.0, util: float = 0.5, dur: float = 600.0, fixed: bool = True,
         seed: int = 0) -> dict:
     """``n`` replicas at ``util`` of their capacity, replica r1 ``factor`` x slower; max 2n."""
-    m = ReplicaModel.fitted(buckets=BUCKETS)
+    m = ReplicaModel.fitted(buckets=BUCKETS, batched=False)   # the batch-1 engine (slow: its service times)
     probs = _length_probs("uniform", m)
     svc_ms = sum(p * m.service_ms(b, MAX_TOKENS) for b, p in probs.items())
     objective = round(4.0 * svc_ms, 1)
