@@ -43,6 +43,9 @@ def fleet_stats(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> FleetStats
     elif cfg.fleet_p99 == "max":
         ttft = max(r.p99_ttft_ms for r in counted)
         e2e = max(r.p99_e2e_ms for r in counted)
+    elif cfg.fleet_p99 == "mixture":
+        ttft = mixture_p99([(r.samples, r.p99_ttft_ms) for r in counted])
+        e2e = mixture_p99([(r.samples, r.p99_e2e_ms) for r in counted])
     else:
         w = sum(r.samples for r in counted)
         ttft = sum(r.p99_ttft_ms * r.samples for r in counted) / w
@@ -56,13 +59,36 @@ def fleet_stats(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> FleetStats
     recent_ratio: Optional[float] = None
     if recent and recent_n >= cfg.min_recent_samples:
         live = [r for r in recent if r.recent_samples > 0]
-        recent_ratio = max(r.p99_ttft_recent_ms for r in live) / cfg.p99_ttft_ms
+        agg = max if cfg.fleet_p99 != "mixture" else (
+            lambda vals: mixture_p99(list(zip((r.recent_samples for r in live), vals))))
+        recent_ratio = agg([r.p99_ttft_recent_ms for r in live]) / cfg.p99_ttft_ms
         if cfg.p99_e2e_ms is not None:
             recent_ratio = max(
-                recent_ratio, max((r.p99_e2e_recent_ms or 0.0) for r in live) / cfg.p99_e2e_ms
+                recent_ratio, agg([(r.p99_e2e_recent_ms or 0.0) for r in live]) / cfg.p99_e2e_ms
             )
     return FleetStats(ttft, e2e, samples, rate, in_flight, ratio, len(counted),
                       recent_ratio, recent_n, queue_ratio(snapshot, counted, cfg), busy_replicas(reps))
+
+
+def mixture_p99(weighted: Sequence[Tuple[float, float]]) -> float:
+    """P99 of the replicas' samples merged, from (samples, P99) per replica, each replica's tail taken
+    as exponential through its P99 (P(X > x) = 0.01 ** (x / p99)): the x where the sample-weighted
+    tails hold 1%. Equal replica P99s give that P99; one replica far above the rest among many
+    moves it little (the max of many replica P99s is a far higher quantile of the fleet's)."""
+    pts = [(w, p) for w, p in weighted if w > 0 and p > 0]
+    if not pts:
+        return 0.0
+    tot = sum(w for w, _ in pts)
+    lo, hi = min(p for _, p in pts), max(p for _, p in pts)
+    for _ in range(30):
+        if hi - lo <= 1e-3 * hi:
+            break
+        mid = 0.5 * (lo + hi)
+        if sum(w * 0.01 ** (mid / p) for w, p in pts) / tot > 0.01:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def slots(r: ReplicaStats) -> float:
@@ -101,10 +127,17 @@ def queue_ratio(snapshot: FleetSnapshot, counted: Sequence[ReplicaStats], cfg: L
     if snapshot.ongoing_requests is not None and reps:
         outside = max(0.0, snapshot.ongoing_requests - sum(r.in_flight for r in reps)) / len(reps)
     worst = 0.0
+    waits = []       # (fleet_p99 "mixture") every queued request's predicted wait
     for r in counted:
         if r.mean_service_ms:
             k = slots(r)
-            worst = max(worst, max(0.0, r.in_flight + outside - k) * r.mean_service_ms / k)
+            q = max(0.0, r.in_flight + outside - k)
+            worst = max(worst, q * r.mean_service_ms / k)
+            if cfg.fleet_p99 == "mixture":
+                waits += [j * r.mean_service_ms / k for j in range(1, int(q) + 1)] + [0.0] * int(min(k, r.in_flight))
+    if cfg.fleet_p99 == "mixture" and waits:
+        waits.sort()
+        worst = waits[max(0, math.ceil(0.99 * len(waits)) - 1)]     # nearest rank
     return worst / cfg.p99_ttft_ms
 
 
@@ -145,13 +178,18 @@ def demand_replicas(fs: FleetStats, state: PolicyState, cfg: LatencyPolicyConfig
     return math.ceil(max(0.0, done + state.ongoing_growth) * service_s / cfg.demand_utilization)
 
 
+def recent_busy(fs: FleetStats, cfg: LatencyPolicyConfig) -> Optional[float]:
+    """Busy replicas at the recent sub-window's completion rate (the window's, without one)."""
+    if fs.busy is None or fs.request_rate <= 0 or not fs.recent_samples:
+        return fs.busy
+    return fs.recent_samples / cfg.recent_window_s * fs.busy / fs.request_rate
+
+
 def busy_now(fs: FleetStats, cfg: LatencyPolicyConfig) -> Optional[float]:
     """The fleet's busy replicas for the capacity guard: the larger of the window's and the recent
     sub-window's (the window lags a scale-down: the removed replicas' share of the rate is gone
     from it until the remaining replicas' windows fill)."""
-    if fs.busy is None or fs.request_rate <= 0 or not fs.recent_samples:
-        return fs.busy
-    return max(fs.busy, fs.recent_samples / cfg.recent_window_s * fs.busy / fs.request_rate)
+    return None if fs.busy is None else max(fs.busy, recent_busy(fs, cfg))
 
 
 def step_up(base: int, cfg: LatencyPolicyConfig) -> int:
@@ -238,9 +276,15 @@ def decide(
     queue_breach = queued > 1.0 >= ratio
     ratio = max(ratio, queued)
 
-    # 3. Breach: scale up.
+    # 3. Breach: scale up. Also (scale_up_utilization) when the replicas run busier than that, in the
+    # window and in the recent sub-window (a burst shorter than the window is not): at batch 1 the
+    # P99 is flat until a replica saturates, so on a rising load it warns only once queues grow.
+    busy_min = None if fs.busy is None else min(fs.busy, recent_busy(fs, cfg))
+    cap_breach = (cfg.scale_up_utilization is not None and busy_min is not None and current > 0
+                  and busy_min / current > cfg.scale_up_utilization)
     subsiding = (
-        ratio > 1.0
+        not cap_breach
+        and ratio > 1.0
         and not queued > 1.0          # queued requests: their slow samples are still to come
         and cfg.confirm_with_recent
         and fs.recent_ratio is not None
@@ -249,7 +293,7 @@ def decide(
     if subsiding:
         # The long window still holds slow samples, but the last few seconds are fine.
         return out(base, "hold", "breach_subsiding", breach_since=None, low_since=None)
-    if ratio > 1.0:
+    if ratio > 1.0 or cap_breach:
         breach_since = state.breach_since if state.breach_since is not None else now
         inputs["breach_for_s"] = round(_elapsed(now, breach_since), 3)
         if current < base:
@@ -264,6 +308,8 @@ def decide(
             return out(base, "hold", "at_max", breach_since=breach_since, low_since=None)
         excess = ratio if (fs.recent_ratio is None or queued > 1.0) else min(ratio, fs.recent_ratio)
         want = math.ceil(max(base, 1) * excess / cfg.target_ratio)
+        if cap_breach and ratio <= 1.0:
+            want = math.ceil(busy_min / (cfg.demand_utilization or cfg.scale_up_utilization))
         target = max(base + 1, min(want, base + step_up(base, cfg), hi))
         need = demand_replicas(fs, state, cfg)
         if need is not None:
@@ -273,7 +319,9 @@ def decide(
             target = max(base + 1, need)
         target = min(target, hi)
         inputs["proportional_target"] = want
-        return out(target, "up", "queue_predicts_breach" if queue_breach else "p99_above_objective",
+        reason = ("queue_predicts_breach" if queue_breach else "p99_above_objective") if ratio > 1.0 \
+            else "utilization_above_limit"
+        return out(target, "up", reason,
                    breach_since=None, low_since=None, last_scale_up_at=now, up_ready_at=None)
 
     # 4. Well under: maybe scale down.

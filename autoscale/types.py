@@ -73,7 +73,13 @@ class LatencyPolicyConfig(BaseModel):
         description="A large fleet may remove up to this fraction of itself in one decision (when more "
         "than max_step_down); None: max_step_down only.",
     )
-    fleet_p99: Literal["max", "weighted"] = "max"
+    fleet_p99: Literal["max", "weighted", "mixture"] = Field(
+        default="max",
+        description="The fleet P99 from the replica P99s: their max (bounds the merged P99 from above); "
+        "their sample-weighted mean; or mixture, the P99 of the merged samples with each replica's tail "
+        "taken as exponential through its P99 (at hundreds of replicas the max of the replica P99s is "
+        "a far higher quantile than the fleet's P99: docs/simulation.md); mixture also takes the queue "
+        "signal as the P99 of every queued request's predicted wait, not the newest one's worst.")
     confirm_with_recent: bool = Field(
         default=True,
         description="A breach counts only while the replicas' recent sub-window (if reported "
@@ -102,6 +108,12 @@ class LatencyPolicyConfig(BaseModel):
         description="A scale-down may follow the last scale-down after this long while the P99 stays "
         "well under (its low period carries over; the guard then reads the recent completion rate). "
         "None: every scale-down waits downscale_delay_s of low P99 afresh and downscale_cooldown_s.",
+    )
+    scale_up_utilization: Optional[float] = Field(
+        default=None, gt=0, le=1,
+        description="Also scale up (after upscale_delay_s) while the replicas are busier than this in "
+        "both the window and the recent sub-window, to demand_utilization: at batch 1 the P99 stays "
+        "flat until a replica saturates. None: the latency signals only.",
     )
     queue_signal: bool = Field(
         default=False,

@@ -28,10 +28,12 @@ STORE_BUCKETS = (16, 32, 64, 128, 256, 384, 512)          # the store seeds thes
 MAX_TOKENS = 32
 
 
-#: the at-scale knobs (docs/simulation.md), all at their defaults but downscale_repeat_s
+#: the at-scale knobs (docs/simulation.md): the first four at their defaults; downscale_repeat_s,
+#: fleet_p99 "mixture" and scale_up_utilization are off by default (the 2-GPU behaviour)
 AT_SCALE: Dict[str, object] = {"max_step_up_fraction": 1.0, "max_step_down_fraction": 0.1,
                                "demand_utilization": 0.65, "max_utilization_pooled": 0.65,
-                               "downscale_repeat_s": 15.0}
+                               "downscale_repeat_s": 15.0, "fleet_p99": "mixture",
+                               "scale_up_utilization": 0.85}
 
 
 def p99_kwargs(objective_ms: float, n: int, fixed: bool) -> dict:
@@ -47,7 +49,8 @@ def p99_kwargs(objective_ms: float, n: int, fixed: bool) -> dict:
 #: the policy before the 2026-12-01 fix (the straggler case): fixed step caps only
 BEFORE_FIX: Dict[str, object] = {"max_step_up_fraction": None, "max_step_down_fraction": None,
                                   "demand_utilization": None, "max_utilization_pooled": None,
-                                  "downscale_repeat_s": None}
+                                  "downscale_repeat_s": None, "fleet_p99": "max",
+                                  "scale_up_utilization": None}
 
 #: "before" in the results: the policy as on main before this change, its own decide (git show of
 #: autoscale/policy.py at MAIN_REV) with the kwargs the 2026-12-01 results ran it with

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from autoscale.policy import (FleetSnapshot, LatencyPolicyConfig, PolicyState, ReplicaStats, decide,
-                              demand_replicas, fleet_stats, queue_ratio, utilization_cap)
+                              demand_replicas, fleet_stats, mixture_p99, queue_ratio, utilization_cap)
 
 CFG = LatencyPolicyConfig(p99_ttft_ms=500.0, upscale_delay_s=5.0, downscale_delay_s=60.0, min_samples=10,
                           queue_signal=True, max_replicas=200)
@@ -118,3 +118,48 @@ def test_the_ray_adapter_reads_the_engines_max_batch():
         last_scale_down_time=None, current_time=1000.0,
         config=AutoscalingConfig(min_replicas=1, max_replicas=4, upscale_delay_s=0, downscale_delay_s=0))
     assert snapshot_from_context(ctx).replicas[0].max_batch == 32.0
+
+
+def test_mixture_fleet_p99_is_not_the_max_of_many_replica_p99s():
+    # equal replicas: their P99
+    assert mixture_p99([(200.0, 300.0)] * 50) == 300.0
+    # one replica of 1,000 at twice the others' P99 barely moves the fleet's
+    assert mixture_p99([(200.0, 300.0)] * 999 + [(200.0, 600.0)]) == pytest.approx(300.0, rel=0.01)
+    # one of 10 at 4x (a tenth of the samples): the merged P99 sits between them, under the max
+    assert 550.0 < mixture_p99([(180.0, 300.0)] * 9 + [(200.0, 1200.0)]) < 650.0
+    # 1,000 replicas at 450 ms and 20 of them at 520: no breach of 500 ms; "max" breaches
+    reps = tuple(ReplicaStats(f"r{i}", 520.0 if i < 20 else 450.0, 900.0, 8.0, 1.0, 240.0)
+                 for i in range(1000))
+    snap = FleetSnapshot(reps, 1000, 1000)
+    assert fleet_stats(snap, CFG).ratio == pytest.approx(1.04)
+    mix = CFG.model_copy(update={"fleet_p99": "mixture"})
+    assert fleet_stats(snap, mix).ratio < 1.0
+
+
+def test_mixture_queue_signal_is_the_p99_of_the_queued_requests():
+    # n replicas with one request in flight, one with 8 (7 queued behind it at 117 ms each)
+    def snap(n):
+        reps = tuple(ReplicaStats(f"r{i}", 100.0, 200.0, 5.0, 8.0 if i == 0 else 1.0, 100.0,
+                                  mean_service_ms=117.0) for i in range(n))
+        return FleetSnapshot(reps, n, n)
+    mix = CFG.model_copy(update={"fleet_p99": "mixture"})
+    big, small = snap(1000), snap(20)
+    assert queue_ratio(big, big.replicas, CFG) == pytest.approx(7 * 117.0 / 500.0)   # max: the newest's wait
+    # 1,007 requests in flight, 7 waiting (0.7%): the 99th percentile one does not wait
+    assert queue_ratio(big, big.replicas, mix) == 0.0
+    # 27 in flight, 7 waiting: nearest rank 27 of 27, the newest
+    assert queue_ratio(small, small.replicas, mix) == pytest.approx(7 * 117.0 / 500.0)
+
+
+def test_scale_up_on_utilization_before_the_p99_shows_it():
+    # 10 replicas at 0.9 busy in the window and the recent sub-window, P99 far under the objective
+    cfg = CFG.model_copy(update={"scale_up_utilization": 0.85})
+    hot = fleet(10, 9.0, 100.0, recent_samples=45.0)
+    d, st = decide(hot, PolicyState(), cfg, 100.0)
+    assert (d.direction, d.reason) == ("hold", "breach_waiting_delay")
+    d, st = decide(hot, st, cfg, 105.0)
+    assert (d.direction, d.reason, d.target_replicas) == ("up", "utilization_above_limit", 14)  # 9 / 0.65
+    # a burst that has left the recent sub-window (its window still high) does not trigger it
+    calm = fleet(10, 9.0, 100.0, recent_samples=25.0)
+    assert decide(calm, PolicyState(breach_since=0.0), cfg, 105.0)[0].direction != "up"
+    assert decide(hot, PolicyState(breach_since=0.0), CFG, 105.0)[0].direction != "up"   # off by default
