@@ -67,7 +67,7 @@ def fleet_stats(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> FleetStats
                 recent_ratio, agg([(r.p99_e2e_recent_ms or 0.0) for r in live]) / cfg.p99_e2e_ms
             )
     return FleetStats(ttft, e2e, samples, rate, in_flight, ratio, len(counted),
-                      recent_ratio, recent_n, queue_ratio(snapshot, counted, cfg), busy_replicas(reps))
+                      recent_ratio, recent_n, queue_ratio(snapshot, counted, cfg), busy_replicas(reps, cfg))
 
 
 def mixture_p99(weighted: Sequence[Tuple[float, float]]) -> float:
@@ -91,19 +91,19 @@ def mixture_p99(weighted: Sequence[Tuple[float, float]]) -> float:
     return hi
 
 
-def slots(r: ReplicaStats) -> float:
-    """The replica's KV slots: requests it runs at once (1: the batch-1 engine)."""
-    return max(1.0, r.max_batch or 1.0)
+def slots(r: ReplicaStats, cfg: LatencyPolicyConfig) -> float:
+    """Requests the replica runs at once: its KV slots with busy_per_slot, else 1 (batch 1)."""
+    return max(1.0, r.max_batch or 1.0) if cfg.busy_per_slot else 1.0
 
 
-def busy_replicas(reps: Sequence[ReplicaStats]) -> Optional[float]:
+def busy_replicas(reps: Sequence[ReplicaStats], cfg: LatencyPolicyConfig) -> Optional[float]:
     """How many replicas' worth of work the fleet carries: the sum over replicas of the fraction
     of time each is busy (requests finished per second x mean time one held the engine), per KV
-    slot for a batched engine (its requests in flight / its slots). None unless every replica
+    slot for a batched engine with busy_per_slot (its requests in flight / its slots). None unless every replica
     reports its service time (the guard then stays out of the way)."""
     if not reps or any(r.mean_service_ms is None for r in reps):
         return None
-    return sum(r.request_rate * r.mean_service_ms / 1000.0 / slots(r) for r in reps)
+    return sum(r.request_rate * r.mean_service_ms / 1000.0 / slots(r, cfg) for r in reps)
 
 
 def utilization_cap(n: int, cfg: LatencyPolicyConfig) -> Optional[float]:
@@ -130,7 +130,7 @@ def queue_ratio(snapshot: FleetSnapshot, counted: Sequence[ReplicaStats], cfg: L
     waits = []       # (fleet_p99 "mixture") every queued request's predicted wait
     for r in counted:
         if r.mean_service_ms:
-            k = slots(r)
+            k = slots(r, cfg)
             q = max(0.0, r.in_flight + outside - k)
             worst = max(worst, q * r.mean_service_ms / k)
             if cfg.fleet_p99 == "mixture":

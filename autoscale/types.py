@@ -115,6 +115,13 @@ class LatencyPolicyConfig(BaseModel):
         "both the window and the recent sub-window, to demand_utilization: at batch 1 the P99 stays "
         "flat until a replica saturates. None: the latency signals only.",
     )
+    busy_per_slot: bool = Field(
+        default=False,
+        description="A batched engine's replicas (max_batch > 1 in their stats) count busy time, demand "
+        "and the queue signal per KV slot: a slot frees every service time / slots. Only where every "
+        "slot is usable: a deployment whose max_ongoing_requests is below the engine's slots (the 8-slot "
+        "CPU engine at 1 in tests/test_autoscale_ray.py) runs as batch 1. Off: every replica as batch 1.",
+    )
     queue_signal: bool = Field(
         default=False,
         description="Also scale up when the queued requests predict a TTFT above the objective "

@@ -29,11 +29,11 @@ MAX_TOKENS = 32
 
 
 #: the at-scale knobs (docs/simulation.md): the first four at their defaults; downscale_repeat_s,
-#: fleet_p99 "mixture" and scale_up_utilization are off by default (the 2-GPU behaviour)
+#: fleet_p99 "mixture", scale_up_utilization and busy_per_slot are off by default (the 2-GPU behaviour)
 AT_SCALE: Dict[str, object] = {"max_step_up_fraction": 1.0, "max_step_down_fraction": 0.1,
                                "demand_utilization": 0.65, "max_utilization_pooled": 0.65,
                                "downscale_repeat_s": 15.0, "fleet_p99": "mixture",
-                               "scale_up_utilization": 0.85}
+                               "scale_up_utilization": 0.85, "busy_per_slot": True}
 
 
 def p99_kwargs(objective_ms: float, n: int, fixed: bool) -> dict:
@@ -50,7 +50,7 @@ def p99_kwargs(objective_ms: float, n: int, fixed: bool) -> dict:
 BEFORE_FIX: Dict[str, object] = {"max_step_up_fraction": None, "max_step_down_fraction": None,
                                   "demand_utilization": None, "max_utilization_pooled": None,
                                   "downscale_repeat_s": None, "fleet_p99": "max",
-                                  "scale_up_utilization": None}
+                                  "scale_up_utilization": None, "busy_per_slot": False}
 
 #: "before" in the results: the policy as on main before this change, its own decide (git show of
 #: autoscale/policy.py at MAIN_REV) with the kwargs the 2026-12-01 results ran it with
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
                 m = models[eng]
                 runs = {"p99": run_one(n, "p99", lengths, m, args.seed, **kw),
                         "baseline": run_one(n, "queue_length", lengths, m, args.seed, **kw)}
-                if args.before and eng == "batch1" and lengths == first_len and (n < 1000 or args.before_large):
+                if args.before and lengths == first_len and (n < 1000 or args.before_large):
                     runs["p99_before_fix"] = run_one(n, "p99", lengths, m, args.seed, variant="main", **kw)
                 tag = lengths if eng == "batch1" else f"batched-{lengths}"
                 for k, r in runs.items():

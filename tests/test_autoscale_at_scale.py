@@ -88,17 +88,19 @@ def test_demand_counts_the_backlog_draining():
 def test_batched_replicas_count_busy_time_and_queue_per_kv_slot():
     # 32 slots, 20 streams in flight at 300 ms each, 40 req/s: 12 of 32 slots busy on average, no
     # queue for a slot. Read as batch 1 it would be 12 replicas' worth of work and a 5.7 s queue.
+    slot = CFG.model_copy(update={"busy_per_slot": True})
     snap = fleet(1, 40.0, 300.0, max_batch=32.0, in_flight=20.0)
-    fs = fleet_stats(snap, CFG)
+    fs = fleet_stats(snap, slot)
     assert fs.busy == pytest.approx(12.0 / 32)
-    assert queue_ratio(snap, snap.replicas, CFG) == 0.0
+    assert queue_ratio(snap, snap.replicas, slot) == 0.0
     # 40 in flight: 8 wait for a slot, one freeing every 300 / 32 ms -> the newest waits 75 ms
     full = fleet(1, 40.0, 300.0, max_batch=32.0, in_flight=40.0)
-    assert queue_ratio(full, full.replicas, CFG) == pytest.approx(75.0 / 500.0)
-    # max_batch 1 (the batch-1 engine) or unreported: as before
+    assert queue_ratio(full, full.replicas, slot) == pytest.approx(75.0 / 500.0)
+    # off (the default: max_ongoing_requests may be below the slots), or max_batch 1: batch 1
+    assert fleet_stats(snap, CFG).busy == pytest.approx(12.0)
     one = fleet(1, 4.0, 117.0, max_batch=1.0, in_flight=3.0)
-    assert fleet_stats(one, CFG).busy == pytest.approx(0.468)
-    assert queue_ratio(one, one.replicas, CFG) == pytest.approx(2 * 117.0 / 500.0)
+    assert fleet_stats(one, slot).busy == pytest.approx(0.468)
+    assert queue_ratio(one, one.replicas, slot) == pytest.approx(2 * 117.0 / 500.0)
     assert ReplicaStats.from_snapshot("a", {"samples": 1.0, "max_batch": 32.0}).max_batch == 32.0
 
 
