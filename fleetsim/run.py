@@ -246,7 +246,9 @@ def _strip(r: dict) -> dict:
     return {k: v for k, v in r.items() if k != "series"}
 
 
-def merge(paths: List[str], from_log: Optional[str] = None) -> dict:
+def merge(paths: List[str], from_log: Optional[str] = None, plots_dir: Optional[str] = None) -> dict:
+    """The parts' sizes per engine, one validation; --from-log: a part whose process died before it
+    wrote its JSON, from its summary lines (its plots are on disk: --plots lists them)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     if from_log:
         parts.append({"sizes": sizes_from_log(Path(from_log))})
@@ -255,9 +257,14 @@ def merge(paths: List[str], from_log: Optional[str] = None) -> dict:
         for n, e in p["sizes"].items():
             out["sizes"].setdefault(n, {}).update(e)
         out["plots"] = out.get("plots", []) + p.get("plots", [])
-        for k in ("validation", "batched_replica_check", "model_batched"):
+        for k in ("validation", "batched_replica_check", "model", "model_batched"):
             out[k] = out.get(k) or p.get(k)
     out["sizes"] = dict(sorted(out["sizes"].items(), key=lambda kv: int(kv[0])))
+    if plots_dir:
+        out["plots"] = sorted(set(out.get("plots", [])) | {str(p) for p in Path(plots_dir).glob("sim-*.png")})
+    if any("batched" in e for e in out["sizes"].values()) and not out.get("model_batched"):
+        out["model_batched"] = _model_json(engine_model("batched"))
+    out["p99_kwargs_at_scale"] = AT_SCALE
     for n in out["sizes"]:
         out["sizes"][n]["validation"] = out.get("validation")
     out["straggler"] = stragglers()
@@ -281,7 +288,7 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", nargs="*", help="merge these JSONs' sizes (and validation) into --out")
     args = ap.parse_args(argv)
     if args.merge:
-        Path(args.out).write_text(json.dumps(merge(args.merge, args.from_log), indent=1))
+        Path(args.out).write_text(json.dumps(merge(args.merge, args.from_log, args.plots), indent=1))
         print("wrote", args.out)
         return 0
     engines = args.engines.split(",")
