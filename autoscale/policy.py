@@ -43,6 +43,9 @@ def fleet_stats(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> FleetStats
     elif cfg.fleet_p99 == "max":
         ttft = max(r.p99_ttft_ms for r in counted)
         e2e = max(r.p99_e2e_ms for r in counted)
+    elif cfg.fleet_p99 == "mixture":
+        ttft = mixture_p99([(r.samples, r.p99_ttft_ms) for r in counted])
+        e2e = mixture_p99([(r.samples, r.p99_e2e_ms) for r in counted])
     else:
         w = sum(r.samples for r in counted)
         ttft = sum(r.p99_ttft_ms * r.samples for r in counted) / w
@@ -56,27 +59,67 @@ def fleet_stats(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> FleetStats
     recent_ratio: Optional[float] = None
     if recent and recent_n >= cfg.min_recent_samples:
         live = [r for r in recent if r.recent_samples > 0]
-        recent_ratio = max(r.p99_ttft_recent_ms for r in live) / cfg.p99_ttft_ms
+        agg = max if cfg.fleet_p99 != "mixture" else (
+            lambda vals: mixture_p99(list(zip((r.recent_samples for r in live), vals))))
+        recent_ratio = agg([r.p99_ttft_recent_ms for r in live]) / cfg.p99_ttft_ms
         if cfg.p99_e2e_ms is not None:
             recent_ratio = max(
-                recent_ratio, max((r.p99_e2e_recent_ms or 0.0) for r in live) / cfg.p99_e2e_ms
+                recent_ratio, agg([(r.p99_e2e_recent_ms or 0.0) for r in live]) / cfg.p99_e2e_ms
             )
     return FleetStats(ttft, e2e, samples, rate, in_flight, ratio, len(counted),
-                      recent_ratio, recent_n, queue_ratio(snapshot, counted, cfg), busy_replicas(reps))
+                      recent_ratio, recent_n, queue_ratio(snapshot, counted, cfg), busy_replicas(reps, cfg))
 
 
-def busy_replicas(reps: Sequence[ReplicaStats]) -> Optional[float]:
+def mixture_p99(weighted: Sequence[Tuple[float, float]]) -> float:
+    """P99 of the replicas' samples merged, from (samples, P99) per replica, each replica's tail taken
+    as exponential through its P99 (P(X > x) = 0.01 ** (x / p99)): the x where the sample-weighted
+    tails hold 1%. Equal replica P99s give that P99; one replica far above the rest among many
+    moves it little (the max of many replica P99s is a far higher quantile of the fleet's)."""
+    pts = [(w, p) for w, p in weighted if w > 0 and p > 0]
+    if not pts:
+        return 0.0
+    tot = sum(w for w, _ in pts)
+    lo, hi = min(p for _, p in pts), max(p for _, p in pts)
+    for _ in range(30):
+        if hi - lo <= 1e-3 * hi:
+            break
+        mid = 0.5 * (lo + hi)
+        if sum(w * 0.01 ** (mid / p) for w, p in pts) / tot > 0.01:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def slots(r: ReplicaStats, cfg: LatencyPolicyConfig) -> float:
+    """Requests the replica runs at once: its KV slots with busy_per_slot, else 1 (batch 1)."""
+    return max(1.0, r.max_batch or 1.0) if cfg.busy_per_slot else 1.0
+
+
+def busy_replicas(reps: Sequence[ReplicaStats], cfg: LatencyPolicyConfig) -> Optional[float]:
     """How many replicas' worth of work the fleet carries: the sum over replicas of the fraction
-    of time each is busy (requests finished per second x mean time one held the engine).
-    None unless every replica reports its service time (the guard then stays out of the way)."""
+    of time each is busy (requests finished per second x mean time one held the engine), per KV
+    slot for a batched engine with busy_per_slot (its requests in flight / its slots). None unless every replica
+    reports its service time (the guard then stays out of the way)."""
     if not reps or any(r.mean_service_ms is None for r in reps):
         return None
-    return sum(r.request_rate * r.mean_service_ms / 1000.0 for r in reps)
+    return sum(r.request_rate * r.mean_service_ms / 1000.0 / slots(r, cfg) for r in reps)
+
+
+def utilization_cap(n: int, cfg: LatencyPolicyConfig) -> Optional[float]:
+    """The capacity guard's limit for n remaining replicas: max_utilization up to 2 (where it was
+    measured), growing as 1 - (1 - max_utilization) x sqrt(2 / n) up to max_utilization_pooled
+    (square-root staffing: spare capacity grows with sqrt(n))."""
+    u = cfg.max_utilization
+    if u is None or cfg.max_utilization_pooled is None or n <= 2:
+        return u
+    return max(u, min(cfg.max_utilization_pooled, 1.0 - (1.0 - u) * math.sqrt(2.0 / n)))
 
 
 def queue_ratio(snapshot: FleetSnapshot, counted: Sequence[ReplicaStats], cfg: LatencyPolicyConfig) -> float:
     """Max over replicas of the predicted TTFT of the newest queued request, / objective: it waits
-    for the (queued - 1) requests ahead of it, each holding the engine mean_service_ms (batch 1).
+    for the (queued - slots) requests ahead of it to get a slot, a slot freeing every
+    mean_service_ms / slots (batch 1: (queued - 1) x mean_service_ms).
     queued = the replica's in-flight requests + an even share of those Ray holds before replicas
     (ongoing_requests - sum of in-flight). Replicas without enough samples or no service time: 0."""
     reps = list(snapshot.replicas)
@@ -84,9 +127,17 @@ def queue_ratio(snapshot: FleetSnapshot, counted: Sequence[ReplicaStats], cfg: L
     if snapshot.ongoing_requests is not None and reps:
         outside = max(0.0, snapshot.ongoing_requests - sum(r.in_flight for r in reps)) / len(reps)
     worst = 0.0
+    waits = []       # (fleet_p99 "mixture") every queued request's predicted wait
     for r in counted:
         if r.mean_service_ms:
-            worst = max(worst, max(0.0, r.in_flight + outside - 1.0) * r.mean_service_ms)
+            k = slots(r, cfg)
+            q = max(0.0, r.in_flight + outside - k)
+            worst = max(worst, q * r.mean_service_ms / k)
+            if cfg.fleet_p99 == "mixture":
+                waits += [j * r.mean_service_ms / k for j in range(1, int(q) + 1)] + [0.0] * int(min(k, r.in_flight))
+    if cfg.fleet_p99 == "mixture" and waits:
+        waits.sort()
+        worst = waits[max(0, math.ceil(0.99 * len(waits)) - 1)]     # nearest rank
     return worst / cfg.p99_ttft_ms
 
 
@@ -116,13 +167,29 @@ def track_ongoing(snapshot: FleetSnapshot, state: PolicyState, cfg: LatencyPolic
 
 
 def demand_replicas(fs: FleetStats, state: PolicyState, cfg: LatencyPolicyConfig) -> Optional[int]:
-    """Replicas the measured demand needs at demand_utilization; None without the inputs."""
+    """Replicas the measured demand needs at demand_utilization; None without the inputs.
+    Arrivals = completions now + the growth of the ongoing requests (negative while a backlog
+    drains: the completions then are the replicas' capacity, not the demand)."""
     if (cfg.demand_utilization is None or fs.busy is None or state.ongoing_growth is None
             or fs.request_rate <= 0):
         return None
     service_s = fs.busy / fs.request_rate
     done = fs.recent_samples / cfg.recent_window_s if fs.recent_samples else fs.request_rate
-    return math.ceil((done + max(0.0, state.ongoing_growth)) * service_s / cfg.demand_utilization)
+    return math.ceil(max(0.0, done + state.ongoing_growth) * service_s / cfg.demand_utilization)
+
+
+def recent_busy(fs: FleetStats, cfg: LatencyPolicyConfig) -> Optional[float]:
+    """Busy replicas at the recent sub-window's completion rate (the window's, without one)."""
+    if fs.busy is None or fs.request_rate <= 0 or not fs.recent_samples:
+        return fs.busy
+    return fs.recent_samples / cfg.recent_window_s * fs.busy / fs.request_rate
+
+
+def busy_now(fs: FleetStats, cfg: LatencyPolicyConfig) -> Optional[float]:
+    """The fleet's busy replicas for the capacity guard: the larger of the window's and the recent
+    sub-window's (the window lags a scale-down: the removed replicas' share of the rate is gone
+    from it until the remaining replicas' windows fill)."""
+    return None if fs.busy is None else max(fs.busy, recent_busy(fs, cfg))
 
 
 def step_up(base: int, cfg: LatencyPolicyConfig) -> int:
@@ -209,9 +276,15 @@ def decide(
     queue_breach = queued > 1.0 >= ratio
     ratio = max(ratio, queued)
 
-    # 3. Breach: scale up.
+    # 3. Breach: scale up. Also (scale_up_utilization) when the replicas run busier than that, in the
+    # window and in the recent sub-window (a burst shorter than the window is not): at batch 1 the
+    # P99 is flat until a replica saturates, so on a rising load it warns only once queues grow.
+    busy_min = None if fs.busy is None else min(fs.busy, recent_busy(fs, cfg))
+    cap_breach = (cfg.scale_up_utilization is not None and busy_min is not None and current > 0
+                  and busy_min / current > cfg.scale_up_utilization)
     subsiding = (
-        ratio > 1.0
+        not cap_breach
+        and ratio > 1.0
         and not queued > 1.0          # queued requests: their slow samples are still to come
         and cfg.confirm_with_recent
         and fs.recent_ratio is not None
@@ -220,7 +293,7 @@ def decide(
     if subsiding:
         # The long window still holds slow samples, but the last few seconds are fine.
         return out(base, "hold", "breach_subsiding", breach_since=None, low_since=None)
-    if ratio > 1.0:
+    if ratio > 1.0 or cap_breach:
         breach_since = state.breach_since if state.breach_since is not None else now
         inputs["breach_for_s"] = round(_elapsed(now, breach_since), 3)
         if current < base:
@@ -235,6 +308,8 @@ def decide(
             return out(base, "hold", "at_max", breach_since=breach_since, low_since=None)
         excess = ratio if (fs.recent_ratio is None or queued > 1.0) else min(ratio, fs.recent_ratio)
         want = math.ceil(max(base, 1) * excess / cfg.target_ratio)
+        if cap_breach and ratio <= 1.0:
+            want = math.ceil(busy_min / (cfg.demand_utilization or cfg.scale_up_utilization))
         target = max(base + 1, min(want, base + step_up(base, cfg), hi))
         need = demand_replicas(fs, state, cfg)
         if need is not None:
@@ -244,20 +319,27 @@ def decide(
             target = max(base + 1, need)
         target = min(target, hi)
         inputs["proportional_target"] = want
-        return out(target, "up", "queue_predicts_breach" if queue_breach else "p99_above_objective",
+        reason = ("queue_predicts_breach" if queue_breach else "p99_above_objective") if ratio > 1.0 \
+            else "utilization_above_limit"
+        return out(target, "up", reason,
                    breach_since=None, low_since=None, last_scale_up_at=now, up_ready_at=None)
 
     # 4. Well under: maybe scale down.
     if ratio < cfg.downscale_headroom:
         low_since = state.low_since if state.low_since is not None else now
         inputs["low_for_s"] = round(_elapsed(now, low_since), 3)
-        if now - low_since < cfg.downscale_delay_s:
+        # a scale-down may repeat sooner within one low period (downscale_repeat_s)
+        repeat = (cfg.downscale_repeat_s is not None and state.last_scale_down_at is not None
+                  and low_since <= state.last_scale_down_at
+                  and (state.last_scale_up_at is None or state.last_scale_up_at < state.last_scale_down_at))
+        if not repeat and now - low_since < cfg.downscale_delay_s:
             return out(base, "hold", "low_waiting_delay", breach_since=None, low_since=low_since)
         last_action = max(
             (t for t in (state.last_scale_up_at, state.last_scale_down_at) if t is not None),
             default=None,
         )
-        if last_action is not None and now - last_action < cfg.downscale_cooldown_s:
+        cooldown = cfg.downscale_repeat_s if repeat else cfg.downscale_cooldown_s
+        if last_action is not None and now - last_action < cooldown:
             return out(base, "hold", "downscale_cooldown", breach_since=None, low_since=low_since)
         if base <= lo:
             return out(base, "hold", "at_min", breach_since=None, low_since=low_since)
@@ -267,18 +349,20 @@ def decide(
         target = base
         predicted = ratio
         saturates = False
+        busy = busy_now(fs, cfg)
         for n in range(max(lo, base - step_down(base, cfg)), base):
             p = ratio * serving / n if n > 0 else (0.0 if idle else math.inf)
-            util = None if (fs.busy is None or n == 0) else fs.busy / n
-            if util is not None and cfg.max_utilization is not None and util > cfg.max_utilization:
+            util = None if (busy is None or n == 0) else busy / n
+            cap = utilization_cap(n, cfg)
+            if util is not None and cap is not None and util > cap:
                 saturates = True
                 continue
             if p <= cfg.target_ratio:
                 target, predicted = n, p
                 break
         inputs["predicted_ratio_after"] = round(predicted, 4) if math.isfinite(predicted) else None
-        if fs.busy is not None and target > 0:
-            inputs["utilization_after"] = round(fs.busy / target, 4)
+        if busy is not None and target > 0:
+            inputs["utilization_after"] = round(busy / target, 4)
         if fs.request_rate > 0 and target > 0:
             inputs["load_per_replica_now"] = round(fs.request_rate / serving, 3)
             inputs["load_per_replica_after"] = round(fs.request_rate / target, 3)
@@ -286,7 +370,8 @@ def decide(
             return out(base, "hold", "downscale_would_saturate" if saturates else "downscale_would_breach",
                        breach_since=None, low_since=low_since)
         return out(target, "down", "idle" if (idle and not enough) else "p99_well_under_objective",
-                   breach_since=None, low_since=None, last_scale_down_at=now)
+                   breach_since=None, low_since=None if cfg.downscale_repeat_s is None else low_since,
+                   last_scale_down_at=now)
 
     # 5. Hysteresis band: nothing sustained, nothing to do.
     return out(base, "hold", "within_band", breach_since=None, low_since=None)

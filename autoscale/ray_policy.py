@@ -131,6 +131,10 @@ def _replica_key(replica_id: Any) -> str:
     return str(getattr(replica_id, "unique_id", replica_id))
 
 
+#: the engine's own keys the policy reads beside the LatencyWindow's (ModelServer.record_autoscaling_stats)
+ENGINE_KEYS = ("max_batch",)
+
+
 def snapshot_from_context(ctx: Any, max_age_s: float = 60.0) -> FleetSnapshot:
     """Translate a Ray ``AutoscalingContext`` into a ``FleetSnapshot``.
 
@@ -154,7 +158,7 @@ def snapshot_from_context(ctx: Any, max_age_s: float = 60.0) -> FleetSnapshot:
     for rid in list(ctx.running_replicas or []):
         snap: Dict[str, float] = {}
         newest: Optional[float] = None
-        for key in SNAPSHOT_KEYS:
+        for key in SNAPSHOT_KEYS + ENGINE_KEYS:
             t, v = _latest(raw.get(key, {}).get(rid))
             if v is None and rid in agg.get(key, {}):
                 t, v = None, float(agg[key][rid])

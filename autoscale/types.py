@@ -73,7 +73,13 @@ class LatencyPolicyConfig(BaseModel):
         description="A large fleet may remove up to this fraction of itself in one decision (when more "
         "than max_step_down); None: max_step_down only.",
     )
-    fleet_p99: Literal["max", "weighted"] = "max"
+    fleet_p99: Literal["max", "weighted", "mixture"] = Field(
+        default="max",
+        description="The fleet P99 from the replica P99s: their max (bounds the merged P99 from above); "
+        "their sample-weighted mean; or mixture, the P99 of the merged samples with each replica's tail "
+        "taken as exponential through its P99 (at hundreds of replicas the max of the replica P99s is "
+        "a far higher quantile than the fleet's P99: docs/simulation.md); mixture also takes the queue "
+        "signal as the P99 of every queued request's predicted wait, not the newest one's worst.")
     confirm_with_recent: bool = Field(
         default=True,
         description="A breach counts only while the replicas' recent sub-window (if reported "
@@ -88,6 +94,34 @@ class LatencyPolicyConfig(BaseModel):
         "the time, predicted from the replicas' request rate x mean service time (see the module "
         "docstring). None: no capacity guard (the P99 model alone).",
     )
+    max_utilization_pooled: Optional[float] = Field(
+        default=0.65, gt=0, le=1,
+        description="The capacity guard's limit for a larger fleet: n remaining replicas behind one "
+        "router pool their queues, so their spare capacity need only grow with sqrt(n) (square-root "
+        "staffing): each may run at up to 1 - (1 - max_utilization) x sqrt(2 / n), at most this; "
+        "fleets of up to 2 (where max_utilization was measured) keep max_utilization. 0.65 leaves "
+        "room for a 1.5x burst at 0.975 (docs/simulation.md); a load without bursts can take up to "
+        "~0.8. None: max_utilization at every size.",
+    )
+    downscale_repeat_s: Optional[float] = Field(
+        default=None, ge=0,
+        description="A scale-down may follow the last scale-down after this long while the P99 stays "
+        "well under (its low period carries over; the guard then reads the recent completion rate). "
+        "None: every scale-down waits downscale_delay_s of low P99 afresh and downscale_cooldown_s.",
+    )
+    scale_up_utilization: Optional[float] = Field(
+        default=None, gt=0, le=1,
+        description="Also scale up (after upscale_delay_s) while the replicas are busier than this in "
+        "both the window and the recent sub-window, to demand_utilization: at batch 1 the P99 stays "
+        "flat until a replica saturates. None: the latency signals only.",
+    )
+    busy_per_slot: bool = Field(
+        default=False,
+        description="A batched engine's replicas (max_batch > 1 in their stats) count busy time, demand "
+        "and the queue signal per KV slot: a slot frees every service time / slots. Only where every "
+        "slot is usable: a deployment whose max_ongoing_requests is below the engine's slots (the 8-slot "
+        "CPU engine at 1 in tests/test_autoscale_ray.py) runs as batch 1. Off: every replica as batch 1.",
+    )
     queue_signal: bool = Field(
         default=False,
         description="Also scale up when the queued requests predict a TTFT above the objective "
@@ -97,7 +131,7 @@ class LatencyPolicyConfig(BaseModel):
         default=True, description="A fleet with no traffic at all counts as well under the objective."
     )
     demand_utilization: Optional[float] = Field(
-        default=0.75, gt=0, le=1,
+        default=0.65, gt=0, le=1,
         description="Size a scale-up by the measured demand: arrivals (completions now + the growth of "
         "the ongoing requests) x mean service time / this utilisation; a breach while the running "
         "replicas already carry that demand is their backlog draining (hold). None: off.",
@@ -146,6 +180,7 @@ class ReplicaStats:
     p99_e2e_recent_ms: Optional[float] = None
     recent_samples: Optional[float] = None
     mean_service_ms: Optional[float] = None  # None where the replica doesn't report it
+    max_batch: Optional[float] = None  # the engine's KV slots (None: batch 1)
 
     @classmethod
     def from_snapshot(cls, replica_id: str, snap: Dict[str, float]) -> "ReplicaStats":
@@ -169,6 +204,7 @@ class ReplicaStats:
             p99_ttft_recent_ms=num("p99_ttft_recent_ms", None),
             p99_e2e_recent_ms=num("p99_e2e_recent_ms", None),
             recent_samples=num("recent_samples", None),
+            max_batch=num("max_batch", None),
         )
 
 

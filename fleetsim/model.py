@@ -69,6 +69,13 @@ class ReplicaModel:
     def mean_service_ms(self, bucket_probs: Dict[int, float], max_tokens: int) -> float:
         return sum(p * self.service_ms(b, max_tokens) for b, p in bucket_probs.items())
 
+    def capacity_rps(self, bucket_probs: Dict[int, float], max_tokens: int) -> float:
+        """Requests a saturated replica finishes per second: each costs its prefill (which stalls the
+        batch) and (max_tokens - 1) / max_batch decode steps at the full batch (batch 1: its service)."""
+        pre = sum(p * self.prefill_ms(b, self.buckets)[0] for b, p in bucket_probs.items())
+        b = self.max_batch
+        return 1000.0 / (pre + max(0, max_tokens - 1) / b * self.step_ms(b))
+
     def scaled(self, ttft_factor: float = 1.0, decode_ms: Optional[float] = None) -> "ReplicaModel":
         """The same shape on another host: prefill times x ttft_factor, batch-1 decode step set."""
         dm = dict(self.decode_ms)

@@ -1,7 +1,7 @@
 """Simulate the fleet at 10, 100 and 1,000 replicas under the project's P99 policy + warm-bucket router
 and under Ray's queue-length autoscaling + default router; validate against the 2-GPU runs.
 
-    python -m fleetsim.run --out bench/results/sim-2026-12-01.json --plots docs/img
+    python -m fleetsim.run --out bench/results/sim-2026-12-02.json --plots docs/img --before
 """
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import datetime as dt
 import json
 import math
 import platform
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -26,40 +28,89 @@ STORE_BUCKETS = (16, 32, 64, 128, 256, 384, 512)          # the store seeds thes
 MAX_TOKENS = 32
 
 
+#: the at-scale knobs (docs/simulation.md): the first four at their defaults; downscale_repeat_s,
+#: fleet_p99 "mixture", scale_up_utilization and busy_per_slot are off by default (the 2-GPU behaviour)
+AT_SCALE: Dict[str, object] = {"max_step_up_fraction": 1.0, "max_step_down_fraction": 0.1,
+                               "demand_utilization": 0.65, "max_utilization_pooled": 0.65,
+                               "downscale_repeat_s": 15.0, "fleet_p99": "mixture",
+                               "scale_up_utilization": 0.85, "busy_per_slot": True}
+
+
 def p99_kwargs(objective_ms: float, n: int, fixed: bool) -> dict:
-    """The policy's kwargs as the 2-GPU fleet runs set them (bench/fleet.py), objective 4 x service."""
+    """The policy's kwargs as the 2-GPU fleet runs set them (bench/fleet.py), objective 4 x service,
+    with the at-scale knobs (fixed) or without them (the policy before the 2026-12-01 fix)."""
     kw = dict(p99_ttft_ms=objective_ms, upscale_delay_s=5.0, downscale_delay_s=60.0, min_samples=10,
-              queue_signal=True, max_utilization=0.6, max_step_up_fraction=1.0, max_step_down_fraction=0.1,
-              demand_utilization=0.75)
+              queue_signal=True, max_utilization=0.6, **AT_SCALE)
     if not fixed:
         kw.update(BEFORE_FIX)
     return kw
 
 
-#: the policy as it was before the at-scale fix (docs/simulation.md): fixed step caps only
+#: the policy before the 2026-12-01 fix (the straggler case): fixed step caps only
 BEFORE_FIX: Dict[str, object] = {"max_step_up_fraction": None, "max_step_down_fraction": None,
-                                  "demand_utilization": None}
+                                  "demand_utilization": None, "max_utilization_pooled": None,
+                                  "downscale_repeat_s": None, "fleet_p99": "max",
+                                  "scale_up_utilization": None, "busy_per_slot": False}
+
+#: "before" in the results: the policy as on main before this change, its own decide (git show of
+#: autoscale/policy.py at MAIN_REV) with the kwargs the 2026-12-01 results ran it with
+MAIN_REV = "40e1f42"
+MAIN_KWARGS: Dict[str, object] = {"max_step_up_fraction": 1.0, "max_step_down_fraction": 0.1,
+                                   "demand_utilization": 0.75}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main_decide(rev: str = MAIN_REV):
+    """``decide`` of autoscale/policy.py at ``rev``, imported beside the current one (its types are
+    a subset of today's autoscale/types.py)."""
+    name = f"autoscale._policy_{rev}"
+    if name not in sys.modules:
+        src = subprocess.run(["git", "show", f"{rev}:autoscale/policy.py"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+        mod = types.ModuleType(name)
+        mod.__package__ = "autoscale"
+        sys.modules[name] = mod              # (its dataclasses look their module up)
+        exec(compile(src, f"{rev}:autoscale/policy.py", "exec"), mod.__dict__)
+    return sys.modules[name].decide
+
+
+def engine_model(engine: str) -> ReplicaModel:
+    """batch1: the batch-1 engine (the 2-GPU runs'); batched: decode by batch size from
+    bench/results/batched-*-h200.json (fleetsim/batched.py runs it)."""
+    m = ReplicaModel.fitted(buckets=BUCKETS, batched=engine == "batched")
+    if engine == "batched" and m.max_batch == 1:
+        raise SystemExit("no bench/results/batched-*-h200.json with decode_by_batch: no batched model")
+    return m
 
 
 def run_one(n: int, policy_name: str, lengths: str, model: ReplicaModel, seed: int = 0,
             fixed: bool = True, candidates: int = 16, tick_s: Optional[float] = None,
-            trace_kw: Optional[dict] = None) -> dict:
+            trace_kw: Optional[dict] = None, variant: str = "p99") -> dict:
+    """One fleet of ``n`` on the diurnal-step trace. The trace's peak is n replicas' worth of load at
+    60% of a replica's capacity (its saturated throughput: ``ReplicaModel.capacity_rps``); the
+    objective 4 x one request's mean service time alone on a replica; variant "main": the policy as
+    on main (MAIN_REV)."""
     rng = np.random.default_rng(seed)
     probs_mix = _length_probs(lengths, model)
     svc_ms = sum(p * model.service_ms(b, MAX_TOKENS) for b, p in probs_mix.items())
-    cap = 1000.0 / svc_ms
+    cap = model.capacity_rps(probs_mix, MAX_TOKENS)
     objective = round(4.0 * svc_ms, 1)
     rate, dur, phases, t_step = traces.diurnal_step_rate(n, cap, **(trace_kw or {}))
     t = traces.arrivals(rate, dur, float(np.max(rate(np.linspace(0, dur, 20001)))) * 1.0001, rng)
     ln = (traces.lengths_uniform if lengths == "uniform" else traces.lengths_long_tail)(len(t), rng)
     lo_rep = max(1, math.ceil(n / 5))
     if policy_name == "p99":
-        pol = adapters.P99Policy(**p99_kwargs(objective, n, fixed))
+        kw = p99_kwargs(objective, n, fixed)
+        if variant == "main":
+            kw = {k: v for k, v in kw.items() if k not in AT_SCALE} | MAIN_KWARGS
+        pol = adapters.P99Policy(decide_fn=main_decide() if variant == "main" else None, **kw)
         router = "warm_bucket"
-    else:
-        pol = adapters.QueueLengthPolicy(1.0, 5.0, 60.0, 1, 2 * n)
+    else:   # Ray's queue-length policy: target 1 ongoing request at batch 1 (the fleet runs'), half the slots batched
+        target = 1.0 if model.max_batch == 1 else model.max_batch / 2
+        pol = adapters.QueueLengthPolicy(target, 5.0, 60.0, 1, 2 * n)
         router = "po2"
-    sim = Simulation(SimConfig(model=model, platform=PlatformModel(), policy=pol, min_replicas=1,
+    sim = Simulation(SimConfig(model=model, platform=PlatformModel(max_ongoing_requests=model.max_batch + 7),
+                               policy=pol, min_replicas=1,
                                max_replicas=2 * n, initial_replicas=lo_rep, max_tokens=MAX_TOKENS,
                                store_buckets=STORE_BUCKETS, router=router, candidates=candidates,
                                tick_s=tick_s or (0.1 if n <= 100 else 1.0), seed=seed,
@@ -67,7 +118,9 @@ def run_one(n: int, policy_name: str, lengths: str, model: ReplicaModel, seed: i
     w0 = time.time()
     sim.run(dur, arrivals=(t, ln))
     wall = time.time() - w0
-    return summarise(sim, rate, dur, phases, t_step, objective, svc_ms / 1000.0, n, policy_name, wall)
+    out = summarise(sim, rate, dur, phases, t_step, objective, 1.0 / cap, n, policy_name, wall)
+    out["capacity_rps"] = round(cap, 3)
+    return out
 
 
 def _length_probs(lengths: str, model: ReplicaModel) -> Dict[int, float]:
@@ -81,10 +134,10 @@ def _length_probs(lengths: str, model: ReplicaModel) -> Dict[int, float]:
 
 ORACLE_UTIL = 0.85
 
-#: coarsening at 1,000 replicas (2 cores, minutes): a shorter trace (2 min low, 6 min at the step,
-#: 2 min of the diurnal swing), 4 replicas ranked per request, the control loop at 1 s (metrics
-#: arrive every 1 s anyway)
-LARGE = {"candidates": 4, "trace_kw": {"low_s": 120.0, "step_s": 300.0, "diurnal_s": 120.0}}
+#: coarsening at 1,000 replicas (2 cores, minutes): a shorter trace (2 min low, 5 min at the step,
+#: the 10 min diurnal swing of the smaller fleets), 4 replicas ranked per request, the control loop
+#: at 1 s (metrics arrive every 1 s anyway)
+LARGE = {"candidates": 4, "trace_kw": {"low_s": 120.0, "step_s": 300.0, "diurnal_s": 600.0}}
 
 
 def summarise(sim: Simulation, rate, dur, phases, t_step, objective, svc_s, n, policy, wall) -> dict:
@@ -154,7 +207,7 @@ def plot(results: dict, out_dir: Path) -> list:
 
 
 def sizes_from_log(path: Path) -> dict:
-    """The 'n=N LENGTHS CONFIG: {...}' lines this module prints, as the JSON's sizes entries."""
+    """The 'n=N [batched-]LENGTHS CONFIG: {...}' lines this module prints, as the JSON's sizes entries."""
     sizes: dict = {}
     for line in path.read_text().splitlines():
         if not line.startswith("n=") or ": {" not in line:
@@ -162,14 +215,18 @@ def sizes_from_log(path: Path) -> dict:
         head, _, body = line.partition(": ")
         n, lengths, cfg = head[2:].split(" ")
         r = json.loads(body)
-        e = sizes.setdefault(n, {}).setdefault("by_lengths", {}).setdefault(lengths, {})
+        e = sizes.setdefault(n, {})
+        if lengths.startswith("batched-"):
+            e = e.setdefault("batched", {})
+            lengths = lengths[len("batched-"):]
+        e = e.setdefault("by_lengths", {}).setdefault(lengths, {})
         if cfg == "p99":
             e.update(r)
         else:
             e["baseline" if cfg == "baseline" else "before_fix"] = r
-    for n, e in sizes.items():
-        first = next(iter(e["by_lengths"].values()))
-        e.update(first)
+    for e in list(sizes.values()) + [v["batched"] for v in sizes.values() if "batched" in v]:
+        if e.get("by_lengths"):
+            e.update(next(iter(e["by_lengths"].values())))
     return sizes
 
 
@@ -179,73 +236,107 @@ def stragglers() -> dict:
     return {"before_fix": straggler.run(fixed=False), "after_fix": straggler.run(fixed=True)}
 
 
+def _model_json(m: ReplicaModel) -> dict:
+    return {"buckets": list(m.buckets), "graph_ms": m.graph_ms, "jit_factor": m.jit_factor,
+            "decode_ms": m.decode_ms, "capture_ms": m.capture_ms, "start_seeded_s": m.start_seeded_s,
+            "start_cold_s": m.start_cold_s, "max_batch": m.max_batch, "sources": m.sources}
+
+
+def _strip(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k != "series"}
+
+
+def merge(paths: List[str], from_log: Optional[str] = None, plots_dir: Optional[str] = None) -> dict:
+    """The parts' sizes per engine, one validation; --from-log: a part whose process died before it
+    wrote its JSON, from its summary lines (its plots are on disk: --plots lists them)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    if from_log:
+        parts.append({"sizes": sizes_from_log(Path(from_log))})
+    out = parts[0]
+    for p in parts[1:]:
+        for n, e in p["sizes"].items():
+            out["sizes"].setdefault(n, {}).update(e)
+        out["plots"] = out.get("plots", []) + p.get("plots", [])
+        for k in ("validation", "batched_replica_check", "model", "model_batched"):
+            out[k] = out.get(k) or p.get(k)
+    out["sizes"] = dict(sorted(out["sizes"].items(), key=lambda kv: int(kv[0])))
+    if plots_dir:
+        out["plots"] = sorted(set(out.get("plots", [])) | {str(p) for p in Path(plots_dir).glob("sim-*.png")})
+    if any("batched" in e for e in out["sizes"].values()) and not out.get("model_batched"):
+        out["model_batched"] = _model_json(engine_model("batched"))
+    out["p99_kwargs_at_scale"] = AT_SCALE
+    for n in out["sizes"]:
+        out["sizes"][n]["validation"] = out.get("validation")
+    out["straggler"] = stragglers()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/results/sim-2026-12-01.json")
+    ap.add_argument("--out", default="bench/results/sim-2026-12-02.json")
     ap.add_argument("--plots", default="docs/img")
     ap.add_argument("--sizes", default="10,100,1000")
+    ap.add_argument("--engines", default="batch1,batched", help="batch1 and/or batched replicas")
+    ap.add_argument("--batched-sizes", default="10,100", help="fleet sizes of the batched case")
     ap.add_argument("--lengths", default="uniform,long_tail")
     ap.add_argument("--lengths-large", default="uniform", help="prompt lengths at 1,000 replicas")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--validation-seeds", type=int, default=5)
-    ap.add_argument("--before", action="store_true", help="also run the P99 policy without the at-scale fix")
-    ap.add_argument("--before-large", action="store_true",
-                    help="the before-fix run at 1,000 replicas too (its backlog makes it very slow)")
+    ap.add_argument("--before", action="store_true", help=f"also run the policy as on main ({MAIN_REV})")
+    ap.add_argument("--before-large", action="store_true", help="the before run at 1,000 replicas too")
     ap.add_argument("--from-log", help="build sizes from this run log's summary lines (no series, no plots)")
     ap.add_argument("--merge", nargs="*", help="merge these JSONs' sizes (and validation) into --out")
     args = ap.parse_args(argv)
     if args.merge:
-        parts = [json.loads(Path(p).read_text()) for p in args.merge]
-        if args.from_log:
-            parts.append({"sizes": sizes_from_log(Path(args.from_log))})
-        out = parts[0]
-        for p in parts[1:]:
-            out["sizes"].update(p["sizes"])
-            out["plots"] = out.get("plots", []) + p.get("plots", [])
-            out["validation"] = out.get("validation") or p.get("validation")
-        out["sizes"] = dict(sorted(out["sizes"].items(), key=lambda kv: int(kv[0])))
-        for n in out["sizes"]:
-            out["sizes"][n]["validation"] = out.get("validation")
-        out["straggler"] = stragglers()
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        Path(args.out).write_text(json.dumps(merge(args.merge, args.from_log, args.plots), indent=1))
         print("wrote", args.out)
         return 0
-    model = ReplicaModel.fitted(buckets=BUCKETS)
+    engines = args.engines.split(",")
+    models = {e: engine_model(e) for e in engines}
     out: dict = {"benchmark": "fleetsim", "issue": 29, "date": dt.date.today().isoformat(),
                  "host": {"python": sys.version.split()[0], "cpus": __import__("os").cpu_count(),
                           "platform": platform.platform()},
-                 "model": {"buckets": list(model.buckets), "graph_ms": model.graph_ms,
-                           "jit_factor": model.jit_factor, "decode_ms": model.decode_ms,
-                           "capture_ms": model.capture_ms, "start_seeded_s": model.start_seeded_s,
-                           "start_cold_s": model.start_cold_s, "max_batch": model.max_batch,
-                           "sources": model.sources},
-                 "oracle_util": ORACLE_UTIL, "before_fix_kwargs": BEFORE_FIX, "sizes": {}}
+                 "oracle_util": ORACLE_UTIL, "p99_kwargs_at_scale": AT_SCALE,
+                 "before_fix": {"rev": MAIN_REV, "kwargs": MAIN_KWARGS}, "sizes": {}}
+    if "batch1" in models:
+        out["model"] = _model_json(models["batch1"])
+    if "batched" in models:
+        out["model_batched"] = _model_json(models["batched"])
     plots: dict = {}
+    first_len = args.lengths.split(",")[0]
     for n in [int(x) for x in args.sizes.split(",")]:
-        entry: dict = {}
         kw = LARGE if n >= 1000 else {}
-        for lengths in (args.lengths_large if n >= 1000 else args.lengths).split(","):
-            runs = {"p99": run_one(n, "p99", lengths, model, args.seed, **kw),
-                    "baseline": run_one(n, "queue_length", lengths, model, args.seed, **kw)}
-            if args.before and lengths == args.lengths.split(",")[0] and (n < 1000 or args.before_large):
-                runs["p99_before_fix"] = run_one(n, "p99", lengths, model, args.seed, fixed=False, **kw)
-            for k, r in runs.items():
-                print(f"n={n} {lengths} {k}: " + json.dumps({x: v for x, v in r.items() if x != "series"}),
-                      flush=True)
-            plots[f"{n}-{lengths}"] = runs
-            entry[lengths] = {**{k: v for k, v in runs["p99"].items() if k != "series"},
-                              "baseline": {k: v for k, v in runs["baseline"].items() if k != "series"},
-                              **({"before_fix": {k: v for k, v in runs["p99_before_fix"].items() if k != "series"}}
-                                 if "p99_before_fix" in runs else {})}
-        # the issue's fields at the top level of each size: the uniform 10-500 trace
-        first = entry[args.lengths.split(",")[0]]
-        out["sizes"][str(n)] = {**first, "by_lengths": entry}
+        size: dict = {}
+        for eng in engines:
+            if eng == "batched" and str(n) not in args.batched_sizes.split(","):
+                continue
+            entry: dict = {}
+            for lengths in (args.lengths_large if n >= 1000 else args.lengths).split(","):
+                m = models[eng]
+                runs = {"p99": run_one(n, "p99", lengths, m, args.seed, **kw),
+                        "baseline": run_one(n, "queue_length", lengths, m, args.seed, **kw)}
+                if args.before and lengths == first_len and (n < 1000 or args.before_large):
+                    runs["p99_before_fix"] = run_one(n, "p99", lengths, m, args.seed, variant="main", **kw)
+                tag = lengths if eng == "batch1" else f"batched-{lengths}"
+                for k, r in runs.items():
+                    print(f"n={n} {tag} {k}: " + json.dumps(_strip(r)), flush=True)
+                plots[f"{n}-{tag}"] = runs
+                entry[lengths] = {**_strip(runs["p99"]), "baseline": _strip(runs["baseline"]),
+                                  **({"before_fix": _strip(runs["p99_before_fix"])} if "p99_before_fix" in runs else {})}
+            # the issue's fields at the top level: the uniform 10-500 trace
+            top = {**entry[first_len], "by_lengths": entry}
+            if eng == "batch1":
+                size.update(top)
+            else:
+                size["batched"] = top
+        out["sizes"][str(n)] = size
     if args.plots:
         Path(args.plots).mkdir(parents=True, exist_ok=True)
         out["plots"] = plot(plots, Path(args.plots))
     if args.validation_seeds:
-        from fleetsim.validate import validate
+        from fleetsim.validate import batched_replica, validate
         out["validation"] = validate(seeds=args.validation_seeds)
+        out["batched_replica_check"] = batched_replica()
     for n in out["sizes"]:
         out["sizes"][n]["validation"] = out.get("validation")
     out["straggler"] = stragglers()

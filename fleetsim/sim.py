@@ -16,6 +16,7 @@ pushed by all replicas at once every ``metrics_interval_s``.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from array import array
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import numpy as np
 import simpy
 
 from fleetsim import adapters
+from fleetsim.batched import BatchedEngine
 from fleetsim.model import PlatformModel, ReplicaModel
 
 
@@ -52,7 +54,7 @@ class SimConfig:
 
 class Replica:
     __slots__ = ("id", "ready_at", "warm", "capturing", "slots", "finishes", "window", "stats",
-                 "ongoing", "stopping", "served", "first_graph_t", "last_finish")
+                 "ongoing", "stopping", "served", "first_graph_t", "last_finish", "engine")
 
     def __init__(self, rid: str, ready_at: float, warm: Iterable[int], n_slots: int, clock, window_s: float):
         self.id = rid
@@ -68,8 +70,12 @@ class Replica:
         self.served = 0
         self.first_graph_t: Optional[float] = None
         self.last_finish = ready_at
+        self.engine: Optional[BatchedEngine] = None   # batched replicas (max_batch > 1)
 
     def in_flight(self, t: float) -> int:
+        if self.engine is not None:
+            self.engine.advance(t)
+            return self.engine.in_flight()
         f = self.finishes
         while f and f[0] <= t:
             heapq.heappop(f)
@@ -126,6 +132,10 @@ class Simulation:
             ready_at = now + (self.m.start_seeded_s if self.cfg.seeded else self.m.start_cold_s)
         warm = self._store if self.cfg.seeded else ()
         rep = Replica(rid, ready_at, warm, self.m.max_batch, lambda: self.env.now, self.p.latency_window_s)
+        if self.m.max_batch > 1:
+            rep.engine = BatchedEngine(self.m, self.cfg.max_tokens, ready_at, rep.warm_at,
+                                       lambda req, start, first, path, rep=rep: self._admitted(rep, req, start, first, path),
+                                       lambda req, t, rep=rep: self._finished(rep, req, t))
         if ready_at <= now:
             self.replicas[rid] = rep
             self._ids_cache = None
@@ -160,6 +170,8 @@ class Simulation:
                 rep = self.replicas.pop(rid)
                 self._ids_cache = None
                 rep.stopping = True
+                if rep.engine is not None:
+                    rep.engine.advance(math.inf)                      # no more arrivals: drain it now
                 self.gpu_seconds += max(0.0, rep.last_finish - now)   # drains its in-flight requests
                 self.stopped.append(rep)
                 self.hints.pop(rid, None)
@@ -212,14 +224,18 @@ class Simulation:
         return self._ids_cache
 
     def _serve(self, rep: Replica, bucket: int, t: float, avail: float) -> Tuple[float, float]:
+        if rep.engine is not None:                      # batched: its engine reports first token and end
+            self.r_arrival.append(t)
+            self.r_first.append(math.nan)
+            self.r_ttft.append(math.nan)
+            self.r_warm.append(0)
+            self.r_replica.append(int(rep.id[1:]))
+            rep.engine.arrive([len(self.r_arrival) - 1, t, bucket, t, 0.0], t)
+            return math.nan, math.nan
         start = max(avail, heapq.heappop(rep.slots))
         warm = rep.warm_at(start)
         pre_ms, path = self.m.prefill_ms(bucket, warm)
-        if self.m.max_batch > 1:
-            batch = 1 + sum(1 for s in rep.slots if s > start)
-            step = self.m.step_ms(batch)
-        else:
-            step = self.m.decode_ms[1]
+        step = self.m.decode_ms[1]
         if self.cfg.decode_jitter:
             step *= max(0.5, self.rng.gauss(1.0, self.cfg.decode_jitter))
         if self.cfg.slow:
@@ -248,6 +264,29 @@ class Simulation:
         self.r_warm.append(1 if path == "graph" else 0)
         self.r_replica.append(int(rep.id[1:]))
         return cttft, e2e + oh / 1000.0
+
+    def _admitted(self, rep: Replica, req: list, start: float, first: float, path: str) -> None:
+        """A batched replica's engine ran the prefill of ``req`` ([index, arrival, bucket, admitted,
+        ttft]) from ``start`` to its first token at ``first``."""
+        i, t, bucket = req[0], req[1], req[2]
+        req[3], req[4] = start, first - t
+        oh = self.cfg.http_overhead_ms
+        if self.cfg.overhead_jitter_ms:
+            oh = max(0.0, self.rng.gauss(oh, self.cfg.overhead_jitter_ms))
+        self.r_first[i] = first + oh / 1000.0
+        self.r_ttft[i] = (first - t) * 1000.0 + oh
+        self.r_warm[i] = 1 if path == "graph" else 0
+        rep.served += 1
+        if path != "graph" and bucket not in rep.capturing:     # warm after this request ends
+            rest = rep.engine.decode_steps * self.m.step_ms(max(1, rep.engine.running())) / 1000.0
+            rep.capturing[bucket] = first + rest + self.m.capture_ms[bucket] / 1000.0
+        elif path == "graph" and rep.first_graph_t is None:
+            rep.first_graph_t = first
+
+    def _finished(self, rep: Replica, req: list, t: float) -> None:
+        # the server's service time: e2e less the wait before the engine admitted it
+        rep.window.record(req[4], t - req[1], now=t, service_s=t - req[3])
+        rep.last_finish = max(rep.last_finish, t)
 
     # ------------------------------------------------------------ control
     def _promote(self, now: float) -> None:
@@ -281,7 +320,7 @@ class Simulation:
                 for rep in self.replicas.values():
                     n = rep.in_flight(now)
                     rep.window.set_in_flight(n)
-                    snaps[rep.id] = rep.window.snapshot(now)
+                    snaps[rep.id] = {**rep.window.snapshot(now), "max_batch": float(self.m.max_batch)}
                     rep.ongoing.append(n)
                     del rep.ongoing[:-keep]
                 next_metrics = now + p.metrics_interval_s
@@ -333,6 +372,9 @@ class Simulation:
             self.env.process(self._user(rps, phases, draw, delay))
         self.env.run(until=until)
         self._account(until)
+        for rep in self.replicas.values():          # batched: every admitted request's first token
+            if rep.engine is not None:
+                rep.engine.advance(math.inf)
         return self
 
     # ------------------------------------------------------------- output

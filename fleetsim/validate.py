@@ -120,3 +120,42 @@ def validate(seeds: int = 5, base: ReplicaModel = None, tolerance: float = 0.2) 
 if __name__ == "__main__":
     for r in validate():
         print(json.dumps(r))
+
+
+def batched_replica(results: Path = RESULTS, seeds: int = 3) -> dict:
+    """The batched replica model against the batched engine's own load sweep (bench/batched.py
+    ``part_load``: one engine, Poisson arrivals at each ``load[].rate_rps`` for ``load_s``, prompts
+    uniform 10-500 tokens, ``out_tokens`` each, no HTTP): TTFT p50/p99, TPOT p50 and mean running
+    streams, measured vs simulated (median over seeds)."""
+    import numpy as np
+    files = sorted(glob.glob(str(Path(results) / "batched-*-h200.json")))
+    if not files:
+        return {}
+    d = json.loads(Path(files[-1]).read_text())
+    a = d["args"]
+    model = ReplicaModel.fitted(results=results)
+    rows = []
+    for row in d["load"]:
+        sims = []
+        for k in range(seeds):
+            rng = np.random.default_rng(100 + k)
+            n = rng.poisson(row["rate_rps"] * a["load_s"])
+            t = np.sort(rng.uniform(0.0, a["load_s"], n))
+            lengths = rng.integers(10, 501, n)
+            done: List[tuple] = []
+            sim = Simulation(SimConfig(model=model, policy=lambda *x: 1, max_tokens=a["out_tokens"],
+                                       http_overhead_ms=0.0, seed=k))
+            sim._finished = lambda rep, req, tf, done=done: done.append((req[4], tf - req[1], tf - req[3]))
+            sim.run(a["load_s"], arrivals=(t, lengths))
+            ttft = [x[0] * 1000 for x in done]
+            tpot = [(x[1] - x[0]) * 1000 / (a["out_tokens"] - 1) for x in done]
+            span = max(tf for tf in [x[1] for x in done]) if done else 1.0
+            sims.append({"ttft_p50": bench_fleet.pct(ttft, 50), "ttft_p99": bench_fleet.pct(ttft, 99),
+                         "tpot_p50": bench_fleet.pct(tpot, 50),
+                         "mean_running": sum(x[2] for x in done) / max(a["load_s"], span)})
+        sim_med = {k: round(statistics.median(s[k] for s in sims), 2) for k in sims[0]}
+        measured = {"ttft_p50": row["ttft_ms"]["p50"], "ttft_p99": row["ttft_ms"]["p99"],
+                    "tpot_p50": row["tpot_ms"]["p50"], "mean_running": row["mean_running"]}
+        rows.append({"utilization": row["utilization"], "rate_rps": row["rate_rps"], "measured": measured,
+                     "simulated": sim_med, "seeds": seeds})
+    return {"file": Path(files[-1]).name, "out_tokens": a["out_tokens"], "load_s": a["load_s"], "rows": rows}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,36 @@ def make_sentencepiece_checkpoint(out: Path, seed: int = 0) -> Path:
         (out / f).unlink(missing_ok=True)
     (out / "tokenizer.model").write_bytes(make_sentencepiece_model())
     return out
+
+
+# On two workers (pytest-xdist: `-n 2 --dist loadfile --no-loadscope-reorder`, addopts) a module runs whole on one
+# worker (its module-scoped Ray cluster included), in this order. The two workers take the first two modules,
+# then one more each (xdist queues a module behind a worker's last two tests), then the next whenever one is
+# almost done: worker A runs test_autoscale_ray then test_reliability, worker B the Triton interpreter, the
+# fleet dry run, then the rest as it frees. So the autoscaling test's 2,000-token requests share the two cores
+# with a module that needs one core or less (with test_reliability beside it, a short request once waited out
+# its 60 s client timeout behind them), no module that starts Ray in-process runs before test_app on its
+# worker, and the long modules go first: neither worker is left running a long one alone at the end. Modules
+# not listed follow in collection order. On one worker the collection order stays.
+MODULE_ORDER = [
+    "test_autoscale_ray", "test_kernels_interpret", "test_reliability", "test_fleet_dryrun", "test_app",
+    "test_bench_batched_cpu", "test_locust", "test_store", "test_local_first", "test_prometheus",
+    "test_store_attacks", "test_autoscale_policy", "test_colocated",
+]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The GPU tests (`pytest -m gpu`, on the device) run in one process: two workers would share the GPU
+    and its timings."""
+    if getattr(config.option, "numprocesses", None) and re.search(r"(?<!not )\bgpu\b", config.option.markexpr or ""):
+        config.option.numprocesses = 0
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):     # an xdist worker's collection: the controller hands out modules
+        rank = {name: i for i, name in enumerate(MODULE_ORDER)}
+        items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))   # stable: each module's own order
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,10 @@ Prometheus can scrape it; Serve's HTTP proxy listens on 127.0.0.1:``http_port``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
+import tempfile
 import time
 from typing import Any, Iterator
 
@@ -44,6 +46,17 @@ def wait_http(url: str, timeout_s: float = 120.0) -> None:
 
 
 @contextlib.contextmanager
+def ray_start_lock() -> Iterator[None]:
+    """Held while a local Ray cluster starts, so that two never start at once on this host (the test
+    command's two xdist workers): ray.init gives its raylet 30 s to register with the GCS, which two
+    clusters starting together on a busy 2-core host can miss ("The current node timed out during
+    startup"). A file lock: released when its holder's file closes, also when that process dies."""
+    with open(os.path.join(tempfile.gettempdir(), "hybridserve-ray-start.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
 def serve_app(http_port: int, metrics_port: int | None = None, app_args: dict | None = None,
               app_name: str = "hybridserve", env: dict[str, str] | None = None) -> Iterator[str]:
     """Start Ray (num_cpus=4, no dashboard) + Serve + the app; yield its base URL; tear down.
@@ -65,7 +78,8 @@ def serve_app(http_port: int, metrics_port: int | None = None, app_args: dict | 
     old_cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        ray.init(**init_kw)
+        with ray_start_lock():
+            ray.init(**init_kw)
     finally:
         os.chdir(old_cwd)
     try:

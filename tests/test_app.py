@@ -6,6 +6,7 @@ subprocess (own cluster). Back-pressure over gRPC: tests/test_reliability.py.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -40,13 +41,14 @@ def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("RAY_ADDRESS", None)
+    env["PYTHONUNBUFFERED"] = "1"    # serve run's log whole, also when it has to be killed
     return env
 
 
 # --------------------------------------------------------------------------- serve run (first)
 def test_serve_run_serve_config_yaml_answers(tmp_path):
     """`serve run serve_config.yaml` comes up unedited (only the port moved to a free one) and answers."""
-    from hs_serve import free_port
+    from hs_serve import free_port, ray_start_lock
 
     cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     assert cfg["http_options"]["port"] == 8000
@@ -55,10 +57,16 @@ def test_serve_run_serve_config_yaml_answers(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     serve_bin = Path(sys.executable).with_name("serve")
     log = open(tmp_path / "serve_run.log", "w")
+    starting = contextlib.ExitStack()
+    starting.enter_context(ray_start_lock())     # until serve run's Ray has started (hs_serve.ray_start_lock)
     proc = subprocess.Popen([str(serve_bin), "run", str(path)], cwd=REPO, env=_env(), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 240
+        deadline, started = time.time() + 240, time.time() + 60
+        while proc.poll() is None and time.time() < started and \
+                "Started a local Ray instance" not in (tmp_path / "serve_run.log").read_text():
+            time.sleep(0.2)
+        starting.close()
         body = None
         while time.time() < deadline:
             assert proc.poll() is None, (tmp_path / "serve_run.log").read_text()[-3000:]
@@ -75,9 +83,10 @@ def test_serve_run_serve_config_yaml_answers(tmp_path):
         assert body["object"] == "text_completion" and body["model"] == "tiny"
         assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}
     finally:
+        starting.close()
         os.killpg(proc.pid, signal.SIGINT)  # our own process group only
-        try:
-            proc.wait(60)
+        try:     # serve run stops Serve and Ray in seconds, on a busy host in up to a minute: not checked here
+            proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
@@ -91,13 +100,14 @@ def app():
     from ray import serve
 
     from deployments.app import build_app
-    from hs_serve import free_port
+    from hs_serve import free_port, ray_start_lock
 
     global PORT, BASE
     PORT = free_port()
     BASE = f"http://127.0.0.1:{PORT}"
-    ray.init(num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": _env()["PYTHONPATH"]}})
+    with ray_start_lock():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": _env()["PYTHONPATH"]}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         serve.run(build_app(APP_ARGS), name=APP, route_prefix="/")

@@ -82,6 +82,32 @@ def test_batched_decode_table(tmp_path):
     assert fitted.max_batch == 32 and fitted.decode_ms[8] == pytest.approx(4.4)
 
 
+def test_batched_engine_matches_hand_computation():
+    # 4 KV slots, prefill 10 ms, decode step 5 / 6 ms at batch 1 / 2, 3 tokens (2 decode steps).
+    # A arrives at 0: its prefill 0-10 ms (first token at 10), step at batch 1 to 15 ms. B arrives
+    # at 1 ms, waits for that iteration: prefill 15-25 ms (TTFT 24), then one step of A and B
+    # together (batch 2) to 31 ms: A's second step, so A ends at 31; B's last step alone, to 36.
+    m = tiny_model(decode_ms={1: 5.0, 2: 6.0, 4: 8.0}, max_batch=4)
+    sim = Simulation(SimConfig(model=m, policy=Fixed(1), max_tokens=3, http_overhead_ms=0.0))
+    sim.run(1.0, arrivals=(np.array([0.0, 0.001]), np.array([8, 8])))
+    assert list(sim.r_ttft) == pytest.approx([10.0, 24.0], abs=1e-9)
+    assert list(sim.r_first) == pytest.approx([0.010, 0.025], abs=1e-12)
+    snap = next(iter(sim.replicas.values())).window.snapshot(1.0)
+    assert snap["p99_e2e_ms"] == pytest.approx(35.0)                 # B: 36 - 1 ms
+    assert snap["mean_service_ms"] == pytest.approx((31.0 + 21.0) / 2)   # e2e less the wait for admission
+    # saturated: each request costs its prefill and 2 / 4 of a batch-4 step
+    assert m.capacity_rps({16: 1.0}, 3) == pytest.approx(1000.0 / (10.0 + 2 / 4 * 8.0))
+
+
+def test_batched_engine_queues_for_a_slot():
+    # 2 slots, three requests at 0: the third waits until the first two end (prefills 0-10 and
+    # 10-20 ms, steps of batch 2 to 26 and 32 ms), then runs alone: prefill 32-42 ms.
+    m = tiny_model(decode_ms={1: 5.0, 2: 6.0}, max_batch=2)
+    sim = Simulation(SimConfig(model=m, policy=Fixed(1), max_tokens=3, http_overhead_ms=0.0))
+    sim.run(1.0, arrivals=(np.array([0.0, 0.0, 0.0]), np.array([8, 8, 8])))
+    assert list(sim.r_ttft) == pytest.approx([10.0, 20.0, 42.0], abs=1e-9)
+
+
 def _small_run(seed: int, policy=None, router="warm_bucket"):
     m = ReplicaModel.fitted(batched=False)
     pol = policy or adapters.P99Policy(p99_ttft_ms=480.0, upscale_delay_s=5.0, downscale_delay_s=60.0,

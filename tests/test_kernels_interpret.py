@@ -17,7 +17,9 @@ import pytest
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_kernels_under_the_triton_interpreter():
     tests = Path(__file__).resolve().parent
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "interpret_kernels.py")],
+    # -n 0: one process (pyproject's addopts would start two xdist workers for this one file)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
+                        str(tests / "interpret_kernels.py")],
                        env=dict(os.environ, TRITON_INTERPRET="1"), cwd=tests.parent, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]

@@ -152,7 +152,7 @@ def test_every_panel_has_data(tmp_path: Path):
                 if not missing:
                     print(f"all {len(queries)} panel queries had data after {time.monotonic() - t0:.0f} s")
                     break
-                time.sleep(3)
+                time.sleep(1)     # Prometheus scrapes every second
             targets = httpx.get(f"http://127.0.0.1:{PROM_PORT}/api/v1/targets", timeout=10).json()
         finally:
             stop.set()
