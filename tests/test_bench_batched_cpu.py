@@ -127,3 +127,19 @@ def test_dry_run_batched_engine_parts(dry):
     assert isinstance(res["capacity_at_slo_streams"], int) and 0 <= res["capacity_at_slo_streams"] <= 8
     # the heaviest load ran more streams at once than the lightest (the engine batches)
     assert max(r["mean_running"] for r in res["load"]) > 1
+
+
+def test_resume_keeps_other_parts_and_drops_the_stale_error_of_a_part_run_again(tmp_path):
+    """--resume on a file whose copy part failed before and whose baselines exist: the copy part runs again, its
+    old error goes, its bandwidth is new, and the baselines and their errors (not run now) stay as they were."""
+    out = tmp_path / "resume.json"
+    out.write_text(json.dumps({"errors": {"copy": "exit 1: old", "baselines.gptfast": "exit 124: old"},
+                               "baselines": {"gptfast": {"bs1": {"kept": 1}}}, "wall_s": {}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "bench/batched.py", "--dry-run", "--parts", "copy", "--resume",
+                        "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert "copy" not in res["errors"], p.stdout[-2000:] + p.stderr[-2000:]
+    assert _num(res["copy_bandwidth_tbs"]) and res["copy_bandwidth_tbs"] > 0
+    assert res["baselines"]["gptfast"] == {"bs1": {"kept": 1}}
+    assert res["errors"]["baselines.gptfast"] == "exit 124: old"
