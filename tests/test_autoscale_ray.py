@@ -235,7 +235,7 @@ def serve_app(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------- test
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_scales_up_on_injected_latency_and_back_down_after_delay(serve_app):
     latency_file = serve_app
     t_begin = time.time()
@@ -251,7 +251,9 @@ def test_scales_up_on_injected_latency_and_back_down_after_delay(serve_app):
         # 1. Inject latency: P99 ~ 800 ms > 300 ms objective -> 1 -> 2.
         t_inject = time.time()
         set_latency(latency_file, INJECTED_MS)
-        t_two = watch.wait_for(lambda s: running(s) == 2, 60, "scale-up to 2 running replicas")
+        watch.wait_for(lambda s: live(s) >= 2, 60, "the scale-up decision (a second replica starting)")
+        # the replica's start-up is Ray's and the host's, not the policy's: a busy 2-core host took over 60 s
+        t_two = watch.wait_for(lambda s: running(s) == 2, 180, "scale-up to 2 running replicas")
         first_up = next(t for t, s in watch.samples if t >= t_inject and live(s) >= 2)
         print(f"scale-up asked {first_up - t_inject:.1f}s, 2 running {t_two - t_inject:.1f}s "
               "after injecting latency")
