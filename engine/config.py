@@ -40,7 +40,8 @@ class EngineConfig(StoreConfig):
                                                               "full beyond it)")
     batch_invariant: bool = Field(False, description="CUDA: one stream alone decodes on the same kernel tile as a "
                                                      "batch (bit-identical rows at every batch size; slower at 1)")
-    pdl: bool = Field(True, description="CUDA sm_90+: programmatic dependent launch between a step's kernels")
+    pdl: bool = Field(True, description="CUDA sm_90+: programmatic dependent launch between the kernels of a "
+                                        "one-row decode step")
     cuda_graphs: bool = True
     kernels: Literal["triton", "torch"] = Field("triton", description="CUDA non-matmul ops: Triton or PyTorch")
     skinny_matmul: bool = Field(True, description="CUDA: Triton GEMV for decode and prefill buckets of <= 32 rows instead of cuBLAS")

@@ -14,7 +14,7 @@ class KernelPlan:
     triton: bool = False          # CUDA: Triton kernels for the non-matmul ops (else the PyTorch reference)
     skinny: bool = False          # CUDA: the Triton skinny matmul for up to skinny_max_rows rows (else cuBLAS)
     fused_norm: bool = False      # CUDA, one row: the GEMV applies the RMSNorm of its input in its own loads
-    pdl: bool = False             # CUDA sm_90+: programmatic dependent launch between the step's kernels
+    pdl: bool = False             # CUDA sm_90+: programmatic dependent launch in one-row steps (kernels.PDL_ROWS)
     skinny_max_rows: int = 32     # prefill buckets up to this many rows run the skinny kernel too
     decode_tile: int = 32         # decode at >= 2 rows: one row tile for every batch size (batch-invariant rows)
     batch_invariant: bool = False  # decode at one row on the same tile as every other batch size (no GEMV)
