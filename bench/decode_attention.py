@@ -48,14 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-context", type=int, default=1024)
     ap.add_argument("--rep-ms", type=int, default=10)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)   # cpu: TRITON_INTERPRET=1 plumbing tests
     a = ap.parse_args(argv)
     p = PRESETS[a.preset]
     H = p["num_attention_heads"]
     KV = p.get("num_key_value_heads", H)
     hd = p.get("head_dim") or p["hidden_size"] // H
     group = H // KV
-    dev, dt16 = a.device, torch.float16
+    dev, dt16 = "cuda", torch.float16
     ws = [tuple(int(v) for v in x.split(":")) for x in a.warps_stages.split(",")]
     cands = [(s, n, w, st) for s, n, (w, st) in itertools.product(a.splits, a.block_n, ws) if s <= A.ATTN_SPLITS]
     engine_shape = (A.ATTN_SPLITS, A.ATTN_BLOCK_N, 4, None)

@@ -124,15 +124,10 @@ def make_sentencepiece_checkpoint(out: Path, seed: int = 0) -> Path:
     return out
 
 
-# On two workers (pytest-xdist: `-n 2 --dist loadfile --no-loadscope-reorder`, addopts) a module runs whole on one
-# worker (its module-scoped Ray cluster included), in this order. The two workers take the first two modules,
-# then one more each (xdist queues a module behind a worker's last two tests), then the next whenever one is
-# almost done: worker A runs test_autoscale_ray then test_reliability, worker B the Triton interpreter, the
-# fleet dry run, then the rest as it frees. So the autoscaling test's 2,000-token requests share the two cores
-# with a module that needs one core or less (with test_reliability beside it, a short request once waited out
-# its 60 s client timeout behind them), no module that starts Ray in-process runs before test_app on its
-# worker, and the long modules go first: neither worker is left running a long one alone at the end. Modules
-# not listed follow in collection order. On one worker the collection order stays.
+# On two workers (addopts) a module runs whole on one worker, its Ray cluster with it, in this order: the long
+# modules first, so neither worker ends running one alone; test_autoscale_ray (timing-sensitive) beside modules
+# of one core or less (the Triton interpreter, the fleet dry run); no module that starts Ray in-process before
+# test_app on its worker. Unlisted modules follow in collection order; one process keeps the collection order.
 MODULE_ORDER = [
     "test_autoscale_ray", "test_kernels_interpret", "test_reliability", "test_fleet_dryrun", "test_app",
     "test_bench_batched_cpu", "test_locust", "test_store", "test_local_first", "test_prometheus",
