@@ -148,7 +148,7 @@ def decode_rope_attention(plan: KernelPlan, qkv: torch.Tensor, pos: torch.Tensor
     (kernels.attention_scratch). Returns (B, H, hd)."""
     if (k := _k(plan, qkv)) is not None:
         return k.decode_rope_attention(qkv, cos, sin, k_cache, v_cache, kv_len, n_heads, hd, sm_scale, slots=slots,
-                                       pdl=plan.pdl, scratch=scratch)
+                                       pdl=plan.pdl, scratch=scratch, shape=plan.attention_shape(qkv.shape[0], n_kv))
     q, _ = rope_and_cache(plan, qkv, pos, slots, cos, sin, k_cache, v_cache, n_heads, n_kv, hd)
     return decode_attention(q, k_cache, v_cache, kv_len, slots, sm_scale)
 

@@ -177,10 +177,11 @@ def test_decode_rope_attention_matches_rope_cache_then_split_attention(k, H, KV)
         assert not torch.equal(kc[:, p], before[0][:, p]), p
 
 
-@pytest.mark.parametrize("B", [2, 5, 16, 32])
-def test_batched_decode_attention_rows_in_their_own_slots(k, B):
-    """B decode rows at mixed lengths in distinct slots (padding rows, if any, in the scratch slot): each row's
-    output equals the reference, its new K/V lands in its own slot at its position, and no other slot changes."""
+@pytest.mark.parametrize("B,shape", [(2, (16, 32)), (5, (4, 64)), (16, (1, 64)), (32, (2, 64))])
+def test_batched_decode_attention_rows_in_their_own_slots(k, B, shape):
+    """B decode rows at mixed lengths in distinct slots (padding rows, if any, in the scratch slot), at a launch
+    shape (splits, BLOCK_N) of KernelPlan.attention_shape: each row's output equals the reference, its new K/V
+    lands in its own slot at its position, and no other slot changes."""
     g = torch.Generator().manual_seed(B)
     H, KV, hd, T, S = 8, 2, 16, 96, 34
     cos, sin = _tables(g, T, hd, torch.float16)
@@ -190,7 +191,7 @@ def test_batched_decode_attention_rows_in_their_own_slots(k, B):
     kc, vc = torch.randn(S, KV, T, hd, generator=g).half(), torch.randn(S, KV, T, hd, generator=g).half()
     kr, vr = kc.float(), vc.float()
     before = kc.clone()
-    out = k.decode_rope_attention(qkv, cos, sin, kc, vc, pos + 1, H, hd, 0.25, slots=slots)
+    out = k.decode_rope_attention(qkv, cos, sin, kc, vc, pos + 1, H, hd, 0.25, slots=slots, shape=shape)
     ref = ops.decode_rope_attention(REF, qkv.float(), pos, pos + 1, slots, cos.float(), sin.float(), kr, vr,
                                     H, KV, hd, 0.25)
     assert out.shape == (B, H, hd) and close(out, ref, 1e-2)

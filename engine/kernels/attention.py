@@ -185,8 +185,8 @@ def _decode_attn_reduce_kernel(O_PART, LSE_PART, OUT, n_heads, HD: tl.constexpr,
     tl.store(OUT + h * HD + d, out.to(OUT.dtype.element_ty))
 
 
-ATTN_SPLITS = 16      # programs per kv head and row (power of 2); each takes 1/16 of the live length
-ATTN_BLOCK_N = 32     # positions per tile
+ATTN_SPLITS = 16      # most programs per kv head and row (power of 2), each taking 1/splits of the live length
+ATTN_BLOCK_N = 32     # positions per tile of the default launch shape
 
 
 def attention_scratch(rows: int, H: int, hd: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,15 +197,15 @@ def attention_scratch(rows: int, H: int, hd: int, device) -> tuple[torch.Tensor,
 
 
 def _decode_attention(q_or_qkv, k_cache, v_cache, kv_len, sm_scale, H, hd, cos=None, sin=None, slots=None,
-                      pdl=False, scratch=None):
+                      pdl=False, scratch=None, shape=(ATTN_SPLITS, ATTN_BLOCK_N)):
     B = q_or_qkv.shape[0]
     slots, stride_kh, stride_slot = _slot_view(k_cache, slots)
     n_kv = k_cache.shape[-3]
     group = H // n_kv
-    n_splits, block_n = ATTN_SPLITS, ATTN_BLOCK_N
+    n_splits, block_n = shape
     dev = q_or_qkv.device
     o_part, lse_part = scratch if scratch is not None else attention_scratch(B, H, hd, dev)
-    assert o_part.shape[0] >= B
+    assert o_part.shape[0] >= B and 1 <= n_splits <= ATTN_SPLITS and n_splits & (n_splits - 1) == 0
     out = torch.empty((B, H, hd), device=dev, dtype=q_or_qkv.dtype)
     rope = cos is not None
     q2 = q_or_qkv.reshape(B, -1)
@@ -220,15 +220,18 @@ def _decode_attention(q_or_qkv, k_cache, v_cache, kv_len, sm_scale, H, hd, cos=N
     return out
 
 
-def decode_attention(q, k_cache, v_cache, kv_len, sm_scale, slots=None, pdl=False, scratch=None):
-    """q (B, H, hd), already rotated, its K/V already in the cache; kv_len (B,) and slots (B,) device tensors."""
+def decode_attention(q, k_cache, v_cache, kv_len, sm_scale, slots=None, pdl=False, scratch=None,
+                     shape=(ATTN_SPLITS, ATTN_BLOCK_N)):
+    """q (B, H, hd), already rotated, its K/V already in the cache; kv_len (B,) and slots (B,) device tensors.
+    shape: (splits, BLOCK_N) of the launch (KernelPlan.attention_shape)."""
     return _decode_attention(q, k_cache, v_cache, kv_len, sm_scale, q.shape[1], q.shape[2], slots=slots, pdl=pdl,
-                             scratch=scratch)
+                             scratch=scratch, shape=shape)
 
 
 def decode_rope_attention(qkv, cos, sin, k_cache, v_cache, kv_len, n_heads, hd, sm_scale, slots=None, pdl=False,
-                          scratch=None):
+                          scratch=None, shape=(ATTN_SPLITS, ATTN_BLOCK_N)):
     """B decode rows' attention from their fused qkv rows (B, (H + 2 KV) hd), row b at position kv_len[b] - 1 of
     slot slots[b]: rope, its K/V into the slot and the split attention in one launch, then the reduce.
     Returns (B, H, hd)."""
-    return _decode_attention(qkv, k_cache, v_cache, kv_len, sm_scale, n_heads, hd, cos, sin, slots, pdl, scratch)
+    return _decode_attention(qkv, k_cache, v_cache, kv_len, sm_scale, n_heads, hd, cos, sin, slots, pdl, scratch,
+                             shape)
