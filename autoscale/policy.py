@@ -28,7 +28,7 @@ class FleetStats:
     recent_ratio: Optional[float] = None  # None: not reported / too few recent samples
     recent_samples: float = 0.0
     queue_ratio: float = 0.0  # predicted TTFT of the newest queued request / objective (max)
-    busy: Optional[float] = None  # replicas' worth of work: sum of rate x mean service time
+    busy: Optional[float] = None  # replicas' worth of work: sum of rate x time per request (slot_ms)
 
 
 def fleet_stats(snapshot: FleetSnapshot, cfg: LatencyPolicyConfig) -> FleetStats:
@@ -96,14 +96,24 @@ def slots(r: ReplicaStats, cfg: LatencyPolicyConfig) -> float:
     return max(1.0, r.max_batch or 1.0) if cfg.busy_per_slot else 1.0
 
 
+def slot_ms(r: ReplicaStats, cfg: LatencyPolicyConfig) -> Optional[float]:
+    """The replica's time per request of its capacity: batch 1, its mean service time; batched with
+    busy_per_slot, its mean cost at full batch where it reports one (its real capacity, however full it
+    runs now), else its service time / slots (which understates it at few rows)."""
+    k = slots(r, cfg)
+    if k > 1 and r.mean_full_batch_ms:
+        return r.mean_full_batch_ms
+    return None if r.mean_service_ms is None else r.mean_service_ms / k
+
+
 def busy_replicas(reps: Sequence[ReplicaStats], cfg: LatencyPolicyConfig) -> Optional[float]:
-    """How many replicas' worth of work the fleet carries: the sum over replicas of the fraction
-    of time each is busy (requests finished per second x mean time one held the engine), per KV
-    slot for a batched engine with busy_per_slot (its requests in flight / its slots). None unless every replica
-    reports its service time (the guard then stays out of the way)."""
+    """How many replicas' worth of work the fleet carries: the sum over replicas of requests
+    finished per second x each one's time of the replica's capacity (slot_ms: the fraction of time
+    a batch-1 replica is busy; for a batched one with busy_per_slot, of its full-batch throughput).
+    None unless every replica reports its service time (the guard then stays out of the way)."""
     if not reps or any(r.mean_service_ms is None for r in reps):
         return None
-    return sum(r.request_rate * r.mean_service_ms / 1000.0 / slots(r, cfg) for r in reps)
+    return sum(r.request_rate * slot_ms(r, cfg) / 1000.0 for r in reps)
 
 
 def utilization_cap(n: int, cfg: LatencyPolicyConfig) -> Optional[float]:
@@ -118,8 +128,8 @@ def utilization_cap(n: int, cfg: LatencyPolicyConfig) -> Optional[float]:
 
 def queue_ratio(snapshot: FleetSnapshot, counted: Sequence[ReplicaStats], cfg: LatencyPolicyConfig) -> float:
     """Max over replicas of the predicted TTFT of the newest queued request, / objective: it waits
-    for the (queued - slots) requests ahead of it to get a slot, a slot freeing every
-    mean_service_ms / slots (batch 1: (queued - 1) x mean_service_ms).
+    for the (queued - slots) requests ahead of it to get a slot, a slot freeing every slot_ms
+    (batch 1: (queued - 1) x mean_service_ms).
     queued = the replica's in-flight requests + an even share of those Ray holds before replicas
     (ongoing_requests - sum of in-flight). Replicas without enough samples or no service time: 0."""
     reps = list(snapshot.replicas)
@@ -130,11 +140,11 @@ def queue_ratio(snapshot: FleetSnapshot, counted: Sequence[ReplicaStats], cfg: L
     waits = []       # (fleet_p99 "mixture") every queued request's predicted wait
     for r in counted:
         if r.mean_service_ms:
-            k = slots(r, cfg)
+            k, per = slots(r, cfg), slot_ms(r, cfg)
             q = max(0.0, r.in_flight + outside - k)
-            worst = max(worst, q * r.mean_service_ms / k)
+            worst = max(worst, q * per)
             if cfg.fleet_p99 == "mixture":
-                waits += [j * r.mean_service_ms / k for j in range(1, int(q) + 1)] + [0.0] * int(min(k, r.in_flight))
+                waits += [j * per for j in range(1, int(q) + 1)] + [0.0] * int(min(k, r.in_flight))
     if cfg.fleet_p99 == "mixture" and waits:
         waits.sort()
         worst = waits[max(0, math.ceil(0.99 * len(waits)) - 1)]     # nearest rank

@@ -118,9 +118,12 @@ class LatencyPolicyConfig(BaseModel):
     busy_per_slot: bool = Field(
         default=False,
         description="A batched engine's replicas (max_batch > 1 in their stats) count busy time, demand "
-        "and the queue signal per KV slot: a slot frees every service time / slots. Only where every "
-        "slot is usable: a deployment whose max_ongoing_requests is below the engine's slots (the 8-slot "
-        "CPU engine at 1 in tests/test_autoscale_ray.py) runs as batch 1. Off: every replica as batch 1.",
+        "and the queue signal per request at full batch: a replica that reports mean_full_batch_ms is "
+        "busy rate x that (1.0 at its full-batch throughput, however full it runs now) and a slot frees "
+        "every mean_full_batch_ms; one that does not, per KV slot (service time / slots, which "
+        "understates a replica running few rows: docs/simulation.md). Only where every slot is usable: "
+        "a deployment whose max_ongoing_requests is below the engine's slots (the 8-slot CPU engine at 1 "
+        "in tests/test_autoscale_ray.py) runs as batch 1. Off: every replica as batch 1.",
     )
     queue_signal: bool = Field(
         default=False,
@@ -181,6 +184,10 @@ class ReplicaStats:
     recent_samples: Optional[float] = None
     mean_service_ms: Optional[float] = None  # None where the replica doesn't report it
     max_batch: Optional[float] = None  # the engine's KV slots (None: batch 1)
+    # mean cost of a request at the engine's full batch (prefill + its other tokens' decode steps at
+    # full batch / the batch's rows), so rate x it is the replica's load against its real capacity
+    # however full it runs now; None where the replica doesn't report it (or had no sample with one)
+    mean_full_batch_ms: Optional[float] = None
 
     @classmethod
     def from_snapshot(cls, replica_id: str, snap: Dict[str, float]) -> "ReplicaStats":
@@ -205,6 +212,7 @@ class ReplicaStats:
             p99_e2e_recent_ms=num("p99_e2e_recent_ms", None),
             recent_samples=num("recent_samples", None),
             max_batch=num("max_batch", None),
+            mean_full_batch_ms=num("mean_full_batch_ms", None) or None,   # the window's 0.0: none
         )
 
 

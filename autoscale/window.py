@@ -19,6 +19,10 @@ key              meaning
 ``mean_service_ms`` mean time a request of the window held the engine (e2e less its wait
                  for the engine); with ``in_flight`` it predicts the TTFT of requests
                  queued now, before they finish (the policy's ``queue_signal``)
+``mean_full_batch_ms`` mean cost of a request of the window at full batch (its prefill + its other
+                 tokens' decode steps at the engine's full batch / the batch's rows: engine/scheduler.py
+                 ``full_batch_cost_ms``), over the requests recorded with one; 0.0 when none was
+                 (the policy then reads the replica's slots instead, ``busy_per_slot``)
 ``p99_ttft_recent_ms`` / ``p99_e2e_recent_ms`` / ``recent_samples``: the same over the
                  last ``recent_s`` seconds only (default window_s / 6).  The policy uses
                  them to confirm a breach is still happening, so a short spike isn't
@@ -44,6 +48,7 @@ SNAPSHOT_KEYS = (
     "in_flight",
     "samples",
     "mean_service_ms",
+    "mean_full_batch_ms",
     "p99_ttft_recent_ms",
     "p99_e2e_recent_ms",
     "recent_samples",
@@ -88,23 +93,27 @@ class LatencyWindow:
             raise ValueError(f"recent_s must be > 0, got {recent_s}")
         self._clock = clock
         self._lock = threading.Lock()
-        self._samples: Deque[Tuple[float, float, float, float]] = deque(maxlen=max_samples)
+        self._samples: Deque[Tuple[float, float, float, float, float]] = deque(maxlen=max_samples)
         self._in_flight = 0
         self._started = clock()
 
     # ------------------------------------------------------------------ feeding
     def record(self, ttft_s: float, e2e_s: float, now: Optional[float] = None,
-               service_s: Optional[float] = None) -> None:
+               service_s: Optional[float] = None, full_batch_s: Optional[float] = None) -> None:
         """Record one finished request (latencies in seconds). service_s: the time it held the
-        engine (default e2e_s, i.e. no wait)."""
+        engine (default e2e_s, i.e. no wait); full_batch_s: its cost at full batch (None: not
+        known; a broken one is dropped alone)."""
         ttft_s = float(ttft_s)
         e2e_s = float(e2e_s)
         service_s = e2e_s if service_s is None else float(service_s)
         if not all(math.isfinite(v) and v >= 0 for v in (ttft_s, e2e_s, service_s)):
             return  # a broken measurement must not poison the P99
+        cost = math.nan if full_batch_s is None else float(full_batch_s)
+        if not (math.isfinite(cost) and cost > 0):
+            cost = math.nan                 # nan: no cost for this request
         t = self._clock() if now is None else float(now)
         with self._lock:
-            self._samples.append((t, ttft_s, e2e_s, service_s))
+            self._samples.append((t, ttft_s, e2e_s, service_s, cost))
 
     def set_in_flight(self, n: int) -> None:
         """Set the replica's current in-flight (running + waiting) request count."""
@@ -127,6 +136,7 @@ class LatencyWindow:
         # Rate over the part of the window the replica has been alive for, so a fresh
         # replica doesn't under-report by dividing by the full window.
         span = min(self.window_s, max(t - self._started, 1e-3))
+        costs = [r[4] for r in rows if r[4] == r[4]]          # those recorded with one (not nan)
         return {
             "p99_ttft_ms": percentile([r[1] for r in rows], 99) * 1000.0,
             "p99_e2e_ms": percentile([r[2] for r in rows], 99) * 1000.0,
@@ -134,6 +144,7 @@ class LatencyWindow:
             "in_flight": float(in_flight),
             "samples": float(n),
             "mean_service_ms": (sum(r[3] for r in rows) / n * 1000.0) if n else 0.0,
+            "mean_full_batch_ms": (sum(costs) / len(costs) * 1000.0) if costs else 0.0,
             "p99_ttft_recent_ms": percentile([r[1] for r in recent], 99) * 1000.0,
             "p99_e2e_recent_ms": percentile([r[2] for r in recent], 99) * 1000.0,
             "recent_samples": float(len(recent)),

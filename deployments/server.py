@@ -142,12 +142,22 @@ class ModelServer:
                 if event.get("finish_reason") != "cancelled" or m.ttft_s > 0:
                     self._served.add(m.bucket)
             if self._window is not None:
-                self._window.record(m.ttft_s, m.e2e_s, service_s=max(0.0, m.e2e_s - m.queue_s))
+                cost = self._full_batch_cost_ms(m, int(event.get("output_tokens", 0)))
+                self._window.record(m.ttft_s, m.e2e_s, service_s=max(0.0, m.e2e_s - m.queue_s),
+                                    full_batch_s=None if cost is None else cost / 1e3)
         if _metrics is not None:
             try:
                 _metrics.observe_event(event, self.replica_id, self.eng.model_name)
             except Exception:  # metrics must never break serving
                 pass
+
+    def _full_batch_cost_ms(self, m: Any, tokens: int) -> float | None:
+        """The request's cost at the engine's full batch (HybridEngine.full_batch_cost_ms); None where the
+        engine can't say (the autoscaler then reads the replica's slots)."""
+        try:
+            return self.eng.full_batch_cost_ms(m, tokens)
+        except Exception:   # an engine without it must not lose the request's latency sample
+            return None
 
     def warm_set(self) -> set[int]:
         if self.cuda:
@@ -207,7 +217,8 @@ class ModelServer:
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Custom autoscaling metrics: the LatencyWindow snapshot and the scheduler's load."""
+        """Custom autoscaling metrics: the LatencyWindow snapshot (with each request's cost at the engine's full
+        batch, mean_full_batch_ms) and the scheduler's load."""
         load = {k: float(v) for k, v in engine_load(self.eng).items()}   # running, waiting, free_slots, max_batch
         if self._window is None:
             return {"in_flight": float(self.queue_depth()), **load}

@@ -29,7 +29,7 @@ from .model import Llama, ModelArgs, load_checkpoint, random_weights
 from .plan import KernelPlan
 from .presets import PRESETS
 from .runner import Runner
-from .scheduler import Scheduler, pick_batch_size
+from .scheduler import Scheduler, full_batch_cost_ms, pick_batch_size
 from .sequence import Stream
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -223,11 +223,11 @@ class HybridEngine:
         self.graphs.capture([("prefill", b) for b in buckets], wait)
 
     def _measure_steps(self) -> None:
-        """Each decode batch size's step time at a short context, the start of the scheduler's estimates."""
-        if self.config.tpot_slo_ms is None:
-            return
-        for b in self.batch_sizes:
-            ts = self.time_decode_steps(b, 16, 5)
+        """Decode step times at a short context, the start of the scheduler's estimates: every batch size with a
+        TPOT objective (it caps the batch), else the full batch's alone (full_batch_step_ms)."""
+        sizes = self.batch_sizes if self.config.tpot_slo_ms is not None else [max(self.batch_sizes)]
+        for b in sizes:
+            ts = self.time_decode_steps(b, min(16, self.max_context - 1), 5)
             self.scheduler.step_ms[b] = sorted(ts)[len(ts) // 2] * 1e3
 
     def time_decode_steps(self, batch: int, context: int, steps: int) -> list[float]:
@@ -274,6 +274,21 @@ class HybridEngine:
     def in_flight(self) -> int:
         """Requests from arrival (waiting for a slot) until done."""
         return self._in_flight
+
+    def full_batch_step_ms(self) -> float | None:
+        """The decode step at the batch cap, measured (or from the nearest measured: scheduler.py's
+        full_batch_step_ms)."""
+        return self.scheduler.full_batch_step_ms() if self.scheduler else None
+
+    def full_batch_cost_ms(self, metrics, tokens: int) -> float | None:
+        """What a finished request of `tokens` output tokens cost of a full-batch replica (scheduler.py's
+        full_batch_cost_ms): its prefill as admission -> first token, its other tokens at the batch cap's step.
+        None for a request that never produced a token, or before any step was measured."""
+        step = self.full_batch_step_ms()
+        if step is None or metrics.ttft_s <= 0:
+            return None
+        prefill_ms = max(0.0, metrics.ttft_s - metrics.queue_s) * 1e3
+        return full_batch_cost_ms(prefill_ms, tokens, step, self.scheduler.cap)
 
     def heartbeat_age_s(self) -> float:
         """Seconds since the scheduler's last step while work is in flight (0.0 when idle): a stuck engine
@@ -421,6 +436,7 @@ class HybridEngine:
             "running": running, "waiting": len(s.waiting) if s else 0, "max_batch": cap,
             "free_slots": max(0, cap - running), "slots": self.max_batch,
             "step_ms": {b: round(v, 3) for b, v in sorted(s.step_ms.items())} if s else {},
+            "full_batch_step_ms": self.full_batch_step_ms(),
         }
 
     def shutdown(self) -> None:

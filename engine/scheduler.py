@@ -51,6 +51,33 @@ def batch_cap(step_ms: dict[int, float], sizes: list[int], slo_ms: float | None)
     return max(ok) if ok else min(sizes)
 
 
+def full_batch_step_ms(step_ms: dict[int, float], batch: int) -> float | None:
+    """The decode step at `batch` rows from the measured table: its own entry; else the nearest larger measured size
+    (an upper bound); else a line through the two largest measured sizes (a step is a weight read plus a cost per
+    row; the H200 table is that line from 2 rows on), never below the largest; one size: proportional to the rows
+    (an upper bound). None: nothing measured."""
+    if batch in step_ms:
+        return step_ms[batch]
+    larger = [b for b in step_ms if b > batch]
+    if larger:
+        return step_ms[min(larger)]
+    sizes = sorted(step_ms)
+    if not sizes:
+        return None
+    k = sizes[-1]
+    if len(sizes) == 1:
+        return step_ms[k] * batch / k
+    j = sizes[-2]
+    slope = max(0.0, (step_ms[k] - step_ms[j]) / (k - j))
+    return step_ms[k] + slope * (batch - k)
+
+
+def full_batch_cost_ms(prefill_ms: float, tokens: int, step_ms: float, batch: int) -> float:
+    """A request's share of a full-batch replica's time: its prefill (which stalls the batch) and its other tokens'
+    decode steps at `batch` rows, each shared by the batch's rows."""
+    return prefill_ms + max(0, tokens - 1) * step_ms / max(1, batch)
+
+
 class Scheduler:
     def __init__(self, runner: Runner, kv: KVSlots, graphs, *, sizes: list[int], max_pad_factor: float,
                  max_waiting: int, tpot_slo_ms: float | None, spin_s: float, logprob: Callable[[int, float], Logprob],
@@ -112,6 +139,10 @@ class Scheduler:
     @property
     def cap(self) -> int:
         return min(self.kv.slots, batch_cap(self.step_ms, self.sizes, self.tpot_slo_ms))
+
+    def full_batch_step_ms(self) -> float | None:
+        """The decode step at the batch cap (the replica's full batch), from the measured steps."""
+        return full_batch_step_ms(dict(self.step_ms), self.cap)
 
     def heartbeat_age_s(self) -> float:
         """Seconds since the loop last completed an iteration while work is in flight; 0.0 when idle."""

@@ -14,6 +14,7 @@ from autoscale.policy import FleetSnapshot, LatencyPolicyConfig, PolicyState, Re
 from autoscale.window import LatencyWindow
 from deployments.router import ReplicaView
 from engine import request as _request
+from engine.scheduler import full_batch_cost_ms, full_batch_step_ms
 
 def bucket_for(n_tokens: int, buckets) -> int:
     """The engine's bucket function; a modelled prompt longer than the largest bucket runs in it."""
@@ -21,7 +22,7 @@ def bucket_for(n_tokens: int, buckets) -> int:
 
 
 __all__ = ["route", "view", "bucket_for", "LatencyWindow", "P99Policy", "QueueLengthPolicy",
-           "ReplicaView", "ReplicaStats"]
+           "ReplicaView", "ReplicaStats", "full_batch_cost_ms", "full_batch_step_ms"]
 
 
 def view(rid: str, stats: dict, max_load: Optional[int], load: int, hints: Dict[int, float],

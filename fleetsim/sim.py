@@ -119,6 +119,8 @@ class Simulation:
         self.gpu_seconds = 0.0
         self._last_account = 0.0
         self.decisions: List[tuple] = []
+        # a batched replica's decode step at its full batch, from the model's step table as the engine reads its own
+        self.full_step_ms = adapters.full_batch_step_ms(self.m.decode_ms, self.m.max_batch)
         store = set(self.m.buckets if cfg.store_buckets is None else cfg.store_buckets)
         self._store = store
         for _ in range(cfg.initial_replicas):
@@ -284,8 +286,11 @@ class Simulation:
             rep.first_graph_t = first
 
     def _finished(self, rep: Replica, req: list, t: float) -> None:
-        # the server's service time: e2e less the wait before the engine admitted it
-        rep.window.record(req[4], t - req[1], now=t, service_s=t - req[3])
+        # the server's service time: e2e less the wait before the engine admitted it; its cost at full batch:
+        # its prefill (admission -> first token) and its other tokens at the full batch's step, as the server's
+        cost = adapters.full_batch_cost_ms((req[1] + req[4] - req[3]) * 1000.0, self.cfg.max_tokens,
+                                           self.full_step_ms, self.m.max_batch)
+        rep.window.record(req[4], t - req[1], now=t, service_s=t - req[3], full_batch_s=cost / 1000.0)
         rep.last_finish = max(rep.last_finish, t)
 
     # ------------------------------------------------------------ control

@@ -1,7 +1,7 @@
 """The latency policy's at-scale behaviour (docs/simulation.md, 2026-12-02): the capacity guard's limit
 growing with the fleet, repeated scale-downs within one low period, the guard reading the recent
 completion rate, demand sizing through a draining backlog, and batched replicas (busy time and the
-queue signal per KV slot). Each is inert on the 2-GPU fleet (tests/test_autoscale_policy.py)."""
+queue signal per request at full batch, else per KV slot). Each is inert on the 2-GPU fleet (tests/test_autoscale_policy.py)."""
 from __future__ import annotations
 
 import pytest
@@ -13,10 +13,11 @@ CFG = LatencyPolicyConfig(p99_ttft_ms=500.0, upscale_delay_s=5.0, downscale_dela
                           queue_signal=True, max_replicas=200)
 
 
-def fleet(n, rate, service_ms, p99=100.0, recent_samples=None, max_batch=None, in_flight=1.0):
+def fleet(n, rate, service_ms, p99=100.0, recent_samples=None, max_batch=None, in_flight=1.0, full_ms=None):
     reps = tuple(ReplicaStats(f"r{i}", p99, p99 * 2, rate, in_flight, 200.0, p99_ttft_recent_ms=p99,
                               p99_e2e_recent_ms=p99 * 2, recent_samples=recent_samples,
-                              mean_service_ms=service_ms, max_batch=max_batch) for i in range(n))
+                              mean_service_ms=service_ms, max_batch=max_batch, mean_full_batch_ms=full_ms)
+                 for i in range(n))
     return FleetSnapshot(reps, n, n)
 
 
@@ -104,13 +105,41 @@ def test_batched_replicas_count_busy_time_and_queue_per_kv_slot():
     assert ReplicaStats.from_snapshot("a", {"samples": 1.0, "max_batch": 32.0}).max_batch == 32.0
 
 
+def test_batched_replicas_count_busy_time_at_full_batch():
+    # A 32-slot replica costing 20 ms a request at full batch carries 50 req/s at most: at 50 req/s it
+    # reads 1.0 busy, whether its window saw it run full (640 ms a request) or at a few rows (160 ms).
+    slot = CFG.model_copy(update={"busy_per_slot": True})
+    for service_ms in (640.0, 160.0):
+        assert fleet_stats(fleet(1, 50.0, service_ms, max_batch=32.0, full_ms=20.0), slot).busy == pytest.approx(1.0)
+    # The 10-replica simulation's low load: 2 replicas at 0.6 of that each, their requests 160 ms at a few
+    # rows. Per slot 2 x 30 x 160 / 32 = 0.3 replicas busy: one replica passes the guard and then breaches.
+    # At full batch 1.2: the two stay.
+    calm = PolicyState(low_since=0.0)
+    d, _ = decide(fleet(2, 30.0, 160.0, max_batch=32.0), calm, slot, 1000.0)
+    assert (d.direction, d.target_replicas, d.inputs["busy_replicas"]) == ("down", 1, pytest.approx(0.3))
+    d, _ = decide(fleet(2, 30.0, 160.0, max_batch=32.0, full_ms=20.0), calm, slot, 1000.0)
+    assert (d.direction, d.reason, d.inputs["busy_replicas"]) == ("hold", "downscale_would_saturate",
+                                                                   pytest.approx(1.2))
+    # demand sizing and the queue signal at the same cost: 40 in flight, 8 wait, a slot frees every 20 ms
+    full = fleet(1, 50.0, 160.0, max_batch=32.0, in_flight=40.0, full_ms=20.0)
+    assert demand_replicas(fleet_stats(full, slot), PolicyState(ongoing_growth=0.0), slot) == 2   # 1.0 / 0.65
+    assert queue_ratio(full, full.replicas, slot) == pytest.approx(8 * 20.0 / 500.0)
+    # off, or batch 1: the cost at full batch is not read
+    assert fleet_stats(fleet(1, 50.0, 160.0, max_batch=32.0, full_ms=20.0), CFG).busy == pytest.approx(8.0)
+    assert fleet_stats(fleet(1, 4.0, 117.0, max_batch=1.0, full_ms=20.0), slot).busy == pytest.approx(0.468)
+    # the window's 0.0 (no request with a cost) reads as not reported
+    assert ReplicaStats.from_snapshot("a", {"samples": 1.0, "mean_full_batch_ms": 0.0}).mean_full_batch_ms is None
+    assert ReplicaStats.from_snapshot("a", {"samples": 1.0, "mean_full_batch_ms": 20.0}).mean_full_batch_ms == 20.0
+
+
 def test_the_ray_adapter_reads_the_engines_max_batch():
     from ray.serve._private.common import TimeStampedValue
     from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
     from autoscale.ray_policy import snapshot_from_context
 
-    stats = {"p99_ttft_ms": 20.0, "samples": 40.0, "mean_service_ms": 300.0, "max_batch": 32.0}
+    stats = {"p99_ttft_ms": 20.0, "samples": 40.0, "mean_service_ms": 300.0, "max_batch": 32.0,
+             "mean_full_batch_ms": 17.5}
     raw = {k: {"a": [TimeStampedValue(1000.0, v)]} for k, v in stats.items()}
     ctx = AutoscalingContext(
         deployment_id=None, deployment_name="Model", app_name="app", current_num_replicas=1,
@@ -119,7 +148,8 @@ def test_the_ray_adapter_reads_the_engines_max_batch():
         capacity_adjusted_max_replicas=4, policy_state={}, last_scale_up_time=None,
         last_scale_down_time=None, current_time=1000.0,
         config=AutoscalingConfig(min_replicas=1, max_replicas=4, upscale_delay_s=0, downscale_delay_s=0))
-    assert snapshot_from_context(ctx).replicas[0].max_batch == 32.0
+    rep = snapshot_from_context(ctx).replicas[0]
+    assert rep.max_batch == 32.0 and rep.mean_full_batch_ms == 17.5
 
 
 def test_mixture_fleet_p99_is_not_the_max_of_many_replica_p99s():

@@ -599,6 +599,18 @@ def test_window_reports_mean_service_time():
     assert w.snapshot()["samples"] == 2.0
 
 
+def test_window_reports_mean_cost_at_full_batch_over_the_requests_with_one():
+    clock = FakeClock()
+    w = LatencyWindow(window_s=10, clock=clock)
+    w.record(0.01, 0.30, service_s=0.10)
+    assert w.snapshot()["mean_full_batch_ms"] == 0.0            # none recorded with a cost
+    w.record(0.01, 0.30, service_s=0.10, full_batch_s=0.020)
+    w.record(0.01, 0.30, service_s=0.10, full_batch_s=0.030)
+    w.record(0.01, 0.30, service_s=0.10, full_batch_s=float("nan"))   # a broken cost: the sample stays
+    s = w.snapshot()
+    assert s["samples"] == 4.0 and s["mean_full_batch_ms"] == pytest.approx(25.0)
+
+
 def test_queue_signal_scales_up_before_the_p99_shows_the_queue():
     # P99 of finished requests 30 ms (0.6 of the 50 ms objective: in the band), but 6 requests wait
     # on the replica, 20 ms each: the newest will see ~100 ms TTFT -> queue ratio 2.0.

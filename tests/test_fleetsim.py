@@ -95,8 +95,27 @@ def test_batched_engine_matches_hand_computation():
     snap = next(iter(sim.replicas.values())).window.snapshot(1.0)
     assert snap["p99_e2e_ms"] == pytest.approx(35.0)                 # B: 36 - 1 ms
     assert snap["mean_service_ms"] == pytest.approx((31.0 + 21.0) / 2)   # e2e less the wait for admission
+    # the cost at full batch the replica reports: each 10 ms prefill + 2 steps of the batch-4 step (8 ms) / 4
+    assert snap["mean_full_batch_ms"] == pytest.approx(10.0 + 2 * 8.0 / 4)
     # saturated: each request costs its prefill and 2 / 4 of a batch-4 step
     assert m.capacity_rps({16: 1.0}, 3) == pytest.approx(1000.0 / (10.0 + 2 / 4 * 8.0))
+
+
+def test_a_saturated_batched_replica_reads_one_replica_busy():
+    # 400 requests at once on 4 slots: rounds of 4 prefills (40 ms) and 2 batch-4 steps (16 ms), 14 ms a
+    # request, all done at 5.6 s. Per request at full batch it reads 1.0 busy; per slot 0.73 (a round's
+    # requests held the engine 56, 46, 36 and 26 ms, over 4 slots: the prefills' stall is not counted).
+    m = tiny_model(decode_ms={1: 5.0, 2: 6.0, 4: 8.0}, max_batch=4)
+    sim = Simulation(SimConfig(model=m, policy=Fixed(1), max_tokens=3, http_overhead_ms=0.0))
+    sim.run(10.0, arrivals=(np.zeros(400), np.full(400, 8)))
+    snap = next(iter(sim.replicas.values())).window.snapshot(5.6)
+    assert snap["samples"] == 400 and snap["mean_full_batch_ms"] == pytest.approx(14.0)
+    cfg = autoscale.policy.LatencyPolicyConfig(p99_ttft_ms=500.0, busy_per_slot=True)
+    rep = adapters.ReplicaStats.from_snapshot("r1", {**snap, "max_batch": 4.0})
+    assert autoscale.policy.busy_replicas([rep], cfg) == pytest.approx(1.0)
+    per_slot = autoscale.policy.busy_replicas([adapters.ReplicaStats.from_snapshot("r1", {**snap, "max_batch": 4.0,
+                                                                                         "mean_full_batch_ms": 0.0})], cfg)
+    assert per_slot == pytest.approx(400 / 5.6 * snap["mean_service_ms"] / 4 / 1000.0) and per_slot == pytest.approx(0.7321, abs=1e-4)
 
 
 def test_batched_engine_queues_for_a_slot():

@@ -1,7 +1,7 @@
 """The HTTP app's one request path in-process (the FastAPI app over httpx's ASGI transport, the model
 replica's class in-process with a tiny CPU engine; no Ray): the gate middleware (API key, body bytes
-counted on every route and content type), docs off by default, errors. The same behaviours on real Ray
-Serve over real HTTP: tests/test_reliability.py."""
+counted on every route and content type), docs off by default, errors; the replica's autoscaling stats. The
+same behaviours on real Ray Serve over real HTTP: tests/test_reliability.py."""
 from __future__ import annotations
 
 import asyncio
@@ -125,3 +125,22 @@ def test_colocated_capacity_answers_503_when_full(server, monkeypatch):
                                                  headers=AUTH) for _ in range(4)])
     codes = sorted(r.status_code for r in asyncio.run(main()))
     assert codes == [200, 200, 503, 503]
+
+
+def test_the_replica_reports_each_requests_cost_at_full_batch():
+    """mean_full_batch_ms: each finished request's prefill (admission -> first token) plus its other tokens'
+    decode steps at the engine's full batch (8 CPU slots, its step measured at start) / 8, averaged."""
+    from engine import SamplingParams
+
+    rep = ModelServer(AppConfig.model_validate(ARGS))
+    seen = []
+    rep.eng.add_listener(lambda e: seen.append((e["metrics"], e["output_tokens"])) if e["type"] == "request" else None)
+    assert rep.record_autoscaling_stats()["mean_full_batch_ms"] == 0.0          # nothing finished: not reported
+    for n in (3, 9):
+        rep.eng.generate([1, 2, 3, 4], SamplingParams(max_tokens=n, ignore_eos=True))
+    step = rep.eng.stats()["step_ms"][8]          # one stream at a time: the full batch's entry stays the start's
+    want = [(m.ttft_s - m.queue_s) * 1e3 + (k - 1) * step / 8 for m, k in seen]
+    stats = rep.record_autoscaling_stats()
+    assert [k for _, k in seen] == [3, 9] and stats["max_batch"] == 8.0
+    assert stats["mean_full_batch_ms"] == pytest.approx(sum(want) / 2, rel=1e-3)
+    rep.eng.shutdown()

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from engine import EngineConfig, HybridEngine, SamplingParams
-from engine.scheduler import batch_cap, pick_batch_size
+from engine.scheduler import batch_cap, full_batch_cost_ms, full_batch_step_ms, pick_batch_size
 from engine.sequence import Stream
 
 
@@ -26,6 +26,29 @@ def test_batch_cap_is_the_largest_size_under_the_tpot_objective():
     assert batch_cap(step, sizes, 5.0) == 4
     assert batch_cap(step, sizes, 1.0) == 1                          # one stream always runs
     assert batch_cap({1: 3.5}, sizes, 4.0) == 1                      # unmeasured sizes do not count
+
+
+def test_full_batch_step_from_the_measured_steps():
+    h200 = {1: 3.6545, 2: 4.2484, 4: 4.6082, 8: 5.3258, 16: 6.7604, 32: 9.5612}
+    assert full_batch_step_ms(h200, 32) == 9.5612                      # measured
+    assert full_batch_step_ms({1: 3.6, 8: 5.3, 32: 9.6}, 16) == 9.6     # not measured: the nearest larger
+    # only small batches measured (a replica at low load): the line through the two largest
+    assert full_batch_step_ms({1: 3.6545, 2: 4.2484, 4: 4.6082}, 32) == pytest.approx(4.6082 + 0.1799 * 28)
+    assert full_batch_step_ms({4: 5.0, 8: 4.0}, 32) == 4.0              # never below the largest measured
+    assert full_batch_step_ms({2: 4.0}, 32) == 64.0                     # one size: proportional (an upper bound)
+    assert full_batch_step_ms({}, 32) is None
+    # a request's share of a full batch: 12 ms prefill + 31 steps of 9.6 ms shared by 32 rows
+    assert full_batch_cost_ms(12.0, 32, 9.6, 32) == pytest.approx(12.0 + 31 * 0.3)
+    assert full_batch_cost_ms(12.0, 32, 3.6, 1) == pytest.approx(12.0 + 31 * 3.6)   # batch 1: its service time
+    assert full_batch_cost_ms(12.0, 1, 9.6, 32) == 12.0
+
+
+def test_the_engine_measures_its_full_batch_at_start():
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=[16, 32], max_context=64, max_batch=4))
+    st = eng.stats()
+    assert set(st["step_ms"]) == {4} and st["full_batch_step_ms"] == pytest.approx(st["step_ms"][4], abs=1e-3)
+    assert eng.full_batch_step_ms() == eng.scheduler.step_ms[4]
+    eng.shutdown()
 
 
 def _unnotified(eng: HybridEngine) -> Stream:
