@@ -5,7 +5,8 @@
 
 For each batch size and context, every candidate (splits per row and kv head, BLOCK_N positions per tile, warps,
 stages) runs engine.kernels.attention's two kernels on one layer's cache (every row in its own slot, at the same
-length); its output is checked against the engine's own launch shape and timed with
+length); its output is checked against the engine's launch shape at that batch size (KernelPlan.attention_shape on
+this GPU) and timed with
 triton.testing.do_bench_cudagraph (median of replays). Beside each time: the KV bytes the rows read and the TB/s
 that gives. Writes bench/results/decode-attention-<date>-<gpu>.json (docs/decisions/kernels.md reads it).
 """
@@ -23,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.plan import KernelPlan  # noqa: E402
 from engine.presets import PRESETS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,11 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     dev, dt16 = "cuda", torch.float16
     ws = [tuple(int(v) for v in x.split(":")) for x in a.warps_stages.split(",")]
     cands = [(s, n, w, st) for s, n, (w, st) in itertools.product(a.splits, a.block_n, ws) if s <= A.ATTN_SPLITS]
-    engine_shape = (A.ATTN_SPLITS, A.ATTN_BLOCK_N, 4, None)
+    plan = KernelPlan(attn_programs=2 * torch.cuda.get_device_properties(dev).multi_processor_count)
     gpu = torch.cuda.get_device_name()
     out = {"benchmark": "decode-attention", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "device": gpu, "torch": torch.__version__, "triton": triton.__version__, "preset": a.preset,
-           "heads": H, "kv_heads": KV, "head_dim": hd, "engine_shape": f"s{A.ATTN_SPLITS}-n{A.ATTN_BLOCK_N}-w4, default stages",
+           "heads": H, "kv_heads": KV, "head_dim": hd, "engine_shape": "KernelPlan.attention_shape(rows, kv heads), 4 warps, default stages",
            "by_context": {}}
     path = Path(a.out) if a.out else RESULTS / f"decode-attention-{out['date'][:10]}-{gpu.split()[-1].lower()}.json"
     g = torch.Generator(device=dev).manual_seed(0)
@@ -90,11 +92,12 @@ def main(argv: list[str] | None = None) -> None:
                 A._decode_attn_reduce_kernel[(H, B)](o_part, lse_part, y, H, HD=hd, N_SPLITS=splits, USE_PDL=False,
                                                      num_warps=4)
 
+            engine_shape = (*plan.attention_shape(B, KV), 4, None)
             launch(*engine_shape)
             torch.cuda.synchronize()
             ref = y.float().clone()
             kv_bytes = B * ctx * KV * hd * 2 * 2
-            res = {"kv_bytes": kv_bytes,
+            res = {"kv_bytes": kv_bytes, "engine_shape": "s{}-n{}-w4".format(*engine_shape[:2]),
                    "engine_us": round(do_bench_cudagraph(lambda: launch(*engine_shape), rep=a.rep_ms) * 1e3, 2)}
             for c in cands:
                 try:
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
                                      if err < 2e-2 else f"err {err:.3g}")
                 except Exception as e:   # e.g. more shared memory than the GPU has
                     res[name(*c)] = "fail: " + str(e)[:90]
-            nums = {k: v for k, v in res.items() if k not in ("kv_bytes", "engine_us") and isinstance(v, float)}
+            nums = {k: v for k, v in res.items() if k not in ("kv_bytes", "engine_us", "engine_shape")
+                    and isinstance(v, float)}
             best = min(nums, key=nums.get)
             res.update(best=best, best_us=nums[best], best_tbs=round(kv_bytes / (nums[best] * 1e-6) / 1e12, 3),
                        engine_tbs=round(kv_bytes / (res["engine_us"] * 1e-6) / 1e12, 3))
