@@ -127,6 +127,7 @@ class ReplicaModel:
                 bd = json.loads(Path(files[-1]).read_text())["decode_by_batch"]
                 dec = {int(k): float(v["step_ms_p50"]) for k, v in bd.items()}
                 max_batch = max(dec)
+                src.pop("decode_ms[1]")               # the table's own batch-1 step replaces it
                 src["decode_ms"] = f"{Path(files[-1]).name} decode_by_batch.*.step_ms_p50"
         cap = {int(k): float(v) for k, v in host["seed"]["capture_ms"].items()}
         capture = {b: cap.get(b, max(cap.values())) for b in bks}

@@ -80,6 +80,9 @@ def test_batched_decode_table(tmp_path):
     fitted = ReplicaModel.fitted(results=tmp_path)
     model_mod.RESULTS = model_mod.Path(model_mod.__file__).resolve().parents[1] / "bench" / "results"
     assert fitted.max_batch == 32 and fitted.decode_ms[8] == pytest.approx(4.4)
+    # every step, batch 1's too, from the batched table: its source says so, not the batch-1 host's TPOT
+    assert fitted.decode_ms[1] == pytest.approx(3.7)
+    assert "decode_ms[1]" not in fitted.sources and fitted.sources["decode_ms"].startswith("batched-2026-12-01-h200.json")
 
 
 def test_batched_engine_matches_hand_computation():
