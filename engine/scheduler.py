@@ -54,7 +54,7 @@ def batch_cap(step_ms: dict[int, float], sizes: list[int], slo_ms: float | None)
 def full_batch_step_ms(step_ms: dict[int, float], batch: int) -> float | None:
     """The decode step at `batch` rows from the measured table: its own entry; else the nearest larger measured size
     (an upper bound); else a line through the two largest measured sizes (a step is a weight read plus a cost per
-    row; the H200 table is that line from 2 rows on), never below the largest; one size: proportional to the rows
+    row), never below the largest; one size: proportional to the rows
     (an upper bound). None: nothing measured."""
     if batch in step_ms:
         return step_ms[batch]
