@@ -2,7 +2,9 @@
 
 Each kernel takes lengths and positions at run time (`do_not_specialize`), so one compiled binary
 serves every prompt length: that is what lets an unseen bucket run at once (the JIT path) and
-what the artifact store caches (Triton's cache dir) so a new replica compiles nothing.
+what the artifact store caches (Triton's cache dir) so a new replica compiles nothing. Strides stay
+specialised: Triton then proves 16-byte alignment and moves rows and KV tiles in vector accesses
+(tests/test_kernels_ptx.py).
 """
 from .attention import (ATTN_BLOCK_N, ATTN_SPLITS, SHORT_PREFILL, attention_scratch, decode_attention,
                         decode_rope_attention, short_prefill_attention)

@@ -24,7 +24,7 @@ def _rope_rows(src, pos, COS, SIN, tmask, HD: tl.constexpr):
     return o1, o2
 
 
-@triton.jit(do_not_specialize=["L", "n_heads", "n_kv", "stride_qkv", "stride_kh", "stride_slot", "sm_scale"])
+@triton.jit(do_not_specialize=["L", "n_heads", "n_kv", "sm_scale"])
 def _short_prefill_attn_kernel(QKV, POS, SLOT, COS, SIN, OUT, K_CACHE, V_CACHE, L, stride_qkv, stride_kh, stride_slot,
                                n_heads, n_kv, sm_scale, GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_T: tl.constexpr,
                                USE_PDL: tl.constexpr):
@@ -99,7 +99,7 @@ def _rope_head(src, pos, COS, SIN, mask, HD: tl.constexpr):
     return tl.where(d < HALF, xf * c - xrf * s, xf * c + xrf * s).to(x.dtype)
 
 
-@triton.jit(do_not_specialize=["sm_scale", "stride_kh", "stride_slot", "stride_q", "n_heads", "n_kv"])
+@triton.jit(do_not_specialize=["sm_scale", "n_heads", "n_kv"])
 def _decode_attn_split_kernel(Q, K, V, LEN, SLOTS, O_PART, LSE_PART, stride_q, stride_kh, stride_slot, sm_scale,
                               COS, SIN, n_heads, n_kv, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                               HD: tl.constexpr, BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, ROPE: tl.constexpr,
