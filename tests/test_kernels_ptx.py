@@ -64,18 +64,21 @@ def _tensors(rows):
     return qkv, k_cache, torch.zeros_like(k_cache), cos, torch.zeros_like(cos)
 
 
-@pytest.mark.parametrize("rows,shape", [(1, (8, 64)), (8, (1, 64))])
-def test_decode_attention_reads_the_cache_16_bytes_at_a_time(compiled_ptx, rows, shape):
+@pytest.mark.parametrize("rows", [1, 8])
+def test_decode_attention_reads_the_cache_16_bytes_at_a_time(compiled_ptx, rows):
     import torch
 
     from engine.kernels import decode_rope_attention
+    from engine.plan import KernelPlan
+
+    shape = KernelPlan(triton=True, attn_programs=132).attention_shape(rows, KV)      # the engine's on an H200
 
     qkv, kc, vc, cos, sin = _tensors(rows)
     decode_rope_attention(qkv, cos, sin, kc, vc, torch.full((rows,), 300, dtype=torch.int32), H, HD, 0.088,
                           slots=torch.arange(rows), shape=shape)
     n = _accesses(compiled_ptx["_decode_attn_split_kernel"])
     # the K and V tiles: 16-byte copies; only the new token's q/k/v head (one row per kv head) stays narrow
-    assert n["ld_16B"] >= 32 and n["ld_b16"] <= 8, n
+    assert n["ld_16B"] >= 16 and n["ld_b16"] <= 8, n
 
 
 def test_short_prefill_attention_moves_rows_16_bytes_at_a_time(compiled_ptx):
