@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     dev, dt16 = "cuda", torch.float16
     ws = [tuple(int(v) for v in x.split(":")) for x in a.warps_stages.split(",")]
     cands = [(s, n, w, st) for s, n, (w, st) in itertools.product(a.splits, a.block_n, ws) if s <= A.ATTN_SPLITS]
-    plan = KernelPlan(attn_programs=2 * torch.cuda.get_device_properties(dev).multi_processor_count)
+    plan = KernelPlan(attn_programs=torch.cuda.get_device_properties(dev).multi_processor_count)
     gpu = torch.cuda.get_device_name()
     out = {"benchmark": "decode-attention", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "device": gpu, "torch": torch.__version__, "triton": triton.__version__, "preset": a.preset,
-           "heads": H, "kv_heads": KV, "head_dim": hd, "engine_shape": "KernelPlan.attention_shape(rows, kv heads), 4 warps, default stages",
+           "heads": H, "kv_heads": KV, "head_dim": hd, "engine_shape": "KernelPlan.attention_shape(rows, kv heads)",
            "by_context": {}}
     path = Path(a.out) if a.out else RESULTS / f"decode-attention-{out['date'][:10]}-{gpu.split()[-1].lower()}.json"
     g = torch.Generator(device=dev).manual_seed(0)
@@ -92,12 +92,12 @@ def main(argv: list[str] | None = None) -> None:
                 A._decode_attn_reduce_kernel[(H, B)](o_part, lse_part, y, H, HD=hd, N_SPLITS=splits, USE_PDL=False,
                                                      num_warps=4)
 
-            engine_shape = (*plan.attention_shape(B, KV), 4, None)
+            engine_shape = plan.attention_shape(B, KV)
             launch(*engine_shape)
             torch.cuda.synchronize()
             ref = y.float().clone()
             kv_bytes = B * ctx * KV * hd * 2 * 2
-            res = {"kv_bytes": kv_bytes, "engine_shape": "s{}-n{}-w4".format(*engine_shape[:2]),
+            res = {"kv_bytes": kv_bytes, "engine_shape": name(*engine_shape),
                    "engine_us": round(do_bench_cudagraph(lambda: launch(*engine_shape), rep=a.rep_ms) * 1e3, 2)}
             for c in cands:
                 try:

@@ -18,16 +18,20 @@ class KernelPlan:
     skinny_max_rows: int = 32     # prefill buckets up to this many rows run the skinny kernel too
     decode_tile: int = 32         # decode at >= 2 rows: one row tile for every batch size (batch-invariant rows)
     batch_invariant: bool = False  # decode at one row on the same tile as every other batch size (no GEMV)
-    attn_programs: int = 256      # decode attention: split the KV until rows x kv heads x splits reach this (2 per SM)
+    attn_programs: int = 132      # decode attention: split the KV until rows x kv heads x splits reach this (1 per SM)
 
-    def attention_shape(self, rows: int, n_kv: int) -> tuple[int, int]:
-        """(splits, BLOCK_N) of the decode attention at `rows` rows: fewer splits as rows fill the GPU (one split
-        of a short context is mostly launch and reduce); batch-invariant plans keep one shape for every row count,
-        so a row's sums do not depend on its company (docs/decisions/kernels.md, "Decode attention")."""
+    def attention_shape(self, rows: int, n_kv: int) -> tuple[int, int, int, int]:
+        """(splits, BLOCK_N, warps, stages) of the decode attention at `rows` rows: fewer splits as rows fill the
+        GPU (one split of a short context is mostly launch and reduce); 64-position tiles; batch-invariant plans keep
+        one shape for every row count, so a row's sums do not depend on its company (docs/decisions/kernels.md,
+        "Decode attention at 2-32 rows")."""
+        def pow2(n: int) -> int:
+            return min(16, 1 << max(0, n.bit_length() - 1))
         if self.batch_invariant:
-            return 4, 64
-        per = self.attn_programs // max(1, rows * n_kv)
-        return min(16, 1 << max(0, per.bit_length() - 1)), 64
+            return 4, 64, 8, 3
+        if rows == 1:      # one row: two 4-warp programs per SM without a cp.async pipeline (faster beside PDL)
+            return pow2(2 * self.attn_programs // n_kv), 64, 4, 1
+        return pow2(self.attn_programs // (rows * n_kv)), 64, 8, 3
 
     @classmethod
     def from_config(cls, cfg: EngineConfig, device: torch.device) -> "KernelPlan":
@@ -37,4 +41,4 @@ class KernelPlan:
         return cls(triton=triton, skinny=triton and cfg.skinny_matmul, fused_norm=cfg.fused_gemv_norm,
                    pdl=triton and cfg.pdl, decode_tile=32 if max(cfg.batch_sizes(True)) <= 32 else 64,
                    batch_invariant=cfg.batch_invariant,
-                   attn_programs=2 * torch.cuda.get_device_properties(device).multi_processor_count)
+                   attn_programs=torch.cuda.get_device_properties(device).multi_processor_count)

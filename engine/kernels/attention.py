@@ -24,7 +24,7 @@ def _rope_rows(src, pos, COS, SIN, tmask, HD: tl.constexpr):
     return o1, o2
 
 
-@triton.jit(do_not_specialize=["L", "n_heads", "n_kv", "stride_qkv", "stride_kh", "stride_slot", "sm_scale"])
+@triton.jit(do_not_specialize=["L", "n_heads", "n_kv", "sm_scale"])
 def _short_prefill_attn_kernel(QKV, POS, SLOT, COS, SIN, OUT, K_CACHE, V_CACHE, L, stride_qkv, stride_kh, stride_slot,
                                n_heads, n_kv, sm_scale, GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_T: tl.constexpr,
                                USE_PDL: tl.constexpr):
@@ -99,7 +99,7 @@ def _rope_head(src, pos, COS, SIN, mask, HD: tl.constexpr):
     return tl.where(d < HALF, xf * c - xrf * s, xf * c + xrf * s).to(x.dtype)
 
 
-@triton.jit(do_not_specialize=["sm_scale", "stride_kh", "stride_slot", "stride_q", "n_heads", "n_kv"])
+@triton.jit(do_not_specialize=["sm_scale", "n_heads", "n_kv"])
 def _decode_attn_split_kernel(Q, K, V, LEN, SLOTS, O_PART, LSE_PART, stride_q, stride_kh, stride_slot, sm_scale,
                               COS, SIN, n_heads, n_kv, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                               HD: tl.constexpr, BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, ROPE: tl.constexpr,
@@ -187,6 +187,8 @@ def _decode_attn_reduce_kernel(O_PART, LSE_PART, OUT, n_heads, HD: tl.constexpr,
 
 ATTN_SPLITS = 16      # most programs per kv head and row (power of 2), each taking 1/splits of the live length
 ATTN_BLOCK_N = 32     # positions per tile of the default launch shape
+ATTN_WARPS = 4        # warps per program of the default launch shape
+ATTN_STAGES = 3       # software-pipelined KV tiles in flight (cp.async) per program
 
 
 def attention_scratch(rows: int, H: int, hd: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,12 +199,12 @@ def attention_scratch(rows: int, H: int, hd: int, device) -> tuple[torch.Tensor,
 
 
 def _decode_attention(q_or_qkv, k_cache, v_cache, kv_len, sm_scale, H, hd, cos=None, sin=None, slots=None,
-                      pdl=False, scratch=None, shape=(ATTN_SPLITS, ATTN_BLOCK_N)):
+                      pdl=False, scratch=None, shape=(ATTN_SPLITS, ATTN_BLOCK_N, ATTN_WARPS, ATTN_STAGES)):
     B = q_or_qkv.shape[0]
     slots, stride_kh, stride_slot = _slot_view(k_cache, slots)
     n_kv = k_cache.shape[-3]
     group = H // n_kv
-    n_splits, block_n = shape
+    n_splits, block_n, warps, stages = shape
     dev = q_or_qkv.device
     o_part, lse_part = scratch if scratch is not None else attention_scratch(B, H, hd, dev)
     assert o_part.shape[0] >= B and 1 <= n_splits <= ATTN_SPLITS and n_splits & (n_splits - 1) == 0
@@ -214,22 +216,22 @@ def _decode_attention(q_or_qkv, k_cache, v_cache, kv_len, sm_scale, H, hd, cos=N
         q2, k_cache, v_cache, kv_len, slots, o_part, lse_part, q2.stride(0), stride_kh, stride_slot, sm_scale,
         cos if rope else q2, sin if rope else q2, H, n_kv,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd,
-        BLOCK_N=block_n, N_SPLITS=n_splits, ROPE=rope, USE_PDL=pdl, launch_pdl=pdl, num_warps=4)
+        BLOCK_N=block_n, N_SPLITS=n_splits, ROPE=rope, USE_PDL=pdl, launch_pdl=pdl, num_warps=warps, num_stages=stages)
     _decode_attn_reduce_kernel[(H, B)](o_part, lse_part, out, H, HD=hd, N_SPLITS=n_splits, USE_PDL=pdl,
                                        launch_pdl=pdl, num_warps=4)
     return out
 
 
 def decode_attention(q, k_cache, v_cache, kv_len, sm_scale, slots=None, pdl=False, scratch=None,
-                     shape=(ATTN_SPLITS, ATTN_BLOCK_N)):
+                     shape=(ATTN_SPLITS, ATTN_BLOCK_N, ATTN_WARPS, ATTN_STAGES)):
     """q (B, H, hd), already rotated, its K/V already in the cache; kv_len (B,) and slots (B,) device tensors.
-    shape: (splits, BLOCK_N) of the launch (KernelPlan.attention_shape)."""
+    shape: (splits, BLOCK_N, warps, stages) of the launch (KernelPlan.attention_shape)."""
     return _decode_attention(q, k_cache, v_cache, kv_len, sm_scale, q.shape[1], q.shape[2], slots=slots, pdl=pdl,
                              scratch=scratch, shape=shape)
 
 
 def decode_rope_attention(qkv, cos, sin, k_cache, v_cache, kv_len, n_heads, hd, sm_scale, slots=None, pdl=False,
-                          scratch=None, shape=(ATTN_SPLITS, ATTN_BLOCK_N)):
+                          scratch=None, shape=(ATTN_SPLITS, ATTN_BLOCK_N, ATTN_WARPS, ATTN_STAGES)):
     """B decode rows' attention from their fused qkv rows (B, (H + 2 KV) hd), row b at position kv_len[b] - 1 of
     slot slots[b]: rope, its K/V into the slot and the split attention in one launch, then the reduce.
     Returns (B, H, hd)."""

@@ -64,7 +64,7 @@ def silu_mul(gu: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     return out
 
 
-@triton.jit(do_not_specialize=["L", "n_heads", "n_kv", "stride_qkv", "stride_kh", "stride_slot"])
+@triton.jit(do_not_specialize=["L", "n_heads", "n_kv"])
 def _rope_cache_kernel(QKV, POS, SLOT, COS, SIN, Q_OUT, K_OUT, K_CACHE, V_CACHE, L, stride_qkv, stride_kh, stride_slot,
                        n_heads, n_kv, HD: tl.constexpr, BLOCK_T: tl.constexpr, HAS_K_OUT: tl.constexpr,
                        USE_PDL: tl.constexpr):
