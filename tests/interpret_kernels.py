@@ -177,7 +177,8 @@ def test_decode_rope_attention_matches_rope_cache_then_split_attention(k, H, KV)
         assert not torch.equal(kc[:, p], before[0][:, p]), p
 
 
-@pytest.mark.parametrize("B,shape", [(2, (16, 32, 4, 2)), (5, (4, 64, 8, 3)), (16, (1, 64, 8, 3)), (32, (2, 64, 8, 1))])
+@pytest.mark.parametrize("B,shape", [(2, (16, 32, 4, 2)), (5, (4, 64, 8, 3)), (16, (1, 64, 8, 3)),
+                                     (32, (2, 64, 8, 1))])
 def test_batched_decode_attention_rows_in_their_own_slots(k, B, shape):
     """B decode rows at mixed lengths in distinct slots (padding rows, if any, in the scratch slot), at a launch
     shape (splits, BLOCK_N, warps, stages) of KernelPlan.attention_shape: each row's output equals the reference, its new K/V
