@@ -13,5 +13,5 @@ from .launch import PDL_ROWS, PDL_SUPPORTED
 from .skinny import _ROWS16_CONFIGS, _ROWS64_CONFIGS, _ROW_CONFIGS, _skinny_kernel, skinny_matmul
 
 __all__ = ["ATTN_BLOCK_N", "ATTN_SPLITS", "ATTN_STAGES", "ATTN_WARPS", "PDL_ROWS", "PDL_SUPPORTED", "ROPE_TOKENS",
-           "SHORT_PREFILL", "attention_scratch", "decode_attention", "decode_rope_attention", "rms_norm", "rope_and_cache",
-           "short_prefill_attention", "silu_mul", "skinny_matmul"]
+           "SHORT_PREFILL", "attention_scratch", "decode_attention", "decode_rope_attention", "rms_norm",
+           "rope_and_cache", "short_prefill_attention", "silu_mul", "skinny_matmul"]
