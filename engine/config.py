@@ -54,6 +54,10 @@ class EngineConfig(StoreConfig):
     spin_s: float = Field(0.5, ge=0, description="CUDA: once idle the engine thread polls for the next request "
                                                  "this long before it sleeps (waking a sleeping thread costs TTFT); "
                                                  "it busies one CPU core meanwhile")
+    admit_window: float = Field(0.75, ge=0, lt=1, description="CUDA: for this fraction of a running decode step, "
+                                "before the next step is queued, an arriving request is admitted at once (its "
+                                "prefill runs right after the running step); the rest of the step is the slack "
+                                "for queueing the next one; 0 = admit only between steps")
     num_layers: int | None = Field(None, ge=1, description="presets only: override layer count (benchmarks)")
     seed: int = Field(0, description="seed for random preset weights")
     cache_dir: str | None = Field(None, description="local compile cache (default ~/.cache/hybridserve/<fingerprint>)")

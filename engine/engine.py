@@ -79,7 +79,8 @@ class HybridEngine:
             self.scheduler = Scheduler(
                 self.runner, self.kv, None, sizes=self.batch_sizes, max_pad_factor=cfg.max_pad_factor,
                 max_waiting=cfg.max_waiting if cfg.max_waiting is not None else 4 * self.max_batch,
-                tpot_slo_ms=cfg.tpot_slo_ms, spin_s=cfg.spin_s if self.cuda else 0.0, logprob=self._logprob,
+                tpot_slo_ms=cfg.tpot_slo_ms, spin_s=cfg.spin_s if self.cuda else 0.0,
+                admit_window=cfg.admit_window, logprob=self._logprob,
                 on_jit=self._on_jit, on_finish=self._finished)
             if self.cuda:
                 self._start_cuda()

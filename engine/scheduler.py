@@ -80,11 +80,12 @@ def full_batch_cost_ms(prefill_ms: float, tokens: int, step_ms: float, batch: in
 
 class Scheduler:
     def __init__(self, runner: Runner, kv: KVSlots, graphs, *, sizes: list[int], max_pad_factor: float,
-                 max_waiting: int, tpot_slo_ms: float | None, spin_s: float, logprob: Callable[[int, float], Logprob],
+                 max_waiting: int, tpot_slo_ms: float | None, spin_s: float, admit_window: float,
+                 logprob: Callable[[int, float], Logprob],
                  on_jit: Callable[[tuple[str, int]], None], on_finish: Callable[[Stream], None]):
         self.runner, self.kv, self.graphs = runner, kv, graphs
         self.sizes, self.max_pad_factor, self.max_waiting = sizes, max_pad_factor, max_waiting
-        self.tpot_slo_ms, self.spin_s = tpot_slo_ms, spin_s
+        self.tpot_slo_ms, self.spin_s, self.admit_window = tpot_slo_ms, spin_s, admit_window
         self._logprob, self._on_jit, self._on_finish = logprob, on_jit, on_finish
         self.ahead = runner.cuda            # queue step i+1 before reading step i's tokens
         self.step_ms: dict[int, float] = {}   # measured time per step by batch size (EWMA)
@@ -187,6 +188,8 @@ class Scheduler:
         r = self.runner
         with r.ctx():
             admitted = self._admit()
+            if self.ahead and pending is not None:
+                admitted += self._admit_during(pending, len(admitted))
             batch = [s for s in self.running if s.wants_more]
             cur = None
             if batch:
@@ -207,9 +210,30 @@ class Scheduler:
         self.running = [s for s in self.running if not s.done]
         return cur
 
-    def _admit(self) -> list[Stream]:
+    def _admit_during(self, pending: Step, first_row: int) -> list[Stream]:
+        """Ahead (CUDA): the GPU has just begun `pending` and the next step is not launched yet. For admit_window of
+        pending's measured time, a request that arrives is admitted at once: its prefill then runs right after
+        `pending` instead of after the next step as well. The rest of the step is the slack for the next launch."""
+        ms = self.step_ms.get(pending.size)
+        if not ms or self.admit_window <= 0:
+            return []
+        deadline = time.perf_counter() + self.admit_window * ms / 1e3
+        admitted: list[Stream] = []
+        while True:
+            with self._cv:
+                while not (self.waiting or self.closing):
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        return admitted
+                    self._cv.wait(left)
+            got = self._admit(first_row + len(admitted))
+            if not got:                   # closing, or no free slot / batch cap: the next step goes now
+                return admitted
+            admitted += got
+
+    def _admit(self, first_row: int = 0) -> list[Stream]:
         """Prefill waiting requests into free slots, up to the batch cap; on CPU each one's first token is read
-        at once (before any decode step includes it)."""
+        at once (before any decode step includes it). first_row: the first read-back row free this iteration."""
         admitted = []
         cap = self.cap
         while self.waiting and not self.closing and len(self.running) < cap and self.kv.free_count:
@@ -228,7 +252,7 @@ class Scheduler:
             path = ("graph" if graph_bucket == st.bucket else "padded") if graph is not None else (
                 "jit" if self.runner.cuda else "eager")
             st.start(st.slot, path, graph_bucket)
-            j = len(admitted) if self.ahead else 0     # its read-back row (CPU: read at once, row 0 again)
+            j = first_row + len(admitted) if self.ahead else 0     # its read-back row (CPU: read at once, row 0)
             self.runner.launch_prefill(st, j, graph)
             if path != "graph" and self.graphs is not None:
                 self._on_jit(("prefill", st.bucket))

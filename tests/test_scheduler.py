@@ -84,3 +84,24 @@ def test_after_the_spin_the_engine_thread_sleeps():
     time.sleep(0.3)
     assert time.process_time() - start < 0.1, "the engine thread still polls after spin_s"
     eng.shutdown()
+
+
+def test_a_request_arriving_during_a_step_is_admitted_before_the_next_step_is_queued():
+    """Ahead (the CUDA loop, forced here on CPU): for admit_window of the running step's measured time the next step
+    is not queued yet, and a request that arrives then is admitted (its prefill queued) at once, not at the window's
+    end. With a step measured at 2 s the window is ~1.8 s: the running stream's tokens come that far apart, and the
+    newcomer leaves the queue within milliseconds (its first token is read once the next step is queued)."""
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=[16], max_context=64, max_batch=4))
+    s = eng.scheduler
+    s.ahead, s.admit_window = True, 0.9
+    s.step_ms.update({b: 2000.0 for b in eng.batch_sizes})
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(eng.generate, [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
+        time.sleep(0.5)                                               # inside the first stream's first window
+        second = eng.generate([4, 5], SamplingParams(max_tokens=1, ignore_eos=True))
+        a = first.result(30)
+    held = a.metrics.e2e_s - a.metrics.ttft_s                         # its 3 later tokens, a window before each
+    assert len(a.token_ids) == 4 and held > 3.0, a.metrics            # the window held the next step back
+    assert len(second.token_ids) == 1 and second.metrics.queue_s < 0.2, second.metrics   # admitted on arrival
+    assert second.metrics.ttft_s > 0.5                                # read after the window, with the next step
+    eng.shutdown()
