@@ -91,6 +91,7 @@ class Scheduler:
         self.step_ms: dict[int, float] = {}   # measured time per step by batch size (EWMA)
         self.waiting: collections.deque[Stream] = collections.deque()
         self.running: list[Stream] = []
+        self.peak_running = 0                 # the most streams run at once since start
         self._tasks: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self.idle = threading.Event()
@@ -245,6 +246,7 @@ class Scheduler:
                 continue
             st.slot = self.kv.alloc()
             self.running.append(st)             # from here a failure below fails this stream too
+            self.peak_running = max(self.peak_running, len(self.running))
             graph_bucket = None
             if self.graphs is not None:
                 graph_bucket = pick_graph_bucket(st.bucket, self.graphs.warm("prefill"), self.max_pad_factor)

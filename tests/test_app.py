@@ -557,18 +557,13 @@ def test_warm_bucket_routing_hit_rate(app):
 
 def test_concurrent_http_streams_share_decode_steps(app):
     """8 concurrent SSE streams over real HTTP: every one completes in full, and the replicas' engines ran more
-    than one stream in the same decode steps (continuous batching behind the API, not a queue)."""
+    than one stream in the same decode steps (continuous batching behind the API, not a queue). Each engine
+    counts the most streams it ran at once; the replicas are asked after the streams, when either may answer."""
     import concurrent.futures
-    import threading
 
     from ray import serve
 
     model = serve.get_deployment_handle("ModelServer", APP)
-    peak, stop = [0], threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            peak[0] = max(peak[0], model.stats.remote().result()["engine"]["running"])
 
     def one(i: int) -> int:
         body = {"prompt": "batch " * (3 + i), "max_tokens": 120, "stream": True, **GREEDY}
@@ -576,13 +571,13 @@ def test_concurrent_http_streams_share_decode_steps(app):
         assert ev[-1] == "[DONE]" and ev[-2]["choices"][0]["finish_reason"] == "length"
         return sum(1 for e in ev[:-1] if e["choices"] and e["choices"][0]["text"] is not None)
 
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    try:
-        with concurrent.futures.ThreadPoolExecutor(8) as ex:
-            chunks = list(ex.map(one, range(8)))
-    finally:
-        stop.set()
-        t.join(10)
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        chunks = list(ex.map(one, range(8)))
     assert all(c >= 100 for c in chunks), chunks
-    assert peak[0] > 1, peak
+    peak: dict[str, int] = {}
+    for _ in range(40):                       # idle replicas tie: the router picks either
+        st = model.stats.remote().result()
+        peak[st["replica"]] = st["engine"]["peak_running"]
+        if len(peak) == 2:
+            break
+    assert max(peak.values()) > 1, peak
