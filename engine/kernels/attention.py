@@ -189,6 +189,7 @@ ATTN_SPLITS = 16      # most programs per kv head and row (power of 2), each tak
 ATTN_BLOCK_N = 32     # positions per tile of the default launch shape
 ATTN_WARPS = 4        # warps per program of the default launch shape
 ATTN_STAGES = 3       # software-pipelined KV tiles in flight (cp.async) per program
+ATTN_SHAPE = (ATTN_SPLITS, ATTN_BLOCK_N, ATTN_WARPS, ATTN_STAGES)   # the launch shape without a KernelPlan
 
 
 def attention_scratch(rows: int, H: int, hd: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +200,7 @@ def attention_scratch(rows: int, H: int, hd: int, device) -> tuple[torch.Tensor,
 
 
 def _decode_attention(q_or_qkv, k_cache, v_cache, kv_len, sm_scale, H, hd, cos=None, sin=None, slots=None,
-                      pdl=False, scratch=None, shape=(ATTN_SPLITS, ATTN_BLOCK_N, ATTN_WARPS, ATTN_STAGES)):
+                      pdl=False, scratch=None, shape=ATTN_SHAPE):
     B = q_or_qkv.shape[0]
     slots, stride_kh, stride_slot = _slot_view(k_cache, slots)
     n_kv = k_cache.shape[-3]
@@ -222,8 +223,7 @@ def _decode_attention(q_or_qkv, k_cache, v_cache, kv_len, sm_scale, H, hd, cos=N
     return out
 
 
-def decode_attention(q, k_cache, v_cache, kv_len, sm_scale, slots=None, pdl=False, scratch=None,
-                     shape=(ATTN_SPLITS, ATTN_BLOCK_N, ATTN_WARPS, ATTN_STAGES)):
+def decode_attention(q, k_cache, v_cache, kv_len, sm_scale, slots=None, pdl=False, scratch=None, shape=ATTN_SHAPE):
     """q (B, H, hd), already rotated, its K/V already in the cache; kv_len (B,) and slots (B,) device tensors.
     shape: (splits, BLOCK_N, warps, stages) of the launch (KernelPlan.attention_shape)."""
     return _decode_attention(q, k_cache, v_cache, kv_len, sm_scale, q.shape[1], q.shape[2], slots=slots, pdl=pdl,
@@ -231,7 +231,7 @@ def decode_attention(q, k_cache, v_cache, kv_len, sm_scale, slots=None, pdl=Fals
 
 
 def decode_rope_attention(qkv, cos, sin, k_cache, v_cache, kv_len, n_heads, hd, sm_scale, slots=None, pdl=False,
-                          scratch=None, shape=(ATTN_SPLITS, ATTN_BLOCK_N, ATTN_WARPS, ATTN_STAGES)):
+                          scratch=None, shape=ATTN_SHAPE):
     """B decode rows' attention from their fused qkv rows (B, (H + 2 KV) hd), row b at position kv_len[b] - 1 of
     slot slots[b]: rope, its K/V into the slot and the split attention in one launch, then the reduce.
     Returns (B, H, hd)."""
