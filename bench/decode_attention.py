@@ -1,10 +1,10 @@
-"""The batched decode attention (rope + KV write + split attention + reduce) by launch shape, timed in CUDA graphs.
+"""The batched decode attention (rope + KV write + split attention + reduce at 2+ splits) by launch shape, timed in CUDA graphs.
 
     python bench/decode_attention.py                      # LLaMA-2-7B's heads, B = 1..32 at context 300
     python bench/decode_attention.py --contexts 300 1000 --batches 8 32
 
 For each batch size and context, every candidate (splits per row and kv head, BLOCK_N positions per tile, warps,
-stages) runs engine.kernels.attention's two kernels on one layer's cache (every row in its own slot, at the same
+stages) runs engine.kernels.attention's decode kernels (the reduce only at 2+ splits) on one layer's cache (every row in its own slot, at the same
 length); its output is checked against the engine's launch shape at that batch size (KernelPlan.attention_shape on
 this GPU) and timed with
 triton.testing.do_bench_cudagraph (median of replays). Beside each time: the KV bytes the rows read and the TB/s
@@ -80,30 +80,20 @@ def main(argv: list[str] | None = None) -> None:
             slots = torch.randperm(S, device=dev, generator=g)[:B]
             kv_len = torch.full((B,), ctx, device=dev, dtype=torch.int32)
             o_part, lse_part = A.attention_scratch(B, H, hd, dev)
-            _, stride_kh, stride_slot = A._slot_view(kc, slots)
-            y = torch.empty((B, H, hd), device=dev, dtype=dt16)
 
-            def launch(splits: int, block_n: int, warps: int, stages: int | None) -> None:
-                st = {} if stages is None else {"num_stages": stages}
-                A._decode_attn_split_kernel[(KV, splits, B)](
-                    qkv, kc, vc, kv_len, slots, o_part, lse_part, qkv.stride(0), stride_kh, stride_slot, hd ** -0.5,
-                    cos, sin, H, KV, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd,
-                    BLOCK_N=block_n, N_SPLITS=splits, ROPE=True, USE_PDL=False, num_warps=warps, **st)
-                A._decode_attn_reduce_kernel[(H, B)](o_part, lse_part, y, H, HD=hd, N_SPLITS=splits, USE_PDL=False,
-                                                     num_warps=4)
+            def launch(splits: int, block_n: int, warps: int, stages: int) -> torch.Tensor:
+                return A.decode_rope_attention(qkv, cos, sin, kc, vc, kv_len, H, hd, hd ** -0.5, slots=slots,
+                                               scratch=(o_part, lse_part), shape=(splits, block_n, warps, stages))
 
             engine_shape = plan.attention_shape(B, KV)
-            launch(*engine_shape)
+            ref = launch(*engine_shape).float()
             torch.cuda.synchronize()
-            ref = y.float().clone()
             kv_bytes = B * ctx * KV * hd * 2 * 2
             res = {"kv_bytes": kv_bytes, "engine_shape": name(*engine_shape),
                    "engine_us": round(do_bench_cudagraph(lambda: launch(*engine_shape), rep=a.rep_ms) * 1e3, 2)}
             for c in cands:
                 try:
-                    launch(*c)
-                    torch.cuda.synchronize()
-                    err = (y.float() - ref).abs().max().item()
+                    err = (launch(*c).float() - ref).abs().max().item()
                     res[name(*c)] = (round(do_bench_cudagraph(lambda c=c: launch(*c), rep=a.rep_ms) * 1e3, 2)
                                      if err < 2e-2 else f"err {err:.3g}")
                 except Exception as e:   # e.g. more shared memory than the GPU has

@@ -58,6 +58,12 @@ class EngineConfig(StoreConfig):
                                 "before the next step is queued, an arriving request is admitted at once (its "
                                 "prefill runs right after the running step); the rest of the step is the slack "
                                 "for queueing the next one; 0 = admit only between steps")
+    mixed_prefill: bool = Field(True, description="a prompt admitted while other streams decode rides in their next "
+                                "decode step (one pass over the prompt's rows and the batch's reads the weights once) "
+                                "instead of a prefill of its own before it; off under batch_invariant (the rows' "
+                                "projections would run on the prompt's tiles)")
+    mixed_max_bucket: int = Field(512, ge=1, description="longest prompt bucket that rides in a decode step (CUDA: "
+                                  "one graph per bucket and decode batch size up to it); longer prompts prefill alone")
     num_layers: int | None = Field(None, ge=1, description="presets only: override layer count (benchmarks)")
     seed: int = Field(0, description="seed for random preset weights")
     cache_dir: str | None = Field(None, description="local compile cache (default ~/.cache/hybridserve/<fingerprint>)")
@@ -82,6 +88,12 @@ class EngineConfig(StoreConfig):
     def slots(self, cuda: bool) -> int:
         """KV slots (max_batch, or its device default)."""
         return self.max_batch or (32 if cuda else 8)
+
+    def mixed_buckets(self) -> list[int]:
+        """The prompt buckets that ride in decode steps (none when mixing is off or rows must stay batch-invariant)."""
+        if not self.mixed_prefill or self.batch_invariant:
+            return []
+        return [b for b in self.buckets if b <= self.mixed_max_bucket]
 
     def batch_sizes(self, cuda: bool) -> list[int]:
         """Decode batch sizes up to the slots, the slot count included."""

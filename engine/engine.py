@@ -3,7 +3,8 @@ it is not.
 
 A request's way: validate -> wait for a free KV slot -> prefill into it (its bucket's graph, a larger warm
 bucket's graph ("padded"), or the same function eagerly at the bucket's shape ("jit"), the bucket then captured
-in the background) -> join the running batch: each decode step replays the graph of the smallest warm batch
+in the background; while other streams decode, it rides in their next decode step instead ("mixed")) -> join the
+running batch: each decode step replays the graph of the smallest warm batch
 size >= the running streams -> per-row sampling on device -> tokens to the host one step behind the GPU, text
 and stops per stream (engine/scheduler.py). On CPU the same functions run eagerly ("eager")."""
 from __future__ import annotations
@@ -80,7 +81,7 @@ class HybridEngine:
                 self.runner, self.kv, None, sizes=self.batch_sizes, max_pad_factor=cfg.max_pad_factor,
                 max_waiting=cfg.max_waiting if cfg.max_waiting is not None else 4 * self.max_batch,
                 tpot_slo_ms=cfg.tpot_slo_ms, spin_s=cfg.spin_s if self.cuda else 0.0,
-                admit_window=cfg.admit_window, logprob=self._logprob,
+                admit_window=cfg.admit_window, mixed_buckets=cfg.mixed_buckets(), logprob=self._logprob,
                 on_jit=self._on_jit, on_finish=self._finished)
             if self.cuda:
                 self._start_cuda()
@@ -182,12 +183,15 @@ class HybridEngine:
         sizes = self.batch_sizes if cfg.prewarm_batch_sizes == "all" else [
             b for b in cfg.prewarm_batch_sizes if b in self.batch_sizes]
         sizes = sorted(set(sizes) | set(self.store_warm_batches), reverse=True)
-        keys = [("prefill", b) for b in pre] + [("decode", b) for b in sizes] if cfg.cuda_graphs else []
+        mixed = set(cfg.mixed_buckets())
+        keys = [("prefill", b) for b in pre] + [("decode", b) for b in sizes] + [
+            ("mixed", b, n) for b in pre if b in mixed for n in sizes] if cfg.cuda_graphs else []
         self.graphs.capture(keys)
         self.scheduler.call(self._warm_serving_thread).result()
 
-    def _run_key(self, key: tuple[str, int]) -> None:
-        (self.runner.prefill_fn if key[0] == "prefill" else self.runner.decode_fn)(key[1])
+    def _run_key(self, key: tuple) -> None:
+        {"prefill": self.runner.prefill_fn, "decode": self.runner.decode_fn, "mixed": self.runner.mixed_fn}[key[0]](
+            *key[1:])
 
     def _warm_up(self) -> None:
         """Eager runs of every shape before any capture, all in the scratch slot (nothing is being served)."""
@@ -198,6 +202,8 @@ class HybridEngine:
             r.prefill_fn(b)
         for b in sorted(self.batch_sizes, reverse=True):     # largest first: the attention scratch fits all
             r.decode_fn(b)
+        if self.config.mixed_buckets():        # the fewest mixed rows: the one row tile no prefill may have used
+            r.mixed_fn(self.buckets[0], 1)
 
     def _warm_serving_thread(self) -> None:
         r = self.runner
@@ -208,13 +214,13 @@ class HybridEngine:
             r.decode_fn(1)
         r.stream.synchronize()
 
-    def _captured(self, key: tuple[str, int], seconds: float) -> None:
-        self._emit({"type": "capture", "bucket": key[1] if key[0] == "prefill" else f"decode:{key[1]}",
-                    "seconds": seconds})
+    def _captured(self, key: tuple, seconds: float) -> None:
+        label = key[1] if key[0] == "prefill" else ":".join(str(k) for k in key)
+        self._emit({"type": "capture", "bucket": label, "seconds": seconds})
         if key[0] == "prefill" and self._serving:
             self.publish_artifacts()      # a bucket warmed while serving: share it
 
-    def _on_jit(self, key: tuple[str, int]) -> None:
+    def _on_jit(self, key: tuple) -> None:
         """A shape ran without its graph: capture it in the background."""
         if self.config.cuda_graphs and self.config.background_capture:
             self.graphs.capture([key], wait=False)
@@ -435,6 +441,7 @@ class HybridEngine:
             "graph_mem_bytes": self.graphs.pool_bytes() if self.graphs else 0,
             "weight_bytes": self.model.weight_bytes(), "kv_bytes": self.kv.nbytes(), "in_flight": self.in_flight(),
             "running": running, "peak_running": s.peak_running if s else 0, "waiting": len(s.waiting) if s else 0,
+            "mixed_steps": s.mixed_steps if s else 0, "warm_mixed": len(self.graphs.warm("mixed")) if self.graphs else 0,
             "max_batch": cap,
             "free_slots": max(0, cap - running), "slots": self.max_batch,
             "step_ms": {b: round(v, 3) for b, v in sorted(s.step_ms.items())} if s else {},

@@ -1,6 +1,7 @@
 """CUDA graphs: capture on one background thread, replay on the engine thread.
 
-Keys are ("prefill", bucket) and ("decode", batch size). All graphs share one memory pool and are captured
+Keys are ("prefill", bucket), ("decode", batch size) and ("mixed", bucket, batch size) (a prompt riding in a decode
+step). All graphs share one memory pool and are captured
 largest first. A key asked for while serving (a shape that just ran by the JIT path) is captured in an idle gap:
 capture and its warm-up slow the serving stream, so they wait until no stream runs."""
 from __future__ import annotations
@@ -16,7 +17,12 @@ import torch
 from .errors import EngineClosedError, EngineStartError
 
 log = logging.getLogger("hybridserve.engine")
-Key = tuple[str, int]
+Key = tuple  # (kind, size) or (kind, bucket, batch size)
+
+
+def _size(key: Key):
+    """What a key names within its kind: its size, or (bucket, batch size)."""
+    return key[1] if len(key) == 2 else key[1:]
 
 
 class GraphCache:
@@ -42,17 +48,17 @@ class GraphCache:
     def get(self, key: Key) -> torch.cuda.CUDAGraph | None:
         return self.graphs.get(key)
 
-    def warm(self, kind: str) -> set[int]:
+    def warm(self, kind: str) -> set:
         with self._lock:
-            return {s for k, s in self.graphs if k == kind}
+            return {_size(k) for k in self.graphs if k[0] == kind}
 
-    def pending(self, kind: str) -> set[int]:
+    def pending(self, kind: str) -> set:
         with self._lock:
-            return {s for k, s in self._pending if k == kind}
+            return {_size(k) for k in self._pending if k[0] == kind}
 
-    def cost_ms(self, kind: str) -> dict[int, float]:
+    def cost_ms(self, kind: str) -> dict:
         with self._lock:
-            return {s: round(c * 1e3, 3) for (k, s), c in self.costs.items() if k == kind}
+            return {_size(k): round(c * 1e3, 3) for k, c in self.costs.items() if k[0] == kind}
 
     def capture(self, keys: list[Key], wait: bool = True) -> None:
         """Queue these keys for capture (each once); wait: until they are captured (start-up)."""
@@ -109,10 +115,10 @@ class GraphCache:
                 with self._lock:
                     self.graphs[key] = g
                     self.costs[key] = dt
-                log.info("captured %s %d graph in %.1f ms", key[0], key[1], dt * 1e3)
+                log.info("captured %s %s graph in %.1f ms", key[0], _size(key), dt * 1e3)
                 self.on_capture(key, dt)
             except Exception:  # a failed capture leaves the key on the JIT path
-                log.exception("capture of %s %d failed; it stays on the JIT path", *key)
+                log.exception("capture of %s %s failed; it stays on the JIT path", key[0], _size(key))
             finally:
                 with self._lock:
                     self._pending.discard(key)

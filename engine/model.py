@@ -198,25 +198,32 @@ class Llama:
                 part.copy_(ops.rms_norm(plan, part.reshape(-1, a.head_dim), w, a.rms_eps).view(part.shape))
         return qkv
 
-    def _layers(self, r: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                kv_len: torch.Tensor | None) -> torch.Tensor:
-        """Every decoder layer over L rows of the residual stream r (L, D), updated in place and returned.
-        kv_len None: prefill of one sequence into slot slots (1,), causal from position 0; otherwise L decode
-        rows, row b at positions[b] of slot slots[b], attending to kv_len[b] cached positions."""
+    def _layers(self, r: torch.Tensor, prefill: tuple | None, decode: tuple | None) -> torch.Tensor:
+        """Every decoder layer over the rows of the residual stream r (R, D), updated in place and returned.
+        prefill (positions (L,), slot (1,)): the first L rows are one prompt into that slot, causal from position 0;
+        decode (pos (B,), slots (B,)): the last B rows are decode rows, row b at pos[b] of slot slots[b], attending
+        to pos[b] + 1 cached positions. Both: a mixed step (a prompt riding in a decode step: the projections read
+        every weight once for all R rows)."""
         a, plan, kv = self.args, self.plan, self.kv
-        L = r.shape[0]
-        decode = kv_len is not None
+        R = r.shape[0]
+        L = 0 if prefill is None else prefill[0].shape[0]
+        tile = prefill is None        # decode rows alone: the decode tiles (the GEMV at one row)
         for i, lw in enumerate(self.layers):
-            qkv = self.qkv_proj(lw, r, decode)
-            if decode:
-                attn = ops.decode_rope_attention(plan, qkv, positions, kv_len, slots, self.cos, self.sin, kv.k[i],
-                                                 kv.v[i], a.n_heads, a.n_kv_heads, a.head_dim, self.sm_scale,
-                                                 self.attn_scratch)
-            else:
-                attn = ops.prefill_rope_attention(plan, qkv, positions, slots, self.cos, self.sin, kv.k[i], kv.v[i],
-                                                  a.n_heads, a.n_kv_heads, a.head_dim, self.sm_scale)
-            ops.linear_residual(plan, attn.reshape(L, -1), lw["wo"], r, decode)       # r += attn @ wo.T
-            ops.mlp_residual(plan, r, None, a.rms_eps, lw["w13"], lw["w2"], decode)   # r += silu(g)*u @ w2.T
+            qkv = self.qkv_proj(lw, r, tile)
+            parts = []
+            if prefill is not None:
+                parts.append(ops.prefill_rope_attention(plan, qkv[:L], prefill[0], prefill[1], self.cos, self.sin,
+                                                        kv.k[i], kv.v[i], a.n_heads, a.n_kv_heads, a.head_dim,
+                                                        self.sm_scale))
+            if decode is not None:
+                pos, slots = decode
+                parts.append(ops.decode_rope_attention(plan, qkv[L:], pos, pos + 1, slots, self.cos, self.sin,
+                                                       kv.k[i], kv.v[i], a.n_heads, a.n_kv_heads, a.head_dim,
+                                                       self.sm_scale, self.attn_scratch))
+            attn = parts[0].reshape(R, -1) if len(parts) == 1 else torch.cat([p.reshape(p.shape[0], -1)
+                                                                              for p in parts])
+            ops.linear_residual(plan, attn, lw["wo"], r, tile)                         # r += attn @ wo.T
+            ops.mlp_residual(plan, r, None, a.rms_eps, lw["w13"], lw["w2"], tile)    # r += silu(g)*u @ w2.T
         return r
 
     def _logits(self, r: torch.Tensor, decode: bool = False) -> torch.Tensor:
@@ -227,13 +234,21 @@ class Llama:
                 slot: torch.Tensor) -> torch.Tensor:
         """ids/positions: (L,) (padded past seq_len); seq_len, slot: (1,) device tensors. Logits (1, V) of the
         last real token."""
-        r = self._layers(self.embed.index_select(0, ids), positions, slot, None)
+        r = self._layers(self.embed.index_select(0, ids), (positions, slot), None)
         return self._logits(r.index_select(0, seq_len - 1))
 
     def decode(self, tok: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """tok, pos, slots: (B,) device tensors. Writes each row's KV at pos in its slot, attends to pos + 1
         positions. Logits (B, V)."""
-        return self._logits(self._layers(self.embed.index_select(0, tok), pos, slots, pos + 1), True)
+        return self._logits(self._layers(self.embed.index_select(0, tok), None, (pos, slots)), True)
+
+    def mixed(self, ids: torch.Tensor, positions: torch.Tensor, seq_len: torch.Tensor, slot: torch.Tensor,
+              tok: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """A prefill (as prefill()) and a decode step (as decode()) in one pass over L + B rows. Logits (1 + B, V):
+        the prompt's last real token, then the decode rows."""
+        L = ids.shape[0]
+        r = self._layers(self.embed.index_select(0, torch.cat([ids, tok])), (positions, slot), (pos, slots))
+        return self._logits(torch.cat([r.index_select(0, seq_len - 1), r[L:]]))
 
     def prompt_logprobs(self, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, k: int,
                         n: int | None = None, rows: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -243,7 +258,7 @@ class Llama:
         runs `rows` positions at a time (n x vocab float32 logits never exist at once). Rewrites the slot's KV
         exactly as a prefill of the same ids does."""
         n = ids.numel() if n is None else n
-        r = self._layers(self.embed.index_select(0, ids), positions, slot, None)
+        r = self._layers(self.embed.index_select(0, ids), (positions, slot), None)
         chosen, vals, idx = [], [], []
         for s in range(0, n - 1, rows):
             e = min(s + rows, n - 1)

@@ -1,7 +1,9 @@
 """The scheduler loop on the engine thread: continuous batching over KV slots.
 
 Each iteration admits waiting requests into free slots (prefill first: each prompt runs its bucket's prefill
-graph into its slot), launches one decode step for every running stream that needs another token, then reads
+graph into its slot; while other streams decode, the last prompt admitted in an iteration instead rides in their
+decode step, a mixed step, so the weights are read once for both), launches one decode step for every running stream that needs
+another token, then reads
 the previous step's tokens back, so the GPU always has the next step queued while the host turns tokens into
 text (on CPU each launch runs at once, so tokens are read right after their step). Finished, stopped and
 cancelled streams leave at once and free their slots; no stream ever waits for a batch to fill."""
@@ -81,14 +83,19 @@ def full_batch_cost_ms(prefill_ms: float, tokens: int, step_ms: float, batch: in
 class Scheduler:
     def __init__(self, runner: Runner, kv: KVSlots, graphs, *, sizes: list[int], max_pad_factor: float,
                  max_waiting: int, tpot_slo_ms: float | None, spin_s: float, admit_window: float,
+                 mixed_buckets: list[int],
                  logprob: Callable[[int, float], Logprob],
                  on_jit: Callable[[tuple[str, int]], None], on_finish: Callable[[Stream], None]):
         self.runner, self.kv, self.graphs = runner, kv, graphs
         self.sizes, self.max_pad_factor, self.max_waiting = sizes, max_pad_factor, max_waiting
         self.tpot_slo_ms, self.spin_s, self.admit_window = tpot_slo_ms, spin_s, admit_window
+        self.mixed_max_bucket = max(mixed_buckets, default=0)
         self._logprob, self._on_jit, self._on_finish = logprob, on_jit, on_finish
         self.ahead = runner.cuda            # queue step i+1 before reading step i's tokens
         self.step_ms: dict[int, float] = {}   # measured time per step by batch size (EWMA)
+        self.mix_ms: dict[tuple[int, int], float] = {}   # mixed steps by (prompt bucket, batch size) (EWMA)
+        self.mixed_steps = 0                  # decode steps that carried a prompt
+        self._held: tuple[Stream, int, object] | None = None   # (prompt, batch size, graph) for the next step
         self.waiting: collections.deque[Stream] = collections.deque()
         self.running: list[Stream] = []
         self.peak_running = 0                 # the most streams run at once since start
@@ -180,7 +187,7 @@ class Scheduler:
                 pending = self._iterate(pending)
             except Exception as e:   # a device error fails the streams it hit, never the loop
                 log.exception("engine step failed")
-                pending = None
+                pending = self._held = None
                 for st in list(self.running):
                     self._retire(st, EngineError(f"the engine failed while running this request: {e!r}"))
             self.last_step = time.monotonic()
@@ -189,18 +196,23 @@ class Scheduler:
         r = self.runner
         with r.ctx():
             admitted = self._admit()
-            if self.ahead and pending is not None:
+            if self.ahead and pending is not None and self._held is None:
                 admitted += self._admit_during(pending, len(admitted))
-            batch = [s for s in self.running if s.wants_more]
+            held, self._held = self._held, None
+            prompt = held[0] if held else None
+            batch = [s for s in self.running if s.wants_more and s is not prompt]
             cur = None
-            if batch:
+            if held is not None:          # _admit made sure the batch is not empty and B is its size
+                cur = r.launch_decode(batch, held[1], held[2], prompt)
+                self.mixed_steps += 1
+            elif batch:
                 B, warm = pick_batch_size(len(batch), self.sizes, self.graphs.warm("decode") if self.graphs else set())
                 graph = self.graphs.get(("decode", B)) if warm else None
                 if graph is None and self.graphs is not None:
                     self._on_jit(("decode", B))
                 cur = r.launch_decode(batch, B, graph)
-                for s in batch:
-                    s.launched += 1
+            for s in batch:
+                s.launched += 1
             if pending is not None:
                 self._consume(pending)
             for j, st in enumerate(admitted):      # (ahead only: on CPU _admit read them already)
@@ -215,7 +227,8 @@ class Scheduler:
         """Ahead (CUDA): the GPU has just begun `pending` and the next step is not launched yet. For admit_window of
         pending's measured time, a request that arrives is admitted at once: its prefill then runs right after
         `pending` instead of after the next step as well. The rest of the step is the slack for the next launch."""
-        ms = self.step_ms.get(pending.size)
+        ms = (self.mix_ms.get((pending.prompt.bucket, pending.size)) if pending.prompt is not None
+              else self.step_ms.get(pending.size))
         if not ms or self.admit_window <= 0:
             return []
         deadline = time.perf_counter() + self.admit_window * ms / 1e3
@@ -228,16 +241,17 @@ class Scheduler:
                         return admitted
                     self._cv.wait(left)
             got = self._admit(first_row + len(admitted))
-            if not got:                   # closing, or no free slot / batch cap: the next step goes now
-                return admitted
             admitted += got
+            if not got or self._held is not None:   # no slot / cap / closing, or a prompt for the next step: go now
+                return admitted
 
     def _admit(self, first_row: int = 0) -> list[Stream]:
         """Prefill waiting requests into free slots, up to the batch cap; on CPU each one's first token is read
         at once (before any decode step includes it). first_row: the first read-back row free this iteration."""
         admitted = []
         cap = self.cap
-        while self.waiting and not self.closing and len(self.running) < cap and self.kv.free_count:
+        while (self._held is None and self.waiting and not self.closing and len(self.running) < cap
+               and self.kv.free_count):
             with self._cv:
                 st = self.waiting.popleft()
             if st.cancelled:
@@ -247,6 +261,9 @@ class Scheduler:
             st.slot = self.kv.alloc()
             self.running.append(st)             # from here a failure below fails this stream too
             self.peak_running = max(self.peak_running, len(self.running))
+            last = not self.waiting or len(self.running) >= cap or not self.kv.free_count
+            if last and self._hold(st):     # the last prompt admitted now rides in the next decode step
+                break
             graph_bucket = None
             if self.graphs is not None:
                 graph_bucket = pick_graph_bucket(st.bucket, self.graphs.warm("prefill"), self.max_pad_factor)
@@ -265,14 +282,37 @@ class Scheduler:
                 self._consume_prefill(st, j)
         return admitted if self.ahead else []
 
+    def _hold(self, st: Stream) -> bool:
+        """Whether st's prompt rides in the next decode step (sets _held): other streams will decode in it, its
+        bucket rides (mixed_buckets; no prompt logprobs, which need a pass of their own), and on CUDA the graph for
+        its bucket (or a larger warm one, as for a prefill) at that step's batch size is warm; else that graph is
+        asked for in the background and st prefills alone."""
+        n = sum(1 for s in self.running if s.wants_more and s is not st)
+        if not n or st.bucket > self.mixed_max_bucket or st.params.prompt_logprobs is not None:
+            return False
+        B, _ = pick_batch_size(n, self.sizes, self.graphs.warm("decode") if self.graphs else set())
+        graph = graph_bucket = None
+        if self.graphs is not None:
+            warm = {b for b, size in self.graphs.warm("mixed") if size == B}
+            graph_bucket = pick_graph_bucket(st.bucket, warm, self.max_pad_factor)
+            if graph_bucket is None:
+                self._on_jit(("mixed", st.bucket, B))
+                return False
+            graph = self.graphs.get(("mixed", graph_bucket, B))
+        st.start(st.slot, "mixed", graph_bucket)
+        self._held = (st, B, graph)
+        return True
+
     def _consume_prefill(self, st: Stream, j: int) -> None:
         t, lp = self.runner.read_prefill(j, st.params.logprobs)
         self._accept(st, t, self._token_lps(t, lp, st.params.logprobs))
 
     def _consume(self, step: Step) -> None:
         toks, vals, ids, dt = self.runner.read_decode(step)
-        ms = self.step_ms
-        ms[step.size] = dt if step.size not in ms else 0.9 * ms[step.size] + 0.1 * dt
+        ms, key = (self.step_ms, step.size) if step.prompt is None else (self.mix_ms, (step.prompt.bucket, step.size))
+        ms[key] = dt if key not in ms else 0.9 * ms[key] + 0.1 * dt
+        if step.prompt is not None and not step.prompt.done:
+            self._consume_prefill(step.prompt, step.row)
         for i, st in enumerate(step.streams):
             if st.done:
                 continue

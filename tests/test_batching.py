@@ -183,3 +183,50 @@ def test_max_batch_one_runs_one_stream_at_a_time():
     for a, b in zip(q, q[1:]):
         assert b.metrics.queue_s >= a.metrics.e2e_s - a.metrics.queue_s
     eng.shutdown()
+
+
+def queued_together(eng: HybridEngine, reqs) -> list:
+    """generate_async of every (prompt, params), all queued while the engine thread is held, so one iteration admits
+    them in order."""
+    import threading
+
+    async def main():
+        gate = threading.Event()
+        eng.scheduler.call(lambda: gate.wait(30))
+        tasks = [asyncio.ensure_future(eng.generate_async(ids, p)) for ids, p in reqs]
+        while len(eng.scheduler.waiting) < len(reqs):
+            await asyncio.sleep(0.001)
+        gate.set()
+        return await asyncio.gather(*tasks)
+    return asyncio.run(main())
+
+
+def test_the_last_prompt_admitted_rides_in_the_decode_step_and_gets_its_tokens_alone(checkpoints):
+    """Mixed steps: of 4 requests admitted together the first 3 prefill alone and the 4th rides in the first decode
+    step of the other 3 (one pass over its prompt's rows and their rows). Every request gets the greedy tokens and
+    (closely) the logprobs it gets alone without mixing. Prompts that do not ride: one over mixed_max_bucket, one
+    asking prompt logprobs (a pass of its own), and any under batch_invariant."""
+    path = str(checkpoints["mha"])
+    kw = dict(device="cpu", dtype="float32", buckets=BUCKETS, max_context=128, max_batch=8, mixed_max_bucket=32)
+    eng = HybridEngine.from_pretrained(path, **kw)
+    solo = HybridEngine.from_pretrained(path, **kw, mixed_prefill=False)
+    g = random.Random(5)
+    prompts = [[1] + [g.randrange(3, 384) for _ in range(n - 1)] for n in (9, 40, 17, 25)]
+    p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+    alone = [solo.generate(x, p) for x in prompts]
+    res = queued_together(eng, [(x, p) for x in prompts])
+    assert [r.metrics.path for r in res] == ["eager"] * 3 + ["mixed"] and eng.stats()["mixed_steps"] == 1
+    assert [r.token_ids for r in res] == [a.token_ids for a in alone]
+    for r, a in zip(res, alone):
+        assert max(abs(x.chosen.logprob - y.chosen.logprob) for x, y in zip(r.logprobs, a.logprobs)) < 1e-4
+    long_prompt = [1] + list(range(5, 45))                           # 41 tokens: bucket 64 > mixed_max_bucket
+    scored = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    res = queued_together(eng, [(prompts[0], p), (long_prompt, p), (prompts[1], p), (prompts[2], scored)])
+    assert [r.metrics.path for r in res] == ["eager"] * 4 and eng.stats()["mixed_steps"] == 1
+    assert res[1].token_ids == solo.generate(long_prompt, p).token_ids
+    assert res[3].prompt_logprobs is not None and len(res[3].prompt_logprobs) == len(prompts[2])
+    inv = HybridEngine.from_pretrained(path, **kw, batch_invariant=True)
+    res = queued_together(inv, [(x, p) for x in prompts])
+    assert [r.metrics.path for r in res] == ["eager"] * 4 and inv.stats()["mixed_steps"] == 0
+    for e in (eng, solo, inv):
+        e.shutdown()

@@ -55,14 +55,17 @@ def prompts(seed: int, lengths: list[int]) -> list[list[int]]:
     return [[1] + [rng.randrange(3, 384) for _ in range(n - 1)] for n in lengths]
 
 
-def record_steps(eng: HybridEngine) -> list[tuple[int, int, bool]]:
-    """From now on, each decode step the scheduler launches as (streams, batch size run, by a graph?)."""
+def record_steps(eng: HybridEngine, mixed: list | None = None) -> list[tuple[int, int, bool]]:
+    """From now on, each decode step the scheduler launches as (streams, batch size run, by a graph?); a mixed
+    step's prompt is appended to `mixed` when given."""
     steps: list[tuple[int, int, bool]] = []
     launch = eng.runner.launch_decode
 
-    def recorded(streams, B, graph):
+    def recorded(streams, B, graph, prompt=None):
         steps.append((len(streams), B, graph is not None))
-        return launch(streams, B, graph)
+        if prompt is not None and mixed is not None:
+            mixed.append(prompt)
+        return launch(streams, B, graph, prompt)
 
     eng.runner.launch_decode = recorded
     return steps
@@ -299,8 +302,9 @@ def test_concurrent_greedy_requests_give_their_tokens_alone_when_batch_invariant
 def test_batched_tokens_do_not_depend_on_the_batch_size_by_default(gpu_ckpt):
     """The default plan (one stream alone on the GEMV, 2+ rows on one fixed row tile): the same 5 greedy requests
     run as a group of 5 (graph 8, 3 padding rows) and inside a group of 12 (graph 16) give identical tokens; the
-    gather of generate_async without holding the engine serves them all too."""
-    eng = warm_engine(gpu_ckpt)
+    gather of generate_async without holding the engine serves them all too. (Without mixed steps: a prompt riding in
+    a step runs its rows on the prompt's tiles.)"""
+    eng = warm_engine(gpu_ckpt, mixed_prefill=False)
     p = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)   # one length: the batch never shrinks
     five = prompts(3, [3, 16, 17, 41, 70])
     others = prompts(4, [5, 12, 20, 33, 50, 64, 100])
@@ -324,7 +328,8 @@ def test_decode_graphs_for_prewarm_sizes_and_an_unwarmed_size_runs_jit_then_is_c
     """Decode graphs exist for every prewarm batch size after start, none for the others; 3 streams with no warm
     size >= 3 run by the JIT path at size 4, which is then captured in the background; the same requests then
     replay graph 4 and give the same tokens."""
-    eng = warm_engine(gpu_ckpt, max_batch=8, decode_batch_sizes=[1, 2, 4, 8], prewarm_batch_sizes=[1, 2])
+    eng = warm_engine(gpu_ckpt, max_batch=8, decode_batch_sizes=[1, 2, 4, 8], prewarm_batch_sizes=[1, 2],
+                      mixed_prefill=False)
     assert eng.warm_batch_sizes() == {1, 2} and eng.stats()["warm_batch_sizes"] == [1, 2]
     assert eng.warm_buckets() == set(eng.buckets) == {16, 64, 128, 256}   # max_context is always a bucket
     jit, on_jit = [], eng.scheduler._on_jit
@@ -389,4 +394,31 @@ def test_seeded_sampling_is_the_same_alone_and_in_company(gpu_ckpt):
     assert steps[0][0] == 6
     other = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
     assert eng.generate(a, other).token_ids != alone_a
+    eng.shutdown()
+
+
+def test_a_prompt_rides_in_the_decode_step_on_its_graph_and_gives_its_tokens_alone(gpu_ckpt):
+    """Mixed steps: mixed graphs for every warm bucket x decode batch size are captured at start; 5 requests queued
+    together run 4 prefills, then a step that carries the 5th prompt beside the 4 decode rows (graph (bucket, 4)),
+    then decode steps of 5. Every request gets the greedy tokens it gets alone (mixed_prefill off), its logprobs
+    close to those."""
+    eng = warm_engine(gpu_ckpt, decode_batch_sizes=[1, 2, 4, 8], max_batch=8)
+    assert eng.graphs.warm("mixed") == {(b, n) for b in (16, 64, 128, 256) for n in (1, 2, 4, 8)}
+    solo = warm_engine(gpu_ckpt, decode_batch_sizes=[1, 2, 4, 8], max_batch=8, mixed_prefill=False)
+    p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+    reqs = [(ids, p) for ids in prompts(11, [9, 30, 60, 90, 50])]
+    alone = [solo.generate(ids, q) for ids, q in reqs]
+    mixed = []
+    steps = record_steps(eng, mixed)
+    res = run_together(eng, reqs)
+    assert steps[0] == (4, 4, True) and [m.ids for m in mixed] == [reqs[4][0]]
+    assert set(steps[1:-1]) == {(5, 8, True)} and steps[-1] == (1, 1, True)    # the 5th prompt's last token alone
+    assert res[4].metrics.path == "mixed" and res[4].metrics.graph_bucket == 64
+    assert all(r.metrics.path == "graph" for r in res[:4]) and eng.stats()["mixed_steps"] == 1
+    assert [r.token_ids for r in res] == [a.token_ids for a in alone]
+    for r, a in zip(res, alone):
+        got = [t.chosen.logprob for t in r.logprobs]
+        want = [t.chosen.logprob for t in a.logprobs]
+        assert max(abs(x - y) for x, y in zip(got, want)) < 2e-2, (got, want)
+    solo.shutdown()
     eng.shutdown()

@@ -90,8 +90,10 @@ def test_a_request_arriving_during_a_step_is_admitted_before_the_next_step_is_qu
     """Ahead (the CUDA loop, forced here on CPU): for admit_window of the running step's measured time the next step
     is not queued yet, and a request that arrives then is admitted (its prefill queued) at once, not at the window's
     end. With a step measured at 2 s the window is ~1.8 s: the running stream's tokens come that far apart, and the
-    newcomer leaves the queue within milliseconds (its first token is read once the next step is queued)."""
-    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=[16], max_context=64, max_batch=4))
+    newcomer leaves the queue within milliseconds (its first token is read once the next step is queued). (Its
+    prompt prefills alone here: a prompt riding in the next step ends the window, the test after this one.)"""
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=[16], max_context=64, max_batch=4,
+                                    mixed_prefill=False))
     s = eng.scheduler
     s.ahead, s.admit_window = True, 0.9
     s.step_ms.update({b: 2000.0 for b in eng.batch_sizes})
@@ -104,4 +106,23 @@ def test_a_request_arriving_during_a_step_is_admitted_before_the_next_step_is_qu
     assert len(a.token_ids) == 4 and held > 3.0, a.metrics            # the window held the next step back
     assert len(second.token_ids) == 1 and second.metrics.queue_s < 0.2, second.metrics   # admitted on arrival
     assert second.metrics.ttft_s > 0.5                                # read after the window, with the next step
+    eng.shutdown()
+
+
+def test_a_prompt_arriving_during_the_window_rides_in_the_next_step_which_goes_at_once():
+    """Ahead, with mixed steps: a request arriving in the window of a step measured at 2 s is admitted at once and
+    its prompt rides in the next decode step, which is queued right then (the window ends): its first token comes
+    within milliseconds instead of after the ~1.8 s window, from a mixed step."""
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=[16], max_context=64, max_batch=4))
+    s = eng.scheduler
+    s.ahead, s.admit_window = True, 0.9
+    s.step_ms.update({b: 2000.0 for b in eng.batch_sizes})
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(eng.generate, [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
+        time.sleep(0.5)
+        second = eng.generate([4, 5], SamplingParams(max_tokens=1, ignore_eos=True))
+        a = first.result(30)
+    assert second.metrics.path == "mixed" and eng.stats()["mixed_steps"] == 1, second.metrics
+    assert second.metrics.queue_s < 0.2 and second.metrics.ttft_s < 0.3, second.metrics
+    assert len(a.token_ids) == 4
     eng.shutdown()

@@ -100,7 +100,7 @@ def _rope_head(src, pos, COS, SIN, mask, HD: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["sm_scale", "n_heads", "n_kv"])
-def _decode_attn_split_kernel(Q, K, V, LEN, SLOTS, O_PART, LSE_PART, stride_q, stride_kh, stride_slot, sm_scale,
+def _decode_attn_split_kernel(Q, K, V, LEN, SLOTS, O_PART, LSE_PART, OUT, stride_q, stride_kh, stride_slot, sm_scale,
                               COS, SIN, n_heads, n_kv, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                               HD: tl.constexpr, BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, ROPE: tl.constexpr,
                               USE_PDL: tl.constexpr):
@@ -110,7 +110,8 @@ def _decode_attn_split_kernel(Q, K, V, LEN, SLOTS, O_PART, LSE_PART, stride_q, s
     (kv_head, split, row) attends the GROUP query heads sharing this kv head over its chunk.
     ROPE: Q holds the rows' fused qkv, not rotated q: each program rotates its q heads; only the program whose
     chunk holds the new token (position LEN - 1) rotates its k, takes it and its v from the row inside its tile
-    loop and writes both into the slot (no rope kernel before this one)."""
+    loop and writes both into the slot (no rope kernel before this one).
+    One split: the program's result is the row's, so it goes straight to OUT (no partials, no reduce launch)."""
     _pdl_start(USE_PDL)
     _pdl_wait(USE_PDL)
     kvh = tl.program_id(0)
@@ -123,6 +124,7 @@ def _decode_attn_split_kernel(Q, K, V, LEN, SLOTS, O_PART, LSE_PART, stride_q, s
     Q += row * stride_q
     O_PART += row * n_heads * N_SPLITS * HD
     LSE_PART += row * n_heads * N_SPLITS
+    OUT += row * n_heads * HD
     chunk = tl.cdiv(tl.cdiv(length, N_SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, length)
@@ -165,9 +167,12 @@ def _decode_attn_split_kernel(Q, K, V, LEN, SLOTS, O_PART, LSE_PART, stride_q, s
         m = m_new
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))   # empty split: weight 0
-    tl.store(O_PART + (heads[:, None] * N_SPLITS + split) * HD + d[None, :], out, mask=gmask[:, None])
-    tl.store(LSE_PART + heads * N_SPLITS + split, lse, mask=gmask)
+    if N_SPLITS == 1:
+        tl.store(OUT + heads[:, None] * HD + d[None, :], out.to(OUT.dtype.element_ty), mask=gmask[:, None])
+    else:
+        lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))   # empty split: weight 0
+        tl.store(O_PART + (heads[:, None] * N_SPLITS + split) * HD + d[None, :], out, mask=gmask[:, None])
+        tl.store(LSE_PART + heads * N_SPLITS + split, lse, mask=gmask)
 
 
 @triton.jit
@@ -214,12 +219,13 @@ def _decode_attention(q_or_qkv, k_cache, v_cache, kv_len, sm_scale, H, hd, cos=N
     q2 = q_or_qkv.reshape(B, -1)
     pdl = _pdl(pdl, B)
     _decode_attn_split_kernel[(n_kv, n_splits, B)](
-        q2, k_cache, v_cache, kv_len, slots, o_part, lse_part, q2.stride(0), stride_kh, stride_slot, sm_scale,
+        q2, k_cache, v_cache, kv_len, slots, o_part, lse_part, out, q2.stride(0), stride_kh, stride_slot, sm_scale,
         cos if rope else q2, sin if rope else q2, H, n_kv,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HD=hd,
         BLOCK_N=block_n, N_SPLITS=n_splits, ROPE=rope, USE_PDL=pdl, launch_pdl=pdl, num_warps=warps, num_stages=stages)
-    _decode_attn_reduce_kernel[(H, B)](o_part, lse_part, out, H, HD=hd, N_SPLITS=n_splits, USE_PDL=pdl,
-                                       launch_pdl=pdl, num_warps=4)
+    if n_splits > 1:
+        _decode_attn_reduce_kernel[(H, B)](o_part, lse_part, out, H, HD=hd, N_SPLITS=n_splits, USE_PDL=pdl,
+                                           launch_pdl=pdl, num_warps=4)
     return out
 
 
@@ -233,7 +239,7 @@ def decode_attention(q, k_cache, v_cache, kv_len, sm_scale, slots=None, pdl=Fals
 def decode_rope_attention(qkv, cos, sin, k_cache, v_cache, kv_len, n_heads, hd, sm_scale, slots=None, pdl=False,
                           scratch=None, shape=ATTN_SHAPE):
     """B decode rows' attention from their fused qkv rows (B, (H + 2 KV) hd), row b at position kv_len[b] - 1 of
-    slot slots[b]: rope, its K/V into the slot and the split attention in one launch, then the reduce.
+    slot slots[b]: rope, its K/V into the slot and the split attention in one launch, then the reduce (none at one split).
     Returns (B, H, hd)."""
     return _decode_attention(qkv, k_cache, v_cache, kv_len, sm_scale, n_heads, hd, cos, sin, slots, pdl, scratch,
                              shape)
