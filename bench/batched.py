@@ -88,7 +88,8 @@ def build_engine(a, unseen_bucket: int):
     buckets = [b for b in a.buckets if b < a.max_context]
     want = dict(model=a.preset, device=a.device, dtype=a.dtype, max_context=a.max_context, buckets=buckets,
                 seed=a.seed, num_layers=a.layers, max_batch=a.max_batch, decode_batch_sizes=a.decode_batch_sizes,
-                prewarm_buckets=[b for b in buckets + [a.max_context] if b != unseen_bucket])
+                prewarm_buckets=[b for b in buckets + [a.max_context] if b != unseen_bucket],
+                mixed_prefill=not a.no_mixed_prefill)
     known = set(EngineConfig.model_fields)
     dropped = sorted(k for k in want if k not in known)    # today's batch-1 engine lacks the batching fields
     cfg = EngineConfig(**{k: v for k, v in want.items() if k in known})
@@ -106,6 +107,11 @@ def engine_gen(eng, paths: set):
         paths.add(r.metrics.path)
         return list(r.token_ids), r.metrics.ttft_s, list(r.metrics.token_times_s)
     return gen
+
+
+def mixed_steps(eng) -> int:
+    """Decode steps that carried a prompt so far (0 on an engine without mixed steps)."""
+    return int(eng.stats().get("mixed_steps", 0))
 
 
 def running_now(eng) -> int:
@@ -182,6 +188,7 @@ async def closed_loop(eng, streams: int, duration_s: float, vocab: int, n_out: i
     every other one's prefill: a property of the load, not of the engine)."""
     rng = random.Random(seed)
     stop, samples, reqs = asyncio.Event(), [], []
+    m0 = mixed_steps(eng)
     t0 = time.perf_counter()
     t_end = t0 + duration_s
     w0 = t0 + duration_s / 4
@@ -203,6 +210,7 @@ async def closed_loop(eng, streams: int, duration_s: float, vocab: int, n_out: i
     out["window_tok_s"] = round(sum(r["n"] for r in done) / (t_end - w0), 2)
     out["streams"] = streams
     out["staggered"] = stagger
+    out["mixed_steps"] = mixed_steps(eng) - m0
     return out
 
 
@@ -213,6 +221,7 @@ async def open_loop(eng, rate: float, duration_s: float, vocab: int, n_out: int,
     rng = random.Random(seed)
     stop, samples, tasks = asyncio.Event(), [], []
     sampler = asyncio.create_task(_sample_running(eng, stop, samples, sample_s))
+    m0 = mixed_steps(eng)
     t0 = time.perf_counter()
     t = t0
     while True:
@@ -230,7 +239,7 @@ async def open_loop(eng, rate: float, duration_s: float, vocab: int, n_out: int,
     reqs = [d.result() for d in done if not d.exception()]
     out = _stats(reqs, t0, t_last, samples)
     out.update({"rate_rps": round(rate, 3), "arrivals": len(tasks), "unfinished": len(pending),
-                "failed": sum(1 for d in done if d.exception())})
+                "failed": sum(1 for d in done if d.exception()), "mixed_steps": mixed_steps(eng) - m0})
     return out
 
 
@@ -342,7 +351,7 @@ def worker_args(a) -> list[str]:
             args += [f"--{k.replace('_', '-')}", str(v)]
     for k in lists:
         args += [f"--{k.replace('_', '-')}", *map(str, getattr(a, k))]
-    return args + ["--engine-parts", ",".join(a.engine_parts)]
+    return args + ["--engine-parts", ",".join(a.engine_parts)] + (["--no-mixed-prefill"] if a.no_mixed_prefill else [])
 
 
 def baseline_cmd(a, name: str, f: Path) -> list[str]:
@@ -458,6 +467,7 @@ def main(argv=None) -> int:
     p.add_argument("--ttft-slo-x", type=float, default=2.0)
     p.add_argument("--tpot-slo-x", type=float, default=1.5)
     p.add_argument("--sample-s", type=float, default=0.005, help="how often stats()['running'] is sampled")
+    p.add_argument("--no-mixed-prefill", action="store_true", help="the engine without mixed steps (an A/B)")
     p.add_argument("--copy-mib", type=int, default=2048)
     p.add_argument("--copy-iters", type=int, default=30)
     p.add_argument("--check-lengths", type=int, nargs="*", default=[], help="greedy tokens recorded (dry run)")
