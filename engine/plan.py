@@ -29,7 +29,7 @@ class KernelPlan:
             return min(16, 1 << max(0, n.bit_length() - 1))
         if self.batch_invariant:
             return 4, 64, 8, 3
-        if rows == 1:      # one row: two 4-warp programs per SM without a cp.async pipeline (faster beside PDL)
+        if rows <= 2:      # one or two rows: 4-warp programs without a cp.async pipeline, two per SM at one row
             return pow2(2 * self.attn_programs // n_kv), 64, 4, 1
         return pow2(self.attn_programs // (rows * n_kv)), 64, 8, 3
 
