@@ -167,6 +167,12 @@ def build_dashboard() -> dict[str, Any]:
          f"/ sum(rate({H}requests_total{{{SEL}}}[{RI}]))", "graph / all")],
         kind="stat", unit="percentunit", decimals=1,
         description="Share of requests served by CUDA-graph replay, own bucket or padded (0 on the CPU engine).")
+    L.panel("Prompts riding in decode steps", [
+        (f"(sum(rate({H}mixed_prompts_total{{{SEL}}}[{RI}])) or vector(0)) "
+         f"/ sum(rate({H}requests_total{{{SEL}}}[{RI}]))", "mixed / all")],
+        kind="stat", unit="percentunit", decimals=1,
+        description="hybridserve_mixed_prompts_total: share of prompts that rode in the running streams' decode step "
+                    "(one pass over both) instead of prefilling alone.")
     L.panel("Requests/s by bucket and path", [
         (f"sum by (bucket, path) (rate({H}requests_total{{{SEL}}}[{RI}]))", "{{bucket}} {{path}}")],
         unit="reqps", description="hybridserve_requests_total by prefill bucket and path.")

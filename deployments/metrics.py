@@ -85,6 +85,8 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in [
        "fallback (no warm graph fits), path=eager the CPU engine.",
        REQ_TAGS + ("finish_reason",)),
     _c("prompt_tokens_total", "Prompt tokens processed.", ("model", "replica")),
+    _c("mixed_prompts_total", "Prompts that rode in a decode step (a mixed step: one pass over the prompt and the "
+       "running streams) instead of a prefill of their own.", ("model", "replica")),
     _c("output_tokens_total", "Output tokens generated.", ("model", "replica")),
     _c("graph_captures_total", "Background CUDA-graph captures completed, by bucket.",
        ("model", "replica", "bucket")),
@@ -143,6 +145,8 @@ def samples_for_event(event: dict, replica_id: str, model: str = "") -> list[tup
         prompt_tokens = int(_get(m, "prompt_tokens", 0) or 0)
         if prompt_tokens > 0:
             out.append((PREFIX + "prompt_tokens_total", float(prompt_tokens), base))
+        if _get(m, "mixed", False):
+            out.append((PREFIX + "mixed_prompts_total", 1.0, base))
         output_tokens = int(event.get("output_tokens") or 0)
         if output_tokens > 0:
             out.append((PREFIX + "output_tokens_total", float(output_tokens), base))

@@ -103,6 +103,7 @@ class RequestMetrics:
     e2e_s: float = 0.0
     queue_s: float = 0.0              # time waiting for the engine (batch 1: one request at a time)
     graph_bucket: int | None = None   # bucket whose graph ran the prefill (differs from bucket if "padded")
+    mixed: bool = False               # its prompt rode in a decode step (a mixed step), not a prefill of its own
 
     @property
     def tpot_s(self) -> float:

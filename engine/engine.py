@@ -3,7 +3,7 @@ it is not.
 
 A request's way: validate -> wait for a free KV slot -> prefill into it (its bucket's graph, a larger warm
 bucket's graph ("padded"), or the same function eagerly at the bucket's shape ("jit"), the bucket then captured
-in the background; while other streams decode, it rides in their next decode step instead ("mixed")) -> join the
+in the background; while other streams decode, it rides in their next decode step instead (metrics.mixed)) -> join the
 running batch: each decode step replays the graph of the smallest warm batch
 size >= the running streams -> per-row sampling on device -> tokens to the host one step behind the GPU, text
 and stops per stream (engine/scheduler.py). On CPU the same functions run eagerly ("eager")."""

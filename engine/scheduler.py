@@ -35,6 +35,12 @@ def pick_graph_bucket(bucket: int, graphs, max_pad_factor: float) -> int | None:
     return min(larger) if larger else None
 
 
+def mixed_graph_bucket(bucket: int, batch: int, warm: set[tuple[int, int]], max_pad_factor: float) -> int | None:
+    """The bucket of the warm mixed graph ((bucket, batch size) pairs) that carries a prompt of this bucket in a step
+    of `batch` rows: as pick_graph_bucket among the buckets warm at that batch size; None: the prompt prefills alone."""
+    return pick_graph_bucket(bucket, {b for b, n in warm if n == batch}, max_pad_factor)
+
+
 def pick_batch_size(n: int, sizes: list[int], warm: set[int]) -> tuple[int, bool]:
     """(batch size, graph?) for a step of n rows: the smallest warm size >= n, else the smallest configured
     size >= n run by the JIT path."""
@@ -293,13 +299,14 @@ class Scheduler:
         B, _ = pick_batch_size(n, self.sizes, self.graphs.warm("decode") if self.graphs else set())
         graph = graph_bucket = None
         if self.graphs is not None:
-            warm = {b for b, size in self.graphs.warm("mixed") if size == B}
-            graph_bucket = pick_graph_bucket(st.bucket, warm, self.max_pad_factor)
+            graph_bucket = mixed_graph_bucket(st.bucket, B, self.graphs.warm("mixed"), self.max_pad_factor)
             if graph_bucket is None:
                 self._on_jit(("mixed", st.bucket, B))
                 return False
             graph = self.graphs.get(("mixed", graph_bucket, B))
-        st.start(st.slot, "mixed", graph_bucket)
+        path = ("graph" if graph_bucket == st.bucket else "padded") if graph is not None else "eager"
+        st.start(st.slot, path, graph_bucket)
+        st.metrics.mixed = True
         self._held = (st, B, graph)
         return True
 

@@ -158,7 +158,7 @@ def test_samples_for_event_maps_contract_events():
     from engine.api import RequestMetrics
 
     m = RequestMetrics(prompt_tokens=20, bucket=32, path="jit", ttft_s=0.012,
-                       token_times_s=[0.002, 0.004], e2e_s=0.02, queue_s=0.001)
+                       token_times_s=[0.002, 0.004], e2e_s=0.02, queue_s=0.001, mixed=True)
     s = metrics.samples_for_event({"type": "request", "metrics": m, "finish_reason": "length",
                                    "output_tokens": 3}, "r1", model="tiny")
     tags = {"model": "tiny", "replica": "r1", "bucket": "32", "path": "jit"}
@@ -170,6 +170,7 @@ def test_samples_for_event_maps_contract_events():
         ("hybridserve_queue_wait_seconds", 0.001, base),
         ("hybridserve_requests_total", 1.0, {**tags, "finish_reason": "length"}),
         ("hybridserve_prompt_tokens_total", 20.0, base),
+        ("hybridserve_mixed_prompts_total", 1.0, base),
         ("hybridserve_output_tokens_total", 3.0, base),
     ]
     assert metrics.samples_for_event({"type": "capture", "bucket": 64, "seconds": 0.5}, "r1", "tiny") == [

@@ -413,8 +413,8 @@ def test_a_prompt_rides_in_the_decode_step_on_its_graph_and_gives_its_tokens_alo
     res = run_together(eng, reqs)
     assert steps[0] == (4, 4, True) and [m.ids for m in mixed] == [reqs[4][0]]
     assert set(steps[1:-1]) == {(5, 8, True)} and steps[-1] == (1, 1, True)    # the 5th prompt's last token alone
-    assert res[4].metrics.path == "mixed" and res[4].metrics.graph_bucket == 64
-    assert all(r.metrics.path == "graph" for r in res[:4]) and eng.stats()["mixed_steps"] == 1
+    assert res[4].metrics.mixed and res[4].metrics.path == "graph" and res[4].metrics.graph_bucket == 64
+    assert all(r.metrics.path == "graph" and not r.metrics.mixed for r in res[:4]) and eng.stats()["mixed_steps"] == 1
     assert [r.token_ids for r in res] == [a.token_ids for a in alone]
     for r, a in zip(res, alone):
         got = [t.chosen.logprob for t in r.logprobs]

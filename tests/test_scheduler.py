@@ -1,4 +1,5 @@
-"""The scheduler's pure choices (decode batch size, batch cap) and its engine thread's spin-then-sleep wait."""
+"""The scheduler's pure choices (decode batch size, batch cap, the mixed graph a prompt rides in) and its engine
+thread's spin-then-sleep wait and admission window."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -7,7 +8,7 @@ import time
 import pytest
 
 from engine import EngineConfig, HybridEngine, SamplingParams
-from engine.scheduler import batch_cap, full_batch_cost_ms, full_batch_step_ms, pick_batch_size
+from engine.scheduler import batch_cap, full_batch_cost_ms, full_batch_step_ms, mixed_graph_bucket, pick_batch_size
 from engine.sequence import Stream
 
 
@@ -17,6 +18,16 @@ def test_pick_batch_size_prefers_the_smallest_warm_size_then_jit():
     assert pick_batch_size(3, sizes, {1, 8}) == (8, True)           # a larger warm graph beats the JIT path
     assert pick_batch_size(9, sizes, {1, 8}) == (16, False)         # none warm >= 9: JIT at the next size
     assert pick_batch_size(1, sizes, set()) == (1, False)
+
+
+def test_a_prompt_rides_in_a_warm_mixed_graph_of_its_step_size_or_prefills_alone():
+    warm = {(64, 8), (128, 8), (64, 4), (512, 8)}
+    assert mixed_graph_bucket(64, 8, warm, 4.0) == 64                  # its own bucket at this batch size
+    assert mixed_graph_bucket(32, 8, warm, 4.0) == 64                  # a larger warm bucket (padded)
+    assert mixed_graph_bucket(128, 4, warm, 4.0) is None               # warm only at another batch size
+    assert mixed_graph_bucket(256, 8, warm, 4.0) == 512
+    assert mixed_graph_bucket(256, 8, warm, 1.5) is None               # padding beyond max_pad_factor
+    assert mixed_graph_bucket(16, 2, set(), 4.0) is None
 
 
 def test_batch_cap_is_the_largest_size_under_the_tpot_objective():
@@ -122,7 +133,7 @@ def test_a_prompt_arriving_during_the_window_rides_in_the_next_step_which_goes_a
         time.sleep(0.5)
         second = eng.generate([4, 5], SamplingParams(max_tokens=1, ignore_eos=True))
         a = first.result(30)
-    assert second.metrics.path == "mixed" and eng.stats()["mixed_steps"] == 1, second.metrics
+    assert second.metrics.mixed and eng.stats()["mixed_steps"] == 1, second.metrics
     assert second.metrics.queue_s < 0.2 and second.metrics.ttft_s < 0.3, second.metrics
     assert len(a.token_ids) == 4
     eng.shutdown()
