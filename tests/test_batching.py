@@ -231,3 +231,38 @@ def test_the_last_prompt_admitted_rides_in_the_decode_step_and_gets_its_tokens_a
     assert not any(r.metrics.mixed for r in res) and inv.stats()["mixed_steps"] == 0
     for e in (eng, solo, inv):
         e.shutdown()
+
+
+def test_a_failing_mixed_step_fails_its_streams_with_a_clear_error_and_the_engine_serves_on(monkeypatch):
+    """A device error inside a step carrying a prompt fails that prompt and the streams decoding beside it with an
+    EngineError that says so (never a hang), frees every slot, and the next requests run normally."""
+    from engine import EngineError
+
+    eng = HybridEngine(EngineConfig(model="tiny", device="cpu", buckets=BUCKETS, max_context=128, max_batch=8))
+    real, calls = eng.runner.mixed_fn, []
+
+    def failing(L, B):
+        calls.append((L, B))
+        if len(calls) == 1:
+            raise RuntimeError("injected device fault")
+        return real(L, B)
+
+    monkeypatch.setattr(eng.runner, "mixed_fn", failing)
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def main():
+        import threading
+        gate = threading.Event()
+        eng.scheduler.call(lambda: gate.wait(30))
+        tasks = [asyncio.ensure_future(eng.generate_async([1, 5 + i, 9], p)) for i in range(3)]
+        while len(eng.scheduler.waiting) < 3:
+            await asyncio.sleep(0.001)
+        gate.set()
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+    res = asyncio.run(main())
+    assert calls == [(16, 2)] and all(isinstance(r, EngineError) for r in res), res
+    assert all("failed while running this request" in str(r) and "injected device fault" in str(r) for r in res)
+    assert eng.kv.free_count == eng.max_batch and eng.stats()["running"] == 0
+    again = queued_together(eng, [([1, 5 + i, 9], p) for i in range(3)])
+    assert [len(r.token_ids) for r in again] == [6, 6, 6] and [r.metrics.mixed for r in again] == [False, False, True]
+    eng.shutdown()
