@@ -2,7 +2,9 @@
 
 Each iteration admits waiting requests into free slots, one prefill after another (each request's
 first token comes at the end of its own prefill), then runs one decode step of every running stream
-at the step time of that batch size (``ReplicaModel.step_ms``: the smallest measured batch >= it).
+at the step time of that batch size (``ReplicaModel.step_ms``: the smallest measured batch >= it). With
+``ReplicaModel.mixed_weight_ms`` the last prompt admitted while streams run rides in that step instead
+(``ReplicaModel.mixed_ms``; its first token at the step's end), as the engine's mixed steps do.
 A stream of ``max_tokens`` leaves after its ``max_tokens - 1``-th decode step and frees its slot; a
 prefill therefore delays every running stream, and a request waits for the iteration under way.
 
@@ -75,20 +77,34 @@ class BatchedEngine:
         while self.wait and len(self.run) < self.slots:
             req = self.wait.popleft()
             pre_ms, path = self.model.prefill_ms(req[2], warm)
+            last = not self.wait or len(self.run) + 1 >= self.slots
+            if last and self.run and self.model.mixed_weight_ms:       # it rides in this iteration's step
+                start = t
+                t += self.model.mixed_ms(pre_ms, len(self.run)) / 1000.0
+                self.v += 1
+                self.on_admit(req, start, t, path)
+                self._join(req, t, self.v)
+                self.t = t
+                self._retire()
+                return
             start = t
             t += pre_ms / 1000.0
             self.on_admit(req, start, t, path)
-            if self.decode_steps == 0:
-                self.on_finish(req, t)
-                self.last_finish = t
-                continue
-            self._seq += 1
-            heapq.heappush(self.run, (self.v + self.decode_steps, self._seq, req))
+            self._join(req, t, self.v)
         if self.run:
             t += self.model.step_ms(len(self.run)) / 1000.0
             self.v += 1
         self.t = t
         self._retire()
+
+    def _join(self, req: list, t: float, v: int) -> None:
+        """req has its first token at t: it finishes at once (one token) or after decode_steps steps from step v."""
+        if self.decode_steps == 0:
+            self.on_finish(req, t)
+            self.last_finish = t
+            return
+        self._seq += 1
+        heapq.heappush(self.run, (v + self.decode_steps, self._seq, req))
 
     def _retire(self) -> None:
         run = self.run

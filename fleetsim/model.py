@@ -40,6 +40,8 @@ class ReplicaModel:
     start_seeded_s: float                # scale-up decision -> replica serving, store-seeded
     start_cold_s: float                  # the same without the store (JIT + compile)
     max_batch: int = 1                   # KV slots; 1 = the batch-1 engine
+    mixed_weight_ms: float = 0.0         # mixed steps: the weight read a prompt riding in a decode step shares
+                                         # with it (0: every prompt prefills alone)
     sources: Dict[str, str] = field(default_factory=dict, compare=False)
 
     # ------------------------------------------------------------------ timing
@@ -61,6 +63,12 @@ class ReplicaModel:
             if k >= batch:
                 return self.decode_ms[k]
         return self.decode_ms[keys[-1]] * batch / keys[-1]
+
+    def mixed_ms(self, prefill_ms: float, batch: int) -> float:
+        """A decode step of ``batch`` streams carrying a prompt whose prefill alone takes prefill_ms: one pass, so
+        the weights are read once (never shorter than either alone)."""
+        step = self.step_ms(batch)
+        return max(prefill_ms, step, prefill_ms + step - self.mixed_weight_ms)
 
     def service_ms(self, bucket: int, max_tokens: int, warm=None, batch: int = 1) -> float:
         pre, _ = self.prefill_ms(bucket, self.buckets if warm is None else warm)
@@ -120,7 +128,7 @@ class ReplicaModel:
         src["padded"] = f"{CURVE_FILE} first_unseen_path=padded, first_unseen_ratio: the larger warm graph's time"
         dec = {1: host["seed"]["engine_only"]["tpot_ms"]["mean"]}
         src["decode_ms[1]"] = f"{HOST_FILE} seed.engine_only.tpot_ms.mean"
-        max_batch = 1
+        max_batch, mixed_w = 1, 0.0
         if batched:
             files = sorted(glob.glob(str(Path(results) / BATCHED_GLOB)))
             if files:
@@ -129,6 +137,8 @@ class ReplicaModel:
                 max_batch = max(dec)
                 src.pop("decode_ms[1]")               # the table's own batch-1 step replaces it
                 src["decode_ms"] = f"{Path(files[-1]).name} decode_by_batch.*.step_ms_p50"
+                mixed_w = float(bd["1"].get("floor_ms", 0.0))   # the weights' read at the copy bandwidth
+                src["mixed_weight_ms"] = f"{Path(files[-1]).name} decode_by_batch.1.floor_ms"
         cap = {int(k): float(v) for k, v in host["seed"]["capture_ms"].items()}
         capture = {b: cap.get(b, max(cap.values())) for b in bks}
         src["capture_ms"] = f"{HOST_FILE} seed.capture_ms"
@@ -145,7 +155,7 @@ class ReplicaModel:
         ws = _load(WARMSTART_FILE)["summary"]
         cold = seeded + ws["cold_ready_s"] - ws["seeded_ready_s"]
         src["start_cold_s"] = f"start_seeded_s + {WARMSTART_FILE} summary.cold_ready_s - seeded_ready_s"
-        return cls(bks, graph, jit, dec, capture, seeded, cold, max_batch, src)
+        return cls(bks, graph, jit, dec, capture, seeded, cold, max_batch, mixed_w, src)
 
     @classmethod
     def for_run(cls, run: dict, base: "ReplicaModel") -> "ReplicaModel":

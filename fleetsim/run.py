@@ -239,7 +239,8 @@ def stragglers() -> dict:
 def _model_json(m: ReplicaModel) -> dict:
     return {"buckets": list(m.buckets), "graph_ms": m.graph_ms, "jit_factor": m.jit_factor,
             "decode_ms": m.decode_ms, "capture_ms": m.capture_ms, "start_seeded_s": m.start_seeded_s,
-            "start_cold_s": m.start_cold_s, "max_batch": m.max_batch, "sources": m.sources}
+            "start_cold_s": m.start_cold_s, "max_batch": m.max_batch, "mixed_weight_ms": m.mixed_weight_ms,
+            "sources": m.sources}
 
 
 def _strip(r: dict) -> dict:

@@ -85,6 +85,19 @@ def test_batched_decode_table(tmp_path):
     assert "decode_ms[1]" not in fitted.sources and fitted.sources["decode_ms"].startswith("batched-2026-12-01-h200.json")
 
 
+def test_batched_engine_with_mixed_steps_matches_hand_computation():
+    # As below, with mixed steps sharing a 4 ms weight read: B, admitted at 15 ms while A runs, rides in A's step:
+    # one 11 ms step (10 + 5 - 4) to 26 ms gives A its last token and B its first (TTFT 25); B's 2 steps alone to 36.
+    m = tiny_model(decode_ms={1: 5.0, 2: 6.0, 4: 8.0}, max_batch=4, mixed_weight_ms=4.0)
+    assert m.mixed_ms(10.0, 1) == 11.0 and m.mixed_ms(10.0, 4) == 14.0 and m.mixed_ms(2.0, 1) == 5.0
+    sim = Simulation(SimConfig(model=m, policy=Fixed(1), max_tokens=3, http_overhead_ms=0.0))
+    sim.run(1.0, arrivals=(np.array([0.0, 0.001]), np.array([8, 8])))
+    assert list(sim.r_ttft) == pytest.approx([10.0, 25.0], abs=1e-9)
+    assert list(sim.r_first) == pytest.approx([0.010, 0.026], abs=1e-12)
+    snap = next(iter(sim.replicas.values())).window.snapshot(1.0)
+    assert snap["p99_e2e_ms"] == pytest.approx(35.0)                 # B: 36 - 1 ms (A: 26)
+
+
 def test_batched_engine_matches_hand_computation():
     # 4 KV slots, prefill 10 ms, decode step 5 / 6 ms at batch 1 / 2, 3 tokens (2 decode steps).
     # A arrives at 0: its prefill 0-10 ms (first token at 10), step at batch 1 to 15 ms. B arrives
