@@ -104,6 +104,7 @@ class RequestMetrics:
     queue_s: float = 0.0              # time waiting for the engine (batch 1: one request at a time)
     graph_bucket: int | None = None   # bucket whose graph ran the prefill (differs from bucket if "padded")
     mixed: bool = False               # its prompt rode in a decode step (a mixed step), not a prefill of its own
+    rode_s: float = 0.0               # mixed: that decode step's time without the prompt (the batch's anyway)
 
     @property
     def tpot_s(self) -> float:

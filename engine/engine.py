@@ -289,12 +289,13 @@ class HybridEngine:
 
     def full_batch_cost_ms(self, metrics, tokens: int) -> float | None:
         """What a finished request of `tokens` output tokens cost of a full-batch replica (scheduler.py's
-        full_batch_cost_ms): its prefill as admission -> first token, its other tokens at the batch cap's step.
+        full_batch_cost_ms): its prefill as admission -> first token (a mixed prompt: less the decode step it rode in,
+        which the batch ran anyway), its other tokens at the batch cap's step.
         None for a request that never produced a token, or before any step was measured."""
         step = self.full_batch_step_ms()
         if step is None or metrics.ttft_s <= 0:
             return None
-        prefill_ms = max(0.0, metrics.ttft_s - metrics.queue_s) * 1e3
+        prefill_ms = max(0.0, metrics.ttft_s - metrics.queue_s - getattr(metrics, "rode_s", 0.0)) * 1e3
         return full_batch_cost_ms(prefill_ms, tokens, step, self.scheduler.cap)
 
     def heartbeat_age_s(self) -> float:

@@ -307,6 +307,7 @@ class Scheduler:
         path = ("graph" if graph_bucket == st.bucket else "padded") if graph is not None else "eager"
         st.start(st.slot, path, graph_bucket)
         st.metrics.mixed = True
+        st.metrics.rode_s = (full_batch_step_ms(self.step_ms, B) or 0.0) / 1e3
         self._held = (st, B, graph)
         return True
 

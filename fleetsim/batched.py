@@ -21,9 +21,10 @@ from typing import Callable, Deque, List, Tuple
 
 
 class BatchedEngine:
-    """One replica's scheduler. ``on_admit(req, t_first, path)`` and ``on_finish(req, t_finish)``
-    report each request's first token and its end; ``req`` is the caller's record (a list, whose
-    slot 1 holds its arrival time and slot 2 its bucket)."""
+    """One replica's scheduler. ``on_admit(req, t_start, t_first, path[, rode_s])`` and
+    ``on_finish(req, t_finish)`` report each request's admission and first token (rode_s: a mixed prompt's
+    decode step without it) and its end; ``req`` is the caller's record (a list, whose slot 1 holds its
+    arrival time and slot 2 its bucket)."""
 
     __slots__ = ("t", "v", "run", "wait", "slots", "model", "decode_steps", "warm", "on_admit",
                  "on_finish", "last_finish", "_seq")
@@ -82,7 +83,7 @@ class BatchedEngine:
                 start = t
                 t += self.model.mixed_ms(pre_ms, len(self.run)) / 1000.0
                 self.v += 1
-                self.on_admit(req, start, t, path)
+                self.on_admit(req, start, t, path, self.model.step_ms(len(self.run)) / 1000.0)
                 self._join(req, t, self.v)
                 self.t = t
                 self._retire()

@@ -136,7 +136,8 @@ class Simulation:
         rep = Replica(rid, ready_at, warm, self.m.max_batch, lambda: self.env.now, self.p.latency_window_s)
         if self.m.max_batch > 1:
             rep.engine = BatchedEngine(self.m, self.cfg.max_tokens, ready_at, rep.warm_at,
-                                       lambda req, start, first, path, rep=rep: self._admitted(rep, req, start, first, path),
+                                       lambda req, start, first, path, rode=0.0, rep=rep:
+                                       self._admitted(rep, req, start, first, path, rode),
                                        lambda req, t, rep=rep: self._finished(rep, req, t))
         if ready_at <= now:
             self.replicas[rid] = rep
@@ -232,7 +233,7 @@ class Simulation:
             self.r_ttft.append(math.nan)
             self.r_warm.append(0)
             self.r_replica.append(int(rep.id[1:]))
-            rep.engine.arrive([len(self.r_arrival) - 1, t, bucket, t, 0.0], t)
+            rep.engine.arrive([len(self.r_arrival) - 1, t, bucket, t, 0.0, 0.0], t)
             return math.nan, math.nan
         start = max(avail, heapq.heappop(rep.slots))
         warm = rep.warm_at(start)
@@ -267,11 +268,11 @@ class Simulation:
         self.r_replica.append(int(rep.id[1:]))
         return cttft, e2e + oh / 1000.0
 
-    def _admitted(self, rep: Replica, req: list, start: float, first: float, path: str) -> None:
+    def _admitted(self, rep: Replica, req: list, start: float, first: float, path: str, rode: float = 0.0) -> None:
         """A batched replica's engine ran the prefill of ``req`` ([index, arrival, bucket, admitted,
-        ttft]) from ``start`` to its first token at ``first``."""
+        ttft, rode]) from ``start`` to its first token at ``first``; rode: a mixed prompt's decode step without it."""
         i, t, bucket = req[0], req[1], req[2]
-        req[3], req[4] = start, first - t
+        req[3], req[4], req[5] = start, first - t, rode
         oh = self.cfg.http_overhead_ms
         if self.cfg.overhead_jitter_ms:
             oh = max(0.0, self.rng.gauss(oh, self.cfg.overhead_jitter_ms))
@@ -287,8 +288,9 @@ class Simulation:
 
     def _finished(self, rep: Replica, req: list, t: float) -> None:
         # the server's service time: e2e less the wait before the engine admitted it; its cost at full batch:
-        # its prefill (admission -> first token) and its other tokens at the full batch's step, as the server's
-        cost = adapters.full_batch_cost_ms((req[1] + req[4] - req[3]) * 1000.0, self.cfg.max_tokens,
+        # its prefill (admission -> first token, less the step a mixed prompt rode in) and its other tokens at the
+        # full batch's step, as the server's
+        cost = adapters.full_batch_cost_ms((req[1] + req[4] - req[3] - req[5]) * 1000.0, self.cfg.max_tokens,
                                            self.full_step_ms, self.m.max_batch)
         rep.window.record(req[4], t - req[1], now=t, service_s=t - req[3], full_batch_s=cost / 1000.0)
         rep.last_finish = max(rep.last_finish, t)

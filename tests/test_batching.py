@@ -4,6 +4,7 @@ company, random arrivals and cancellations never leak a slot or hang, and concur
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 
@@ -220,6 +221,10 @@ def test_the_last_prompt_admitted_rides_in_the_decode_step_and_gets_its_tokens_a
     assert [r.token_ids for r in res] == [a.token_ids for a in alone]
     for r, a in zip(res, alone):
         assert max(abs(x.chosen.logprob - y.chosen.logprob) for x, y in zip(r.logprobs, a.logprobs)) < 1e-4
+    m = res[3].metrics                       # its cost at full batch leaves out the step the batch ran anyway
+    assert m.rode_s > 0 and res[0].metrics.rode_s == 0
+    whole = eng.full_batch_cost_ms(dataclasses.replace(m, rode_s=0.0), 8)
+    assert eng.full_batch_cost_ms(m, 8) == pytest.approx(whole - min(m.rode_s, m.ttft_s - m.queue_s) * 1e3)
     long_prompt = [1] + list(range(5, 45))                           # 41 tokens: bucket 64 > mixed_max_bucket
     scored = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=1)
     res = queued_together(eng, [(prompts[0], p), (long_prompt, p), (prompts[1], p), (prompts[2], scored)])

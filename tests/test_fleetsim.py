@@ -96,6 +96,8 @@ def test_batched_engine_with_mixed_steps_matches_hand_computation():
     assert list(sim.r_first) == pytest.approx([0.010, 0.026], abs=1e-12)
     snap = next(iter(sim.replicas.values())).window.snapshot(1.0)
     assert snap["p99_e2e_ms"] == pytest.approx(35.0)                 # B: 36 - 1 ms (A: 26)
+    # cost at full batch: A 10 + 2 x 8 / 4; B its 11 ms step less the 5 ms A's step took anyway, + 2 x 8 / 4
+    assert snap["mean_full_batch_ms"] == pytest.approx((14.0 + 10.0) / 2)
 
 
 def test_batched_engine_matches_hand_computation():
