@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> None:
     H = p["num_attention_heads"]
     KV = p.get("num_key_value_heads", H)
     hd = p.get("head_dim") or p["hidden_size"] // H
-    group = H // KV
     dev, dt16 = "cuda", torch.float16
     ws = [tuple(int(v) for v in x.split(":")) for x in a.warps_stages.split(",")]
     cands = [(s, n, w, st) for s, n, (w, st) in itertools.product(a.splits, a.block_n, ws) if s <= A.ATTN_SPLITS]

@@ -81,12 +81,7 @@ class Runner:
     def prefill_fn(self, L: int) -> None:
         """Prefill of ids[:L] (real length seq_len) into KV slot `slot`: logits in plogits, the greedy token in
         ptok and tok_s[slot], the next position in pos_s[slot]."""
-        logits = self.model.prefill(self.ids[:L], self.positions[:L], self.seq_len, self.slot)
-        self.plogits.copy_(logits)
-        t = logits.argmax(-1)
-        self.ptok.copy_(t)
-        self.tok_s.scatter_(0, self.slot, t)
-        self.pos_s.scatter_(0, self.slot, self.seq_len)
+        self._prefilled(self.model.prefill(self.ids[:L], self.positions[:L], self.seq_len, self.slot))
 
     def decode_fn(self, B: int) -> None:
         """One decode step of rows[:B]: logits[:B], greedy tokens in out[:B] and tok_s, positions advanced."""
@@ -100,12 +95,15 @@ class Runner:
         pos = self.pos_s.index_select(0, sl)
         logits = self.model.mixed(self.ids[:L], self.positions[:L], self.seq_len, self.slot,
                                   self.tok_s.index_select(0, sl), pos, sl)
-        self.plogits.copy_(logits[:1])
-        t = logits[:1].argmax(-1)
+        self._prefilled(logits[:1])
+        self._decoded(logits[1:], sl, pos)
+
+    def _prefilled(self, logits: torch.Tensor) -> None:
+        self.plogits.copy_(logits)
+        t = logits.argmax(-1)
         self.ptok.copy_(t)
         self.tok_s.scatter_(0, self.slot, t)
         self.pos_s.scatter_(0, self.slot, self.seq_len)
-        self._decoded(logits[1:], sl, pos)
 
     def _decoded(self, logits: torch.Tensor, sl: torch.Tensor, pos: torch.Tensor) -> None:
         B = sl.shape[0]

@@ -2,11 +2,11 @@
 
 Each iteration admits waiting requests into free slots (prefill first: each prompt runs its bucket's prefill
 graph into its slot; while other streams decode, the last prompt admitted in an iteration instead rides in their
-decode step, a mixed step, so the weights are read once for both), launches one decode step for every running stream that needs
-another token, then reads
-the previous step's tokens back, so the GPU always has the next step queued while the host turns tokens into
-text (on CPU each launch runs at once, so tokens are read right after their step). Finished, stopped and
-cancelled streams leave at once and free their slots; no stream ever waits for a batch to fill."""
+decode step, a mixed step, so the weights are read once for both), launches one decode step for every running
+stream that needs another token, then reads the previous step's tokens back, so the GPU always has the next step
+queued while the host turns tokens into text (on CPU each launch runs at once, so tokens are read right after
+their step). Finished, stopped and cancelled streams leave at once and free their slots; no stream ever waits for
+a batch to fill."""
 from __future__ import annotations
 
 import collections
@@ -89,8 +89,7 @@ def full_batch_cost_ms(prefill_ms: float, tokens: int, step_ms: float, batch: in
 class Scheduler:
     def __init__(self, runner: Runner, kv: KVSlots, graphs, *, sizes: list[int], max_pad_factor: float,
                  max_waiting: int, tpot_slo_ms: float | None, spin_s: float, admit_window: float,
-                 mixed_buckets: list[int],
-                 logprob: Callable[[int, float], Logprob],
+                 mixed_buckets: list[int], logprob: Callable[[int, float], Logprob],
                  on_jit: Callable[[tuple[str, int]], None], on_finish: Callable[[Stream], None]):
         self.runner, self.kv, self.graphs = runner, kv, graphs
         self.sizes, self.max_pad_factor, self.max_waiting = sizes, max_pad_factor, max_waiting
@@ -274,8 +273,7 @@ class Scheduler:
             if self.graphs is not None:
                 graph_bucket = pick_graph_bucket(st.bucket, self.graphs.warm("prefill"), self.max_pad_factor)
             graph = self.graphs.get(("prefill", graph_bucket)) if graph_bucket is not None else None
-            path = ("graph" if graph_bucket == st.bucket else "padded") if graph is not None else (
-                "jit" if self.runner.cuda else "eager")
+            path = self._path(st, graph, graph_bucket)
             st.start(st.slot, path, graph_bucket)
             j = first_row + len(admitted) if self.ahead else 0     # its read-back row (CPU: read at once, row 0)
             self.runner.launch_prefill(st, j, graph)
@@ -304,12 +302,17 @@ class Scheduler:
                 self._on_jit(("mixed", st.bucket, B))
                 return False
             graph = self.graphs.get(("mixed", graph_bucket, B))
-        path = ("graph" if graph_bucket == st.bucket else "padded") if graph is not None else "eager"
-        st.start(st.slot, path, graph_bucket)
+        st.start(st.slot, self._path(st, graph, graph_bucket), graph_bucket)
         st.metrics.mixed = True
         st.metrics.rode_s = (full_batch_step_ms(self.step_ms, B) or 0.0) / 1e3
         self._held = (st, B, graph)
         return True
+
+    def _path(self, st: Stream, graph, graph_bucket: int | None) -> str:
+        """How st's prompt pass runs: its bucket's graph, a larger bucket's ("padded"), else JIT (CUDA) or eager."""
+        if graph is not None:
+            return "graph" if graph_bucket == st.bucket else "padded"
+        return "jit" if self.runner.cuda else "eager"
 
     def _consume_prefill(self, st: Stream, j: int) -> None:
         t, lp = self.runner.read_prefill(j, st.params.logprobs)
