@@ -208,6 +208,7 @@ class Llama:
         R = r.shape[0]
         L = 0 if prefill is None else prefill[0].shape[0]
         tile = prefill is None        # decode rows alone: the decode tiles (the GEMV at one row)
+        kv_len = None if decode is None else decode[0] + 1      # once per pass, not one add kernel per layer
         for i, lw in enumerate(self.layers):
             qkv = self.qkv_proj(lw, r, tile)
             parts = []
@@ -217,7 +218,7 @@ class Llama:
                                                         self.sm_scale))
             if decode is not None:
                 pos, slots = decode
-                parts.append(ops.decode_rope_attention(plan, qkv[L:], pos, pos + 1, slots, self.cos, self.sin,
+                parts.append(ops.decode_rope_attention(plan, qkv[L:], pos, kv_len, slots, self.cos, self.sin,
                                                        kv.k[i], kv.v[i], a.n_heads, a.n_kv_heads, a.head_dim,
                                                        self.sm_scale, self.attn_scratch))
             attn = parts[0].reshape(R, -1) if len(parts) == 1 else torch.cat([p.reshape(p.shape[0], -1)

@@ -22,16 +22,20 @@ class KernelPlan:
 
     def attention_shape(self, rows: int, n_kv: int) -> tuple[int, int, int, int]:
         """(splits, BLOCK_N, warps, stages) of the decode attention at `rows` rows: fewer splits as rows fill the
-        GPU (one split of a short context is mostly launch and reduce); 64-position tiles; batch-invariant plans keep
+        GPU (one split of a short context is mostly launch and reduce); 64-position tiles; 8 warps and 3 stages while the
+        programs fit one wave, 4 warps and no pipeline past it; batch-invariant plans keep
         one shape for every row count, so a row's sums do not depend on its company (docs/decisions/kernels.md,
         "Decode attention at 2-32 rows")."""
         def pow2(n: int) -> int:
             return min(16, 1 << max(0, n.bit_length() - 1))
         if self.batch_invariant:
             return 4, 64, 8, 3
-        if rows <= 2:      # one or two rows: 4-warp programs without a cp.async pipeline, two per SM at one row
+        if rows == 1:      # one row: 4-warp programs without a cp.async pipeline, two per SM
             return pow2(2 * self.attn_programs // n_kv), 64, 4, 1
-        return pow2(self.attn_programs // (rows * n_kv)), 64, 8, 3
+        splits = pow2(self.attn_programs // (rows * n_kv))
+        if rows * n_kv * splits <= 3 * self.attn_programs:     # one wave at three 8-warp pipelined programs per SM
+            return splits, 64, 8, 3
+        return splits, 64, 4, 1      # past one wave: lighter programs, more of them resident, no part-filled wave
 
     @classmethod
     def from_config(cls, cfg: EngineConfig, device: torch.device) -> "KernelPlan":

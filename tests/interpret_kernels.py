@@ -177,14 +177,16 @@ def test_decode_rope_attention_matches_rope_cache_then_split_attention(k, H, KV)
         assert not torch.equal(kc[:, p], before[0][:, p]), p
 
 
-@pytest.mark.parametrize("B,shape", [(2, (16, 32, 4, 2)), (5, (4, 64, 8, 3)), (16, (1, 64, 8, 3)),
-                                     (32, (2, 64, 8, 1))])
-def test_batched_decode_attention_rows_in_their_own_slots(k, B, shape):
+@pytest.mark.parametrize("B,shape,H,KV", [(2, (16, 32, 4, 2), 8, 2), (5, (4, 64, 8, 3), 8, 2),
+                                          (16, (1, 64, 8, 3), 8, 2), (32, (2, 64, 8, 1), 8, 2),
+                                          (3, (8, 64, 4, 1), 4, 4), (32, (1, 64, 8, 3), 4, 4)])
+def test_batched_decode_attention_rows_in_their_own_slots(k, B, shape, H, KV):
     """B decode rows at mixed lengths in distinct slots (padding rows, if any, in the scratch slot), at a launch
-    shape (splits, BLOCK_N, warps, stages) of KernelPlan.attention_shape: each row's output equals the reference,
+    shape (splits, BLOCK_N, warps, stages) of KernelPlan.attention_shape, with grouped query heads and one query
+    head per kv head (LLaMA-2-7B's): each row's output equals the reference,
     its new K/V lands in its own slot at its position, and no other slot changes."""
     g = torch.Generator().manual_seed(B)
-    H, KV, hd, T, S = 8, 2, 16, 96, 34
+    hd, T, S = 16, 96, 34
     cos, sin = _tables(g, T, hd, torch.float16)
     slots = torch.randperm(S - 1, generator=g)[:B]
     pos = torch.randint(0, T, (B,), generator=g)

@@ -48,14 +48,16 @@ def test_linear_residual_adds_into_r_in_place(M, gated, dtype):
 
 
 def test_decode_attention_splits_until_the_gpu_is_full_and_one_shape_when_batch_invariant():
-    """KernelPlan.attention_shape: from 3 rows, rows x kv heads x splits reach attn_programs (splits a power of 2,
-    1..16), so more rows mean fewer splits; 1-2 rows take the one-row shape; a batch-invariant plan keeps one shape
-    at every row count."""
+    """KernelPlan.attention_shape: from 2 rows, rows x kv heads x splits reach attn_programs (splits a power of 2,
+    1..16), so more rows mean fewer splits; one row takes two programs per SM; 8-warp pipelined programs while they
+    fit one wave at three per SM, 4-warp unpipelined ones past it; a batch-invariant plan keeps one shape at every
+    row count."""
     plan = KernelPlan(triton=True, attn_programs=132)                    # an H200: 132 SMs
-    assert [plan.attention_shape(b, 32)[0] for b in (1, 2, 3, 4, 8, 16, 32)] == [8, 8, 1, 1, 1, 1, 1]
-    assert [plan.attention_shape(b, 8)[0] for b in (1, 2, 4, 8, 16, 32, 64)] == [16, 16, 4, 2, 1, 1, 1]
+    assert [plan.attention_shape(b, 32)[0] for b in (1, 2, 3, 4, 8, 16, 32)] == [8, 2, 1, 1, 1, 1, 1]
+    assert [plan.attention_shape(b, 8)[0] for b in (1, 2, 4, 8, 16, 32, 64)] == [16, 8, 4, 2, 1, 1, 1]
     assert plan.attention_shape(1, 32) == (8, 64, 4, 1)         # one row: two programs per SM, no pipeline
-    assert plan.attention_shape(2, 32) == plan.attention_shape(1, 32)       # two rows: the one-row shape
+    assert plan.attention_shape(12, 32) == (1, 64, 8, 3)        # 384 programs: one wave at 3 per SM
+    assert plan.attention_shape(13, 32) == plan.attention_shape(32, 32) == (1, 64, 4, 1)     # 416, 1,024: more
     for b in (3, 5, 32):
         s, n, w, st = plan.attention_shape(b, 8)
         assert (b * 8 * s <= 132 or s == 1) and (n, w, st) == (64, 8, 3)

@@ -109,8 +109,9 @@ def _decode_attn_split_kernel(Q, K, V, LEN, SLOTS, O_PART, LSE_PART, OUT, stride
     and so does the split size: the length is cut into N_SPLITS chunks of whole BLOCK_N tiles. Program
     (kv_head, split, row) attends the GROUP query heads sharing this kv head over its chunk.
     ROPE: Q holds the rows' fused qkv, not rotated q: each program rotates its q heads; only the program whose
-    chunk holds the new token (position LEN - 1) rotates its k, takes it and its v from the row inside its tile
-    loop and writes both into the slot (no rope kernel before this one).
+    chunk holds the new token (position LEN - 1) rotates its k, writes it and its v into the slot (no rope kernel
+    before this one) and starts its softmax from that position, in registers, before its tile loop; the tiles stop
+    short of it, so they feed the tensor cores straight from the cache (no per-tile select of the new row).
     One split: the program's result is the row's, so it goes straight to OUT (no partials, no reduce launch)."""
     _pdl_start(USE_PDL)
     _pdl_wait(USE_PDL)
@@ -147,13 +148,18 @@ def _decode_attn_split_kernel(Q, K, V, LEN, SLOTS, O_PART, LSE_PART, OUT, stride
     m = tl.full((GROUP_PAD,), -1e30, tl.float32)
     l = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HD), tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+    stop = end
+    if ROPE:
+        if owner:      # the softmax starts from the new token (from registers); the tiles stop before it
+            stop = pos
+            m = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * sm_scale
+            l = tl.full((GROUP_PAD,), 1.0, tl.float32)
+            acc = acc + v_new.to(tl.float32)
+    for n0 in range(start, stop, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        valid = n < end
+        valid = n < stop
         kv_off = kvh * stride_kh + n[:, None] * HD + d[None, :]
         k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
-        if ROPE:
-            k = tl.where((n == pos)[:, None], k_new, k)
         s = tl.dot(q, tl.trans(k)) * sm_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -161,8 +167,6 @@ def _decode_attn_split_kernel(Q, K, V, LEN, SLOTS, O_PART, LSE_PART, OUT, stride
         alpha = tl.exp(m - m_new)
         l = l * alpha + tl.sum(p, axis=1)
         v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
-        if ROPE:
-            v = tl.where((n == pos)[:, None], v_new, v)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     has = l > 0
