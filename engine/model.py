@@ -208,7 +208,9 @@ class Llama:
         R = r.shape[0]
         L = 0 if prefill is None else prefill[0].shape[0]
         tile = prefill is None        # decode rows alone: the decode tiles (the GEMV at one row)
-        kv_len = None if decode is None else decode[0] + 1      # once per pass, not one add kernel per layer
+        if decode is not None:
+            pos, slots = decode
+            kv_len = pos + 1          # once per pass, not one add kernel per layer
         for i, lw in enumerate(self.layers):
             qkv = self.qkv_proj(lw, r, tile)
             parts = []
@@ -217,7 +219,6 @@ class Llama:
                                                         kv.k[i], kv.v[i], a.n_heads, a.n_kv_heads, a.head_dim,
                                                         self.sm_scale))
             if decode is not None:
-                pos, slots = decode
                 parts.append(ops.decode_rope_attention(plan, qkv[L:], pos, kv_len, slots, self.cos, self.sin,
                                                        kv.k[i], kv.v[i], a.n_heads, a.n_kv_heads, a.head_dim,
                                                        self.sm_scale, self.attn_scratch))

@@ -22,10 +22,10 @@ class KernelPlan:
 
     def attention_shape(self, rows: int, n_kv: int) -> tuple[int, int, int, int]:
         """(splits, BLOCK_N, warps, stages) of the decode attention at `rows` rows: fewer splits as rows fill the
-        GPU (one split of a short context is mostly launch and reduce); 64-position tiles; 8 warps and 3 stages while the
-        programs fit one wave, 4 warps and no pipeline past it; batch-invariant plans keep
-        one shape for every row count, so a row's sums do not depend on its company (docs/decisions/kernels.md,
-        "Decode attention at 2-32 rows")."""
+        GPU (one split of a short context is mostly launch and reduce); 64-position tiles; 8 warps and 3 stages
+        while the programs fit one wave, 4 warps and no pipeline past it; batch-invariant plans keep one shape for
+        every row count, so a row's sums do not depend on its company (docs/decisions/kernels.md, "Decode attention
+        at 2-32 rows")."""
         def pow2(n: int) -> int:
             return min(16, 1 << max(0, n.bit_length() - 1))
         if self.batch_invariant:
