@@ -132,9 +132,10 @@ class WarmBucketPolicy:
 
 # --------------------------------------------------------------------------- Ray Serve adapter
 try:  # deployments/ may be imported without Ray (pure tests); the adapter needs it.
-    from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+    from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 except ImportError:  # pragma: no cover
     RequestRouter = object  # type: ignore[misc,assignment]
+    FIFOMixin = type("FIFOMixin", (), {})  # type: ignore[misc,assignment]
     PendingRequest = RunningReplica = Any  # type: ignore[misc,assignment]
 
 
@@ -151,8 +152,11 @@ def bucket_of(pending_request: Any) -> int | None:
 MAX_PENDING_BUCKETS = 4096
 
 
-class WarmBucketRouter(RequestRouter):  # type: ignore[misc,valid-type]
+class WarmBucketRouter(FIFOMixin, RequestRouter):  # type: ignore[misc,valid-type]
     """Ray Serve 2.60 RequestRouter (alpha API) that applies :class:`WarmBucketPolicy`.
+
+    FIFO when every replica is full: a freed slot goes to the oldest waiting request, not to
+    whichever request probes first (a new one, while the old ones sleep in backoff).
 
     Configured via the deployment's ``request_router_config`` with ``request_router_class:
     deployments.router:WarmBucketRouter`` and ``request_router_kwargs`` (``imbalance_threshold``,

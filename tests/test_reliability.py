@@ -543,10 +543,10 @@ def test_replica_killed_under_load(cluster, tmp_path):
 
 # --------------------------------------------------------------------------- back-pressure
 def test_backpressure_burst_gets_fast_503(cluster):
-    """1 replica, max_ongoing_requests 2, queue 2, 400 ms per request: a burst of 24 gets a few
+    """1 replica, max_ongoing_requests 2, queue 2, 2 s per request: a burst of 24 gets a few
     successes and fast 503s with Retry-After and a JSON error; no other status; nothing hangs."""
     cluster.deploy(num_replicas=1, max_ongoing_requests=2, max_queued_requests=2,
-                   engine_factory=SLOW, engine_factory_args={"ms": 400}, retry_after_s=2)
+                   engine_factory=SLOW, engine_factory_args={"ms": 2000}, retry_after_s=2)
     n = 24
 
     def one(i: int) -> tuple[int, float, dict, str]:
@@ -570,13 +570,57 @@ def test_backpressure_burst_gets_fast_503(cluster):
         assert err["code"] == "overloaded" and "overloaded" in err["message"], err
     p50_rej = statistics.median(dt for dt, *_ in rejected)
     max_rej = max(dt for dt, *_ in rejected)
-    # rejected at once: well under one request's service time (400 ms + decode), not queued behind it
-    assert p50_rej < 0.5, p50_rej
+    # rejected at once: well under one request's service time (2 s + decode), not queued behind it;
+    # the margin is for the proxy and ingress on a busy 2-core CI host (0.66 s seen there)
+    assert p50_rej < 1.0, p50_rej
     assert max_rej < min(served), (max_rej, sorted(served))
     _record("backpressure", {"burst": n, "served": len(served), "rejected_503": len(rejected),
                              "rejected_p50_ms": round(p50_rej * 1e3, 1),
                              "rejected_max_ms": round(max_rej * 1e3, 1),
                              "served_max_ms": round(max(served) * 1e3, 1)})
+
+
+def test_a_waiting_request_is_not_overtaken_by_later_ones(cluster):
+    """1 replica, 1 slot, 300 ms per request, two clients sending back to back: a request that waits
+    for the slot gets it before any request sent a service time after it (FIFO). Out-of-order routing
+    hands each freed slot to the newest request, which probes at once while the older ones sleep in
+    backoff: they starve behind the closed-loop clients."""
+    service_s = 0.3
+    cluster.deploy(num_replicas=1, max_ongoing_requests=1, max_queued_requests=64,
+                   engine_factory=SLOW, engine_factory_args={"ms": service_s * 1e3})
+    body = {"prompt": "fifo", "max_tokens": 1}
+    stop = threading.Event()
+    hog_calls: list[tuple[float, float, int]] = []
+    lock = threading.Lock()
+
+    def hog() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            r = requests.post(BASE + "/v1/completions", json=body, headers=AUTH, timeout=120)
+            with lock:
+                hog_calls.append((t0, time.monotonic(), r.status_code))
+
+    hogs = [threading.Thread(target=hog, daemon=True) for _ in range(2)]
+    for t in hogs:
+        t.start()
+    waits = []
+    try:
+        time.sleep(1.0)
+        for _ in range(4):
+            t0 = time.monotonic()
+            r = requests.post(BASE + "/v1/completions", json=body, headers=AUTH, timeout=120)
+            t1 = time.monotonic()
+            assert r.status_code == 200, r.text[:300]
+            with lock:
+                overtook = [c for c in hog_calls if c[0] > t0 + service_s and c[1] < t1]
+            waits.append(round(t1 - t0, 2))
+            assert not overtook, (t1 - t0, [(round(a - t0, 2), round(b - t0, 2)) for a, b, _ in overtook])
+    finally:
+        stop.set()
+        for t in hogs:
+            t.join(timeout=60)
+    assert hog_calls and all(code == 200 for *_, code in hog_calls), hog_calls[-5:]
+    _record("fifo_waits_s", waits)
 
 
 # --------------------------------------------------------------------------- graceful shutdown
