@@ -571,7 +571,7 @@ def test_backpressure_burst_gets_fast_503(cluster):
     p50_rej = statistics.median(dt for dt, *_ in rejected)
     max_rej = max(dt for dt, *_ in rejected)
     # rejected at once: well under one request's service time (2 s + decode), not queued behind it;
-    # the margin is for the proxy and ingress on a busy 2-core CI host (0.66 s seen there)
+    # the margin is for the proxy and ingress on a busy 2-core CI host (docs/reliability.md)
     assert p50_rej < 1.0, p50_rej
     assert max_rej < min(served), (max_rej, sorted(served))
     _record("backpressure", {"burst": n, "served": len(served), "rejected_503": len(rejected),
