@@ -2,12 +2,15 @@
 
     python bench/decode_attention.py                      # LLaMA-2-7B's heads, B = 1..32 at context 300
     python bench/decode_attention.py --contexts 300 1000 --batches 8 32
+    python bench/decode_attention.py --layers 4           # each replay walks 4 layers' caches (cold L2, as in a step)
 
 For each batch size and context, every candidate (splits per row and kv head, BLOCK_N positions per tile, warps,
 stages) runs engine.kernels.attention's decode kernels (the reduce only at 2+ splits) on one layer's cache (every row in its own slot, at the same
 length); its output is checked against the engine's launch shape at that batch size (KernelPlan.attention_shape on
 this GPU) and timed with
-triton.testing.do_bench_cudagraph (median of replays). Beside each time: the KV bytes the rows read and the TB/s
+triton.testing.do_bench_cudagraph (median of replays). --layers N: each replay runs the launch over N layers' caches
+one after another and the time is per layer, so a layer's KV is no longer in L2 from the replay before (in a decode
+step the other layers' weights and caches evict it). Beside each time: the KV bytes the rows read and the TB/s
 that gives. Writes bench/results/decode-attention-<date>-<gpu>.json (docs/decisions/kernels.md reads it).
 """
 from __future__ import annotations
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--warps-stages", default="4:2,4:3,8:3", help="comma list of warps:stages")
     ap.add_argument("--max-context", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=1, help="caches walked per replay (time per layer)")
     ap.add_argument("--rep-ms", type=int, default=10)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -63,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     out = {"benchmark": "decode-attention", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "device": gpu, "torch": torch.__version__, "triton": triton.__version__, "preset": a.preset,
            "heads": H, "kv_heads": KV, "head_dim": hd, "engine_shape": "KernelPlan.attention_shape(rows, kv heads)",
+           "layers_per_replay": a.layers,
            "by_context": {}}
     path = Path(a.out) if a.out else RESULTS / f"decode-attention-{out['date'][:10]}-{gpu.split()[-1].lower()}.json"
     g = torch.Generator(device=dev).manual_seed(0)
@@ -73,28 +78,32 @@ def main(argv: list[str] | None = None) -> None:
     for ctx in a.contexts:
         per_b = {}
         for B in a.batches:
-            kc = torch.randn(S + 1, KV, T, hd, device=dev, dtype=dt16, generator=g)
-            vc = torch.randn(S + 1, KV, T, hd, device=dev, dtype=dt16, generator=g)
+            kcs = [torch.randn(S + 1, KV, T, hd, device=dev, dtype=dt16, generator=g) for _ in range(a.layers)]
+            vcs = [torch.randn(S + 1, KV, T, hd, device=dev, dtype=dt16, generator=g) for _ in range(a.layers)]
             qkv = torch.randn(B, (H + 2 * KV) * hd, device=dev, dtype=dt16, generator=g)
             slots = torch.randperm(S, device=dev, generator=g)[:B]
             kv_len = torch.full((B,), ctx, device=dev, dtype=torch.int32)
             o_part, lse_part = A.attention_scratch(B, H, hd, dev)
 
             def launch(splits: int, block_n: int, warps: int, stages: int) -> torch.Tensor:
-                return A.decode_rope_attention(qkv, cos, sin, kc, vc, kv_len, H, hd, hd ** -0.5, slots=slots,
-                                               scratch=(o_part, lse_part), shape=(splits, block_n, warps, stages))
+                for kc, vc in zip(kcs, vcs):     # the last layer's output is the one checked
+                    o = A.decode_rope_attention(qkv, cos, sin, kc, vc, kv_len, H, hd, hd ** -0.5, slots=slots,
+                                                scratch=(o_part, lse_part), shape=(splits, block_n, warps, stages))
+                return o
+
+            def us(fn) -> float:
+                return round(do_bench_cudagraph(fn, rep=a.rep_ms) * 1e3 / a.layers, 2)
 
             engine_shape = plan.attention_shape(B, KV)
             ref = launch(*engine_shape).float()
             torch.cuda.synchronize()
             kv_bytes = B * ctx * KV * hd * 2 * 2
             res = {"kv_bytes": kv_bytes, "engine_shape": name(*engine_shape),
-                   "engine_us": round(do_bench_cudagraph(lambda: launch(*engine_shape), rep=a.rep_ms) * 1e3, 2)}
+                   "engine_us": us(lambda: launch(*engine_shape))}
             for c in cands:
                 try:
                     err = (launch(*c).float() - ref).abs().max().item()
-                    res[name(*c)] = (round(do_bench_cudagraph(lambda c=c: launch(*c), rep=a.rep_ms) * 1e3, 2)
-                                     if err < 2e-2 else f"err {err:.3g}")
+                    res[name(*c)] = us(lambda c=c: launch(*c)) if err < 2e-2 else f"err {err:.3g}"
                 except Exception as e:   # e.g. more shared memory than the GPU has
                     res[name(*c)] = "fail: " + str(e)[:90]
             nums = {k: v for k, v in res.items() if k not in ("kv_bytes", "engine_us", "engine_shape")
