@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             vcs = [torch.randn(S + 1, KV, T, hd, device=dev, dtype=dt16, generator=g) for _ in range(a.layers)]
             qkv = torch.randn(B, (H + 2 * KV) * hd, device=dev, dtype=dt16, generator=g)
             slots = torch.randperm(S, device=dev, generator=g)[:B]
-            kv_len = torch.full((B,), ctx, device=dev, dtype=torch.int32)
+            kv_len = torch.full((B,), ctx, device=dev, dtype=torch.long)      # the engine's lengths: pos + 1, int64
             o_part, lse_part = A.attention_scratch(B, H, hd, dev)
 
             def launch(splits: int, block_n: int, warps: int, stages: int) -> torch.Tensor:

@@ -81,6 +81,30 @@ def test_decode_attention_reads_the_cache_16_bytes_at_a_time(compiled_ptx, rows)
     assert n["ld_16B"] >= 16 and n["ld_b16"] <= 8, n
 
 
+def _int64_ops(ptx: str) -> int:
+    return len(re.findall(r"\.(?:s64|u64)\b", ptx))
+
+
+def test_decode_attention_index_math_stays_32_bit_with_the_engines_int64_lengths(compiled_ptx):
+    """The engine's lengths are int64 (pos + 1 of its int64 positions). Loaded as they are, they made every tile
+    offset 64-bit arithmetic (much slower, docs/decisions/kernels.md); the kernel narrows the length after its load,
+    so int64 lengths compile to the int32 kernel's arithmetic."""
+    import torch
+
+    from engine.kernels import decode_rope_attention
+    from engine.plan import KernelPlan
+
+    rows = 16
+    shape = KernelPlan(triton=True, attn_programs=132).attention_shape(rows, KV)
+    qkv, kc, vc, cos, sin = _tensors(rows)
+    n = {}
+    for dt in (torch.int32, torch.int64):
+        decode_rope_attention(qkv, cos, sin, kc, vc, torch.full((rows,), 300, dtype=dt), H, HD, 0.088,
+                              slots=torch.arange(rows), shape=shape)
+        n[dt] = _int64_ops(compiled_ptx["_decode_attn_split_kernel"])
+    assert n[torch.int64] <= n[torch.int32] + 8, n
+
+
 def test_short_prefill_attention_moves_rows_16_bytes_at_a_time(compiled_ptx):
     import torch
 

@@ -39,7 +39,7 @@ def _short_prefill_attn_kernel(QKV, POS, SLOT, COS, SIN, OUT, K_CACHE, V_CACHE, 
     HALF: tl.constexpr = HD // 2
     t = tl.arange(0, BLOCK_T)
     tmask = (t < L)[:, None]
-    pos = tl.load(POS + t, mask=t < L, other=0)[:, None]
+    pos = tl.load(POS + t, mask=t < L, other=0).to(tl.int32)[:, None]      # int64 positions: 32-bit index math
     row = QKV + t[:, None] * stride_qkv
     q1, q2 = _rope_rows(row + h * HD, pos, COS, SIN, tmask, HD)
     k1, k2 = _rope_rows(row + (n_heads + kvh) * HD, pos, COS, SIN, tmask, HD)
@@ -118,7 +118,7 @@ def _decode_attn_split_kernel(Q, K, V, LEN, SLOTS, O_PART, LSE_PART, OUT, stride
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     row = tl.program_id(2)
-    length = tl.load(LEN + row)
+    length = tl.load(LEN + row).to(tl.int32)     # the engine's lengths are int64: keep the tile index math 32-bit
     base = tl.load(SLOTS + row).to(tl.int64) * stride_slot
     K += base
     V += base

@@ -77,7 +77,7 @@ def _rope_cache_kernel(QKV, POS, SLOT, COS, SIN, Q_OUT, K_OUT, K_CACHE, V_CACHE,
     head = tl.program_id(1)
     HALF: tl.constexpr = HD // 2
     tmask = (tok < L)[:, None]
-    pos = tl.load(POS + tok, mask=tok < L, other=0)[:, None]
+    pos = tl.load(POS + tok, mask=tok < L, other=0).to(tl.int32)[:, None]      # int64 positions: 32-bit index math
     base = tl.load(SLOT).to(tl.int64) * stride_slot
     offs = tl.arange(0, HALF)[None, :]
     src = QKV + tok[:, None] * stride_qkv + head * HD + offs
