@@ -2,7 +2,8 @@
 emit vector loads only where it can prove 16-byte alignment, so the row and cache strides must stay
 specialised (not `do_not_specialize`); with them unspecialised the same kernels fall back to one 2-byte access
 per element. This compiles each kernel on CPU, through the engine's own wrapper and Triton's own launch binder
-(the kernel's real specialisation flags), for sm_90, and counts the accesses in its PTX."""
+(the kernel's real specialisation flags), for sm_90, and counts the accesses in its PTX (and, for the decode
+attention, its 64-bit integer instructions)."""
 from __future__ import annotations
 
 import importlib.util
